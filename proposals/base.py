@@ -1,0 +1,36 @@
+"""Proposal kernels: a per-step distribution q_t(· | c, x_<t) over the vocabulary.
+
+``log_q(view, target_factor)`` returns the *normalised* log q [B, V] that the sampler draws from;
+the sampler stores log q[x_t] of the drawn token from this same tensor, so the stored value is
+exact whatever truncation was applied (never recomputed from softmax(z/T)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from smcdecode.targets.base import Requirements, StepView
+
+if TYPE_CHECKING:
+    from smcdecode.engine import Engine
+
+TargetFactor = Callable[[StepView], "Tensor | None"]
+
+
+class Proposal:
+    def requirements(self, engine: Engine) -> Requirements:
+        return Requirements()
+
+    def log_q(self, view: StepView, target_factor: TargetFactor) -> Tensor:
+        """Normalised log q_t(v) for every v, [B, V] (−inf where q is 0)."""
+        raise NotImplementedError  # abstract
+
+
+def sample(log_q: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Draw one token per row from exp(log_q) [B, V]; return (tokens [B], log q of them [B])."""
+    tokens = torch.multinomial(log_q.exp(), 1, generator=generator)  # [B, 1]
+    return tokens[:, 0], log_q.gather(1, tokens)[:, 0]

@@ -1,0 +1,14 @@
+"""smcdecode: exact Monte Carlo sampling from sequence-level targets defined by a language model
+(power p^α, layer-contrast-tempered, reward-augmented) over a batched, cache-reusing engine."""
+
+from smcdecode import proposals, samplers, targets
+from smcdecode.engine import Batch, Engine, Readout
+from smcdecode.errors import ArgumentError, ArgumentTypeError, RewardError, SmcdecodeError
+from smcdecode.samplers.result import Result, Sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine", "Batch", "Readout", "Result", "Sample", "targets", "proposals", "samplers",
+    "SmcdecodeError", "ArgumentError", "ArgumentTypeError", "RewardError", "__version__",
+]

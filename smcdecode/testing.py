@@ -1,0 +1,268 @@
+"""Exactness tooling shipped with the library (DESIGN §4).
+
+* ``tiny_llama`` / ``tiny_gemma3`` / ``tiny_gpt2``: random-initialised HF models small enough
+  that the continuation space of a prompt can be enumerated (vocab ≈ 5, max_new_tokens ≤ 4).
+* :func:`exact` enumerates every complete continuation (ending in EOS, or truncated at
+  ``max_new_tokens``) and computes, from one *uncached* forward over the full sequences,
+  log π(x), log p(x) and log q(x) exactly.
+* ``check_*``: the contracts every potential and proposal must satisfy. They raise
+  ``AssertionError`` with a message when violated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from smcdecode.engine import Engine
+from smcdecode.proposals.base import Proposal
+from smcdecode.targets.base import Potential, Sequences, StepView
+
+# ---------------------------------------------------------------------------------- tiny models
+
+
+def tiny_llama(vocab: int = 5, layers: int = 2, seed: int = 0, hidden: int = 16, scale: float = 40.0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        eos_token_id=0, bos_token_id=1, pad_token_id=None, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # sharper than the default init, so distributions are far from uniform
+        model.lm_head.weight.mul_(scale)
+    return model.eval()
+
+
+def tiny_gemma3(vocab: int = 7, layers: int = 3, seed: int = 0, sliding_window: int = 3):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    types = ["sliding_attention", "full_attention"] * layers
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+        sliding_window=sliding_window, layer_types=types[:layers], final_logit_softcapping=3.0,
+        eos_token_id=0, bos_token_id=1, pad_token_id=2,
+    )
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)  # exercise the (1 + w) RMSNorm
+    return model.eval()
+
+
+def tiny_gpt2(vocab: int = 6, layers: int = 2, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=layers, n_head=2, n_positions=64,
+                     eos_token_id=0, bos_token_id=1)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(20.0)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------- enumeration
+
+
+def continuations(engine: Engine, max_new_tokens: int) -> list[tuple[int, ...]]:
+    """Every complete continuation: ends in an EOS id, or has exactly max_new_tokens tokens."""
+    eos = set(engine.eos_token_ids)
+    out: list[tuple[int, ...]] = []
+
+    def grow(prefix: tuple[int, ...]) -> None:
+        if len(prefix) == max_new_tokens:
+            out.append(prefix)
+            return
+        for v in range(engine.vocab_size):
+            if v in eos:
+                out.append(prefix + (v,))
+            else:
+                grow(prefix + (v,))
+
+    grow(())
+    return out
+
+
+@dataclass
+class Exact:
+    """The enumerated sequence space of one prompt."""
+
+    sequences: list[tuple[int, ...]]
+    log_target: Tensor  # [M] unnormalised log π
+    log_p: Tensor  # [M]
+    log_q: Tensor | None  # [M] proposal's sequence log-prob (when a proposal was given)
+
+    @property
+    def log_z(self) -> float:
+        return float(torch.logsumexp(self.log_target.double(), 0))
+
+    @property
+    def probs(self) -> Tensor:
+        return torch.softmax(self.log_target.double(), 0)
+
+    @property
+    def q_probs(self) -> Tensor:
+        assert self.log_q is not None
+        return self.log_q.double().exp()
+
+    def index(self) -> dict[tuple[int, ...], int]:
+        return {s: i for i, s in enumerate(self.sequences)}
+
+
+def _views(engine: Engine, target: Potential | None, proposal: Proposal | None, prompt: list[int],
+           seqs: list[tuple[int, ...]]) -> list[tuple[int, StepView, list[int]]]:
+    """Per generated position t: the StepView of the rows that have a token t (from one
+    uncached forward over prompt + x per engine/stream), and which rows those are."""
+    req = target.requirements(engine) if target is not None else None
+    if proposal is not None:
+        r2 = proposal.requirements(engine)
+        req = r2 if req is None else req | r2
+    layers = sorted(req.layers) if req is not None else []
+    full = [prompt + list(s) for s in seqs]
+    main = engine.forward(full, layers=layers)
+    q = main.log_p.shape[1]
+    aux: dict[str, tuple[Tensor, int, int]] = {}
+    for a in (req.aux if req is not None else ()):
+        eng = a.engine if a.engine is not None else engine
+        ctx = eng.encode([a.prompt])[0] if a.prompt is not None else prompt
+        r = eng.forward([ctx + list(s) for s in seqs])
+        aux[a.key] = (r.log_p, r.log_p.shape[1], len(ctx))
+    out = []
+    t_max = max(len(s) for s in seqs)
+    for t in range(t_max):
+        rows = [i for i, s in enumerate(seqs) if len(s) > t]
+        ridx = torch.tensor(rows)
+        # position predicting x_t: the token before it sits at index len(prompt)+t-1 of the row
+        col = torch.tensor([q - len(full[i]) + len(prompt) + t - 1 for i in rows])
+        view = StepView(
+            main.log_p[ridx, col],
+            {k: v[ridx, col] for k, v in main.layers.items()},
+            {k: lp[ridx, torch.tensor([qa - (plen + len(seqs[i])) + plen + t - 1 for i in rows])]
+             for k, (lp, qa, plen) in aux.items()},
+        )
+        out.append((t, view, rows))
+    return out
+
+
+def exact(engine: Engine, target: Potential | None, prompt: Sequence[int] | str, max_new_tokens: int,
+          proposal: Proposal | None = None) -> Exact:
+    """Enumerate and score every complete continuation of ``prompt`` exactly."""
+    ids = engine.encode([prompt])[0]
+    seqs = continuations(engine, max_new_tokens)
+    m = len(seqs)
+    log_t = torch.zeros(m, dtype=torch.float64)
+    log_p = torch.zeros(m, dtype=torch.float64)
+    log_q = torch.zeros(m, dtype=torch.float64) if proposal is not None else None
+    with torch.no_grad():
+        for t, view, rows in _views(engine, target, proposal, ids, seqs):
+            ridx = torch.tensor(rows)
+            x = torch.tensor([seqs[i][t] for i in rows])[:, None]
+            log_p[ridx] += view.log_p.gather(1, x)[:, 0].double().cpu()
+            if target is not None:
+                f = target.token_log_factor(view)
+                if f is not None:
+                    log_t[ridx] += f.gather(1, x)[:, 0].double().cpu()
+            if proposal is not None and log_q is not None:
+                lq = proposal.log_q(view, target.token_log_factor if target is not None else (lambda v: None))
+                log_q[ridx] += lq.gather(1, x)[:, 0].double().cpu()
+    if target is not None and target.has_sequence_potential:
+        seq = Sequences([prompt], [0] * m, list(range(m)), [list(s) for s in seqs], engine.decode_text)
+        psi = target.sequence_log_potential(seq)
+        if psi is not None:
+            log_t += psi.double().cpu()
+    return Exact(seqs, log_t, log_p, log_q)
+
+
+# ---------------------------------------------------------------------------------- contracts
+
+
+def check_potential(engine: Engine, potential: Potential, prompt: Sequence[int], max_new_tokens: int,
+                    n: int = 64, seed: int = 0, atol: float = 1e-4) -> None:
+    """Σ of per-token factors accumulated by the incremental (cached) sampler path equals the
+    sequence log density computed from one uncached forward, for sampled sequences."""
+    from smcdecode.proposals import Tempered
+    from smcdecode.samplers import Ancestral
+
+    ex = exact(engine, potential, prompt, max_new_tokens)
+    where = ex.index()
+    res = Ancestral(Tempered(1.0), n=n, target=potential).run(engine, [list(prompt)], max_new_tokens=max_new_tokens, seed=seed)
+    for s in res.samples[0]:
+        i = where[tuple(s.tokens)]
+        assert s.log_target is not None
+        assert math.isclose(s.log_target, float(ex.log_target[i]), abs_tol=atol, rel_tol=1e-5), (
+            f"{potential!r}: incremental log π {s.log_target} != full-forward {float(ex.log_target[i])} for {s.tokens}"
+        )
+        assert math.isclose(s.log_p, float(ex.log_p[i]), abs_tol=atol), f"log p mismatch for {s.tokens}"
+
+
+def check_algebra(engine: Engine, a: Potential, b: Potential, prompt: Sequence[int], max_new_tokens: int,
+                  k: float = 2.5, atol: float = 1e-4) -> None:
+    """log(a*b) = log a + log b and log(a**k) = k·log a on every sequence."""
+    ea, eb = exact(engine, a, prompt, max_new_tokens), exact(engine, b, prompt, max_new_tokens)
+    eab, eak = exact(engine, a * b, prompt, max_new_tokens), exact(engine, a**k, prompt, max_new_tokens)
+    assert torch.allclose(eab.log_target, ea.log_target + eb.log_target, atol=atol), "product is not the sum"
+    assert torch.allclose(eak.log_target, k * ea.log_target, atol=atol), "power does not scale"
+
+
+def check_proposal(engine: Engine, proposal: Proposal, target: Potential | None, prompt: Sequence[int],
+                   max_new_tokens: int, n: int = 4000, seed: int = 0) -> None:
+    """q sums to one at every step; the stored log q of every sampled sequence equals its exact
+    log-prob; and the sampled sequences follow q (χ² test, p > 1e-3 at a fixed seed)."""
+    from smcdecode.samplers import Ancestral
+
+    ex = exact(engine, target, prompt, max_new_tokens, proposal=proposal)
+    assert ex.log_q is not None
+    total = float(ex.q_probs.sum())
+    assert abs(total - 1.0) < 1e-4, f"{proposal!r}: sequence probabilities sum to {total}, not 1"
+    res = Ancestral(proposal, n=n, target=target).run(engine, [list(prompt)], max_new_tokens=max_new_tokens, seed=seed)
+    where = ex.index()
+    counts = torch.zeros(len(ex.sequences), dtype=torch.float64)
+    for s in res.samples[0]:
+        i = where[tuple(s.tokens)]
+        counts[i] += 1
+        assert math.isclose(s.log_q, float(ex.log_q[i]), abs_tol=1e-4), (
+            f"{proposal!r}: stored log q {s.log_q} != exact {float(ex.log_q[i])} for {s.tokens}"
+        )
+    p = chi2_pvalue(counts, ex.q_probs)
+    assert p > 1e-3, f"{proposal!r}: samples do not follow q (chi-square p = {p:.2g})"
+
+
+def chi2_pvalue(counts: Tensor, probs: Tensor, min_expected: float = 5.0) -> float:
+    """χ² goodness-of-fit p-value of ``counts`` against ``probs``, pooling cells whose expected
+    count is below ``min_expected`` into one cell (a cell with expected 0 and a count fails)."""
+    from scipy.stats import chisquare
+
+    n = float(counts.sum())
+    exp = probs.double() * n
+    if bool(((exp <= 1e-12) & (counts > 0)).any()):
+        return 0.0
+    big = exp >= min_expected
+    obs_cells = counts[big].tolist()
+    exp_cells = exp[big].tolist()
+    small = ~big & (exp > 1e-12)
+    if bool(small.any()):
+        obs_cells.append(float(counts[small].sum()))
+        exp_cells.append(float(exp[small].sum()))
+    if len(obs_cells) < 2:
+        return 1.0
+    scale = sum(obs_cells) / sum(exp_cells)  # absorb float rounding of the probabilities
+    return float(chisquare(obs_cells, [e * scale for e in exp_cells]).pvalue)
+
+
+def weighted_histogram(samples: Sequence[Any], where: dict[tuple[int, ...], int], size: int) -> Tensor:
+    """Σ of normalised weights per enumerated sequence."""
+    h = torch.zeros(size, dtype=torch.float64)
+    for s in samples:
+        h[where[tuple(s.tokens)]] += math.exp(s.log_weight)
+    return h

@@ -1,0 +1,228 @@
+"""Potentials: unnormalised log densities over complete continuations x of a prompt c,
+
+    log π(x) = Σ_t log φ_t(x_t | c, x_<t) + log ψ(c, x),
+
+token factors φ computed from the engine's readouts at each step plus sequence potentials ψ.
+
+Algebra: ``a * b`` is the product of densities (log densities add: both the token factors and the
+sequence potentials); ``a ** k`` scales a log density by k (a power of the density). Each potential
+declares in :meth:`Potential.requirements` what the engine must compute (layer readouts, auxiliary
+streams), so one forward pass serves every factor of a product.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite
+
+if TYPE_CHECKING:
+    from smcdecode.engine import Engine
+
+
+@dataclass(frozen=True)
+class AuxStream:
+    """A second forward stream fed the same continuation tokens: another engine (contrastive
+    decoding's amateur) and/or another prompt (classifier-free guidance's unconditional
+    context). ``engine=None`` means the main engine; ``prompt=None`` means the row's own prompt."""
+
+    engine: Any = None
+    prompt: Any = None
+
+    @property
+    def key(self) -> str:
+        return f"aux-{id(self.engine)}-{hash(_freeze(self.prompt))}"
+
+
+def _freeze(prompt: Any) -> Any:
+    if prompt is None or isinstance(prompt, str):
+        return prompt
+    return tuple(int(t) for t in prompt)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What the engine must compute at every step for a potential or proposal."""
+
+    layers: frozenset[int] = frozenset()
+    aux: tuple[AuxStream, ...] = ()
+
+    def __or__(self, other: Requirements) -> Requirements:
+        aux = tuple({a.key: a for a in (*self.aux, *other.aux)}.values())
+        return Requirements(self.layers | other.layers, aux)
+
+
+@dataclass
+class StepView:
+    """Engine outputs for the current step of every row: ``log_p`` [B, V] (final layer),
+    ``layers[L]`` [B, V] (layer readouts) and ``aux[key]`` [B, V] (auxiliary streams), all
+    float32 log-softmax."""
+
+    log_p: Tensor
+    layers: dict[int, Tensor] = field(default_factory=dict)
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+    def index_select(self, idx: Tensor) -> StepView:
+        return StepView(
+            self.log_p[idx],
+            {k: v[idx] for k, v in self.layers.items()},
+            {k: v[idx] for k, v in self.aux.items()},
+        )
+
+    def where(self, mask: Tensor, other: StepView) -> StepView:
+        m = mask[:, None]
+        return StepView(
+            torch.where(m, self.log_p, other.log_p),
+            {k: torch.where(m, v, other.layers[k]) for k, v in self.layers.items()},
+            {k: torch.where(m, v, other.aux[k]) for k, v in self.aux.items()},
+        )
+
+
+@dataclass
+class Sequences:
+    """Rows handed to sequence potentials: row r continues prompt ``prompt_index[r]`` with
+    ``tokens[r]`` (EOS included when produced); ``sample_index[r]`` is its row within the prompt."""
+
+    prompts: Sequence[Any]
+    prompt_index: list[int]
+    sample_index: list[int]
+    tokens: list[list[int]]
+    decode: Callable[[Sequence[int]], str | None]
+
+    def texts(self) -> tuple[list[Any], list[Any]]:
+        """(prompts, continuations) per row: strings when a tokenizer exists, else token ids."""
+        prompts = [self.prompts[i] for i in self.prompt_index]
+        conts: list[Any] = []
+        for toks in self.tokens:
+            text = self.decode(toks)
+            conts.append(list(toks) if text is None else text)
+        return prompts, conts
+
+
+class Potential:
+    """Base class. Subclasses override :meth:`token_log_factor` and/or
+    :meth:`sequence_log_potential`, and :meth:`requirements` when they read more than the
+    final layer."""
+
+    #: True when the sequence potential is also defined on partial sequences and should be used
+    #: as an SMC twist at block boundaries.
+    prefix: bool = False
+
+    def requirements(self, engine: Engine) -> Requirements:
+        return Requirements()
+
+    def token_log_factor(self, view: StepView) -> Tensor | None:
+        """log φ_t(v) for every vocabulary item v, [B, V]; None when this potential has no token
+        factor (it then contributes 0)."""
+        return None
+
+    def sequence_log_potential(self, seqs: Sequences) -> Tensor | None:
+        """log ψ(c, x) per row, [B] (float64 on CPU); None when there is no sequence potential."""
+        return None
+
+    @property
+    def has_sequence_potential(self) -> bool:
+        return False
+
+    def __mul__(self, other: Potential) -> Potential:
+        if not isinstance(other, Potential):
+            return NotImplemented
+        return Product((self, other))
+
+    def __pow__(self, exponent: float) -> Potential:
+        return Scaled(self, exponent)
+
+    def exponent_split(self) -> tuple[Potential, float]:
+        """(base, α) with self = base ** α (α = 1 when self is not a power)."""
+        return self, 1.0
+
+
+class Product(Potential):
+    """log π = Σ_i log π_i: token factors add, sequence potentials add."""
+
+    def __init__(self, factors: Sequence[Potential]):
+        flat: list[Potential] = []
+        for f in factors:
+            flat.extend(f.factors if isinstance(f, Product) else (f,))
+        self.factors = tuple(flat)
+        self.prefix = any(f.prefix for f in self.factors)
+
+    def requirements(self, engine: Engine) -> Requirements:
+        req = Requirements()
+        for f in self.factors:
+            req = req | f.requirements(engine)
+        return req
+
+    def token_log_factor(self, view: StepView) -> Tensor | None:
+        parts = [p for f in self.factors if (p := f.token_log_factor(view)) is not None]
+        return None if not parts else torch.stack(parts).sum(0)
+
+    def sequence_log_potential(self, seqs: Sequences) -> Tensor | None:
+        parts = [p for f in self.factors if (p := f.sequence_log_potential(seqs)) is not None]
+        return None if not parts else torch.stack(parts).sum(0)
+
+    @property
+    def has_sequence_potential(self) -> bool:
+        return any(f.has_sequence_potential for f in self.factors)
+
+    def __repr__(self) -> str:
+        return " * ".join(repr(f) for f in self.factors)
+
+
+class Scaled(Potential):
+    """log π = k · log π_base (the density raised to the power k)."""
+
+    def __init__(self, base: Potential, exponent: float):
+        if not isinstance(base, Potential):
+            raise ArgumentTypeError("base", f"expected a Potential, got {type(base).__name__}")
+        k = check_finite("alpha", exponent)
+        if k <= 0:
+            raise ArgumentError("alpha", f"must be > 0, got {exponent}")
+        if isinstance(base, Scaled):
+            base, k = base.base, base.exponent * k
+        self.base = base
+        self.exponent = k
+        self.prefix = base.prefix
+
+    def requirements(self, engine: Engine) -> Requirements:
+        return self.base.requirements(engine)
+
+    def token_log_factor(self, view: StepView) -> Tensor | None:
+        f = self.base.token_log_factor(view)
+        return None if f is None else self.exponent * f
+
+    def sequence_log_potential(self, seqs: Sequences) -> Tensor | None:
+        f = self.base.sequence_log_potential(seqs)
+        return None if f is None else self.exponent * f
+
+    @property
+    def has_sequence_potential(self) -> bool:
+        return self.base.has_sequence_potential
+
+    def exponent_split(self) -> tuple[Potential, float]:
+        return self.base, self.exponent
+
+    def __repr__(self) -> str:
+        return f"({self.base!r}) ** {self.exponent:g}"
+
+
+def log_relative_top_mask(log_p: Tensor, plausibility: float | None) -> Tensor | None:
+    """DoLa / CD relative-top rule: True where p(v) < ρ · max_v p(v) (these get −inf)."""
+    if plausibility is None or plausibility == 0:
+        return None
+    return log_p < (log_p.max(dim=-1, keepdim=True).values + math.log(plausibility))
+
+
+def check_plausibility(plausibility: float | None) -> float | None:
+    if plausibility is None:
+        return None
+    v = check_finite("plausibility", plausibility)
+    if not 0 <= v < 1:
+        raise ArgumentError("plausibility", f"must lie in [0, 1), got {plausibility}")
+    return v

@@ -1,0 +1,194 @@
+"""Token-factor targets built from the model's own readouts.
+
+* ``LM(T)``:            log φ_t(v) = log softmax(z_N / T)[v]
+* ``Power(α)``:         log φ_t(v) = α · log p_N(v)        (≡ ``LM() ** α``: sequence-level p^α)
+* ``LayerContrast``:    g_t = (1−β)·log p_N + β·log p_L,   log φ_t(v) = log softmax(g_t)[v],
+                        with v masked to −inf where p_N(v) < ρ·max p_N when ``plausibility=ρ``.
+                        ``layer="dynamic"`` picks per row and step the candidate L maximising
+                        JS(p_N ‖ p_L) (DoLa).
+* ``Contrast``:         the same formula with log p_L replaced by an auxiliary stream's final
+                        log-probs: a second model (contrastive decoding) or a second prompt
+                        (classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, check_finite_positive
+from smcdecode.targets.base import (
+    AuxStream,
+    Potential,
+    Requirements,
+    Scaled,
+    StepView,
+    check_plausibility,
+    log_relative_top_mask,
+)
+
+if TYPE_CHECKING:
+    from smcdecode.engine import Engine
+
+
+class LM(Potential):
+    """The base model at temperature T: log φ_t = log softmax(z_N / T)[x_t]."""
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = check_finite_positive("temperature", temperature)
+
+    def token_log_factor(self, view: StepView) -> Tensor:
+        if self.temperature == 1.0:
+            return view.log_p
+        return torch.log_softmax(view.log_p / self.temperature, dim=-1)
+
+    def __repr__(self) -> str:
+        return "LM()" if self.temperature == 1.0 else f"LM(temperature={self.temperature:g})"
+
+
+class Power(Scaled):
+    """p(x)^α at the sequence level (not token temperature 1/α): ``Power(α) ≡ LM() ** α``."""
+
+    def __init__(self, alpha: float):
+        a = check_finite("alpha", alpha)
+        if a <= 0:
+            raise ArgumentError("alpha", f"must be > 0, got {alpha}")
+        super().__init__(LM(), a)
+
+    def __repr__(self) -> str:
+        return f"Power({self.exponent:g})"
+
+
+def dola_candidates(num_layers: int, bucket: str) -> list[int]:
+    """DoLa's candidate premature layers (0 = embeddings): even layers of the lower or upper
+    half for N ≤ 40, else the 20 lowest / highest."""
+    n = num_layers
+    if bucket == "low":
+        return list(range(0, n // 2, 2)) if n <= 40 else list(range(0, 20, 2))
+    if bucket == "high":
+        return list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
+    raise ArgumentError("candidates", f"unknown preset {bucket!r}; use 'low', 'high' or a list of layers")
+
+
+def js_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Jensen–Shannon divergence between the distributions along the last dim (nats)."""
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_pm = (log_p.exp() * (log_p - log_m)).nan_to_num(0.0).sum(-1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).nan_to_num(0.0).sum(-1)
+    return 0.5 * (kl_pm + kl_qm)
+
+
+def _guided(log_p: Tensor, other: Tensor, beta: float, plausibility: float | None) -> Tensor:
+    g = (1.0 - beta) * log_p + beta * other
+    mask = log_relative_top_mask(log_p, plausibility)
+    if mask is not None:
+        g = g.masked_fill(mask, -math.inf)
+    return torch.log_softmax(g, dim=-1)
+
+
+class LayerContrast(Potential):
+    """Guided log-probs g = (1−β)·log p_N + β·log p_L; factor log softmax(g) (see module doc).
+
+    ``layer``: an int in 0..N−1, or ``"dynamic"`` with ``candidates`` a list of layers or one of
+    DoLa's presets ``"low"`` / ``"high"``.
+    """
+
+    def __init__(
+        self,
+        layer: int | str,
+        beta: float,
+        plausibility: float | None = None,
+        candidates: str | Sequence[int] = "high",
+    ):
+        if isinstance(layer, str):
+            if layer != "dynamic":
+                raise ArgumentError("layer", f"expected an int or 'dynamic', got {layer!r}")
+        elif isinstance(layer, bool) or not isinstance(layer, int):
+            raise ArgumentTypeError("layer", f"expected an int or 'dynamic', got {type(layer).__name__}")
+        elif layer < 0:
+            raise ArgumentError("layer", f"must be >= 0, got {layer}")
+        self.layer = layer
+        self.beta = check_finite("beta", beta)
+        self.plausibility = check_plausibility(plausibility)
+        if isinstance(candidates, str):
+            if candidates not in ("low", "high"):
+                raise ArgumentError("candidates", f"unknown preset {candidates!r}; use 'low' or 'high'")
+        self.candidates = candidates
+        self._resolved: tuple[int, ...] | None = None
+
+    def _layers(self, engine: Engine) -> tuple[int, ...]:
+        if self.layer == "dynamic":
+            cands = (
+                dola_candidates(engine.num_layers, self.candidates)
+                if isinstance(self.candidates, str)
+                else list(self.candidates)
+            )
+            if not cands:
+                raise ArgumentError("candidates", "no candidate layers")
+            layers = engine.check_layers(cands)
+        else:
+            layers = engine.check_layers([int(self.layer)])
+        if engine.num_layers in layers:
+            raise ArgumentError("layer", f"layer {engine.num_layers} is the final layer itself; use 0..{engine.num_layers - 1}")
+        return layers
+
+    def requirements(self, engine: Engine) -> Requirements:
+        self._resolved = self._layers(engine)
+        return Requirements(layers=frozenset(self._resolved))
+
+    def premature(self, view: StepView) -> Tensor:
+        """log p_L per row: the fixed layer, or per row the candidate of largest JS divergence."""
+        if self.layer != "dynamic":
+            return view.layers[int(self.layer)]
+        cands = self._resolved if self._resolved is not None else tuple(sorted(view.layers))
+        stacked = torch.stack([view.layers[c] for c in cands])  # [C, B, V]
+        choice = js_divergence(view.log_p[None], stacked).argmax(0)  # [B]
+        return stacked.gather(0, choice[None, :, None].expand(1, *stacked.shape[1:]))[0]
+
+    def token_log_factor(self, view: StepView) -> Tensor:
+        return _guided(view.log_p, self.premature(view), self.beta, self.plausibility)
+
+    def __repr__(self) -> str:
+        return f"LayerContrast(layer={self.layer!r}, beta={self.beta:g})"
+
+
+class Contrast(Potential):
+    """Contrastive decoding (``amateur=`` a second engine) or classifier-free guidance
+    (``prompt=`` a second context): g = (1−β)·log p + β·log p_aux, factor log softmax(g)."""
+
+    def __init__(
+        self,
+        beta: float,
+        *,
+        amateur: Any = None,
+        prompt: Any = None,
+        plausibility: float | None = None,
+    ):
+        if amateur is None and prompt is None:
+            raise ArgumentError("amateur", "give amateur=<Engine> or prompt=<context>")
+        self.beta = check_finite("beta", beta)
+        self.plausibility = check_plausibility(plausibility)
+        if prompt is not None and not isinstance(prompt, str):
+            if not isinstance(prompt, Sequence) or not all(isinstance(t, int) for t in prompt):
+                raise ArgumentTypeError("prompt", "expected a string or a list of token ids")
+        self.stream = AuxStream(engine=amateur, prompt=prompt)
+
+    def requirements(self, engine: Engine) -> Requirements:
+        amateur = self.stream.engine
+        if amateur is not None and amateur.vocab_size != engine.vocab_size:
+            raise ArgumentError(
+                "amateur",
+                f"vocabulary size {amateur.vocab_size} differs from the main model's {engine.vocab_size}",
+            )
+        return Requirements(aux=(self.stream,))
+
+    def token_log_factor(self, view: StepView) -> Tensor:
+        return _guided(view.log_p, view.aux[self.stream.key], self.beta, self.plausibility)
+
+    def __repr__(self) -> str:
+        kind = "amateur" if self.stream.engine is not None else "prompt"
+        return f"Contrast(beta={self.beta:g}, {kind}=...)"

@@ -1,0 +1,186 @@
+"""Samplers against the exact enumerated target (DESIGN §4). Fixed seeds; tolerances derived from
+the sample size; every distribution test also shows it would reject the proposal's own law."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from smcdecode import ArgumentError, Engine
+from smcdecode import proposals as Q
+from smcdecode import samplers as S
+from smcdecode import targets as T
+from smcdecode.testing import chi2_pvalue, exact, tiny_llama, weighted_histogram
+
+PROMPT = [1, 2]
+MAX_NEW = 3
+
+
+def length_reward(prompt, continuation):
+    return 0.7 * len(continuation) - (1.0 if continuation and continuation[-1] == 3 else 0.0)
+
+
+TARGETS = {
+    "power3": lambda: T.Power(3),
+    "contrast": lambda: T.LayerContrast(layer=1, beta=-0.5) ** 2,
+    "power2_reward": lambda: T.Power(2) * T.Reward(length_reward),
+}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(tiny_llama(vocab=5, layers=2, seed=1), eos_token_ids=[0])
+
+
+def counts_of(samples, where, size):
+    c = torch.zeros(size, dtype=torch.float64)
+    for s in samples:
+        c[where[tuple(s.tokens)]] += 1
+    return c
+
+
+def tv_tolerance(probs: torch.Tensor, n_eff: float, z: float = 4.0) -> float:
+    """z × the bound E[TV] ≤ ½ Σ_i sqrt(π_i(1−π_i)/n) on the TV of an n-sample histogram."""
+    return z * 0.5 * float((probs * (1 - probs)).sqrt().sum()) / math.sqrt(n_eff)
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_suffix_mh_matches_exact_target(engine, name):
+    target = TARGETS[name]()
+    proposal = Q.Tempered(1.0)
+    ex = exact(engine, target, PROMPT, MAX_NEW, proposal=proposal)
+    res = S.SuffixMH(target, proposal, chains=4000, block_size=2, steps=30).run(
+        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=3)
+    c = counts_of(res.samples[0], ex.index(), len(ex.sequences))
+    assert chi2_pvalue(c, ex.probs) > 1e-3
+    assert chi2_pvalue(c, ex.q_probs) < 1e-6  # the test has power: q's own law is rejected
+    for s in res.samples[0][:200]:
+        i = ex.index()[tuple(s.tokens)]
+        assert math.isclose(s.log_p, float(ex.log_p[i]), abs_tol=1e-4)
+        assert math.isclose(s.log_target, float(ex.log_target[i]), abs_tol=1e-4)
+        assert math.isclose(s.log_weight, -math.log(4000), abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_smc_matches_exact_target(engine, name, block_size):
+    target = TARGETS[name]()
+    proposal = Q.Tempered(1.0)
+    ex = exact(engine, target, PROMPT, MAX_NEW, proposal=proposal)
+    res = S.SMC(target, proposal, particles=4000, block_size=block_size).run(
+        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=5)
+    samples = res.samples[0]
+    w = torch.tensor([s.log_weight for s in samples]).exp()
+    assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-4)
+    n_eff = 1.0 / float((w * w).sum())
+    h = weighted_histogram(samples, ex.index(), len(ex.sequences))
+    tol = tv_tolerance(ex.probs, n_eff)
+    assert 0.5 * float((h - ex.probs).abs().sum()) < tol
+    assert 0.5 * float((h - ex.q_probs).abs().sum()) > 3 * tol  # would reject the proposal's law
+    for s in samples[:200]:
+        i = ex.index()[tuple(s.tokens)]
+        assert math.isclose(s.log_p, float(ex.log_p[i]), abs_tol=1e-4)
+        assert math.isclose(s.log_target, float(ex.log_target[i]), abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("resampling", sorted(S.SCHEMES))
+def test_smc_evidence_is_unbiased(engine, resampling):
+    target = TARGETS["power2_reward"]()
+    ex = exact(engine, target, PROMPT, MAX_NEW)
+    reps = 400
+    res = S.SMC(target, Q.Tempered(1.0), particles=8, ess_threshold=0.9, resampling=resampling).run(
+        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=11)
+    ratio = torch.tensor(res.log_evidence, dtype=torch.float64).sub(ex.log_z).exp()
+    se = float(ratio.std()) / math.sqrt(reps)
+    assert abs(float(ratio.mean()) - 1.0) < 3 * se + 1e-9
+    assert any(any(r["resampled"]) for r in res.trace.of("step"))  # resampling really happened
+
+
+def test_locally_optimal_power_smc_has_token_independent_weights(engine):
+    """Power-SMC: with q ∝ p^α the increment is logsumexp_v α log p(v); Ẑ is unbiased."""
+    ex = exact(engine, T.Power(3), PROMPT, MAX_NEW)
+    reps = 300
+    res = S.SMC(T.Power(3), Q.LocallyOptimal(), particles=4, ess_threshold=0.0).run(
+        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=2)
+    ratio = torch.tensor(res.log_evidence, dtype=torch.float64).sub(ex.log_z).exp()
+    assert abs(float(ratio.mean()) - 1.0) < 3 * float(ratio.std()) / math.sqrt(reps) + 1e-9
+
+
+@pytest.mark.parametrize("scheme", sorted(S.SCHEMES))
+def test_resampling_schemes_are_unbiased(scheme):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.tensor([0.05, 0.4, 0.15, 0.3, 0.1])
+    g, n = 20000, 5
+    idx = S.SCHEMES[scheme](gen, w.expand(g, n).contiguous(), n)
+    assert idx.shape == (g, n) and int(idx.min()) >= 0 and int(idx.max()) < n
+    copies = torch.nn.functional.one_hot(idx, n).sum(1).double()  # [G, N]
+    se = copies.std(0) / math.sqrt(g)
+    assert bool(((copies.mean(0) - n * w.double()).abs() <= 4 * se + 1e-3).all())
+
+
+def test_anneal_and_rejuvenate_keep_smc_exact(engine):
+    target = T.Power(3)
+    ex = exact(engine, target, PROMPT, MAX_NEW, proposal=Q.Tempered(1.0))
+    res = S.SMC(target, Q.Tempered(1.0), particles=4000, ess_threshold=0.7, anneal=2, rejuvenate=2).run(
+        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=9)
+    w = torch.tensor([s.log_weight for s in res.samples[0]]).exp()
+    h = weighted_histogram(res.samples[0], ex.index(), len(ex.sequences))
+    tol = tv_tolerance(ex.probs, 1.0 / float((w * w).sum()))
+    assert 0.5 * float((h - ex.probs).abs().sum()) < tol
+    assert res.trace.of("move"), "rejuvenation moves ran"
+    reps = 300
+    res = S.SMC(target, Q.Tempered(1.0), particles=8, anneal=3).run(
+        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=4)
+    ratio = torch.tensor(res.log_evidence, dtype=torch.float64).sub(ex.log_z).exp()
+    assert abs(float(ratio.mean()) - 1.0) < 3 * float(ratio.std()) / math.sqrt(reps) + 1e-9
+
+
+def test_ancestral_samples_follow_the_proposal(engine):
+    proposal = Q.Tempered(0.8, top_p=0.95)
+    ex = exact(engine, None, PROMPT, MAX_NEW, proposal=proposal)
+    res = S.Ancestral(proposal, n=3000).run(engine, [PROMPT, [3, 4]], max_new_tokens=MAX_NEW, seed=0)
+    assert len(res.samples) == 2 and all(len(s) == 3000 for s in res.samples)
+    c = counts_of(res.samples[0], ex.index(), len(ex.sequences))
+    assert chi2_pvalue(c, ex.q_probs) > 1e-3
+    assert res.log_evidence == [None, None]
+
+
+def test_mh_move_costs_regenerated_tokens_and_no_prefill(engine):
+    """With one block (horizon = max_new_tokens) a move feeds exactly |x'| − i tokens."""
+    engine.reset_counters()
+    prompts = [PROMPT, [3, 1, 4]]
+    res = S.SuffixMH(T.Power(2), Q.Tempered(1.0), chains=3, block_size=MAX_NEW, steps=6).run(
+        engine, prompts, max_new_tokens=MAX_NEW, seed=1)
+    moves = res.trace.of("move")
+    regenerated = sum(n - i for m in moves for n, i in zip(m["new_length"], m["index"]))
+    c = res.counters
+    assert c["prefill_tokens"] == len(PROMPT) + 3  # each prompt prefilled once, chains share it
+    first_extension = c["decode_tokens"] - regenerated
+    assert 0 <= first_extension <= 6 * (MAX_NEW - 1)  # the initial draw of 6 chains
+    res2 = S.Ancestral(Q.Tempered(1.0), n=3).run(engine, prompts, max_new_tokens=MAX_NEW, seed=1)
+    assert first_extension == res2.counters["decode_tokens"]  # same seed, same first draw
+
+
+def test_same_seed_same_samples(engine):
+    sampler = S.SMC(T.Power(2), Q.Tempered(1.0), particles=6, rejuvenate=1)
+    a = sampler.run(engine, [PROMPT, [4]], max_new_tokens=MAX_NEW, seed=7)
+    b = sampler.run(engine, [PROMPT, [4]], max_new_tokens=MAX_NEW, seed=7)
+    assert [[s.tokens for s in p] for p in a.samples] == [[s.tokens for s in p] for p in b.samples]
+    assert a.log_evidence == b.log_evidence
+
+
+def test_sampler_argument_errors(engine):
+    with pytest.raises(ArgumentError, match="resampling"):
+        S.SMC(T.Power(2), Q.Tempered(), resampling="bogus")
+    with pytest.raises(ArgumentError, match="particles"):
+        S.SMC(T.Power(2), Q.Tempered(), particles=0)
+    with pytest.raises(ArgumentError, match="anneal"):
+        S.SMC(T.LM(), Q.Tempered(), anneal=3).run(engine, [PROMPT], max_new_tokens=2)
+    with pytest.raises(ArgumentError, match="max_new_tokens"):
+        S.Ancestral(Q.Tempered()).run(engine, [PROMPT], max_new_tokens=0)
+    with pytest.raises(ArgumentError, match="max_new_tokens"):
+        S.Ancestral(Q.Tempered()).run(engine, [PROMPT], max_new_tokens=100)
+    with pytest.raises(ArgumentError, match="chains"):
+        S.SuffixMH(T.Power(2), Q.Tempered(), chains=0)

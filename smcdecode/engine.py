@@ -278,6 +278,22 @@ class Engine:
         self._positions_computed = 0
         self._forwards = 0
 
+    def with_eos_tokens(self, extra: Iterable[int]) -> Engine:
+        """A view of this engine (same model, tokenizer and counters) in which ``extra`` ids also
+        end a sequence: e.g. a task whose answers end at a newline."""
+        import copy
+
+        other = copy.copy(self)
+        other.eos_token_ids = sorted(set(self.eos_token_ids) | {int(i) for i in extra})
+        other._eos = torch.tensor(other.eos_token_ids, device=self.device)
+        return other
+
+    def token_ids_containing(self, text: str) -> list[int]:
+        """Ids whose decoded piece contains ``text`` (needs a tokenizer)."""
+        if self.tokenizer is None:
+            raise ArgumentTypeError("text", "needs an engine with a tokenizer")
+        return [i for i in range(self.vocab_size) if text in self.tokenizer.decode([i])]
+
     def is_eos(self, tokens: Tensor) -> Tensor:
         return torch.isin(tokens, self._eos)
 

@@ -1,0 +1,87 @@
+"""Diagnostics computed from a :class:`~smcdecode.samplers.Result` trace (pure tensor functions).
+
+* ``weight_ess(log_w, dim)``: 1 / Σ W² of normalised weights W = softmax(log_w) along ``dim``.
+* ``acceptance_by_block(result)``: per MH block, the fraction of accepted moves (all chains).
+* ``ess_trace(result)``: SMC ESS per step and prompt, [steps, P], with the resampling mask.
+* ``unique_particles(result)``: distinct final sequences per prompt.
+* ``chain_log_target(result)``: log π of each MH chain after every move, [P, chains, moves];
+  ``rhat`` / ``chain_ess`` apply pyro's split R-hat and ESS to it (chain_dim=1, sample_dim=2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from smcdecode.samplers.result import Result
+
+
+def weight_ess(log_w: Tensor, dim: int = -1) -> Tensor:
+    w = torch.softmax(log_w, dim=dim)
+    return 1.0 / (w * w).sum(dim)
+
+
+def acceptance_by_block(result: Result) -> dict[int, float]:
+    acc: dict[int, list[float]] = {}
+    for rec in result.trace.of("move"):
+        block = int(rec.get("block", rec.get("step", 0)))
+        acc.setdefault(block, []).extend(float(a) for a in rec["accepted"])
+    return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+
+
+def acceptance_rate(result: Result) -> float | None:
+    moves = [float(a) for rec in result.trace.of("move") for a in rec["accepted"]]
+    return sum(moves) / len(moves) if moves else None
+
+
+def ess_trace(result: Result) -> tuple[Tensor, Tensor]:
+    """(ESS [steps, P], resampled [steps, P] bool) of an SMC run."""
+    steps = result.trace.of("step")
+    if not steps:
+        return torch.zeros(0, len(result.samples)), torch.zeros(0, len(result.samples), dtype=torch.bool)
+    return (torch.tensor([r["ess"] for r in steps], dtype=torch.float64),
+            torch.tensor([r["resampled"] for r in steps], dtype=torch.bool))
+
+
+def unique_particles(result: Result) -> list[int]:
+    return [len({tuple(s.tokens) for s in per}) for per in result.samples]
+
+
+def chain_log_target(result: Result) -> Tensor:
+    """[P, chains, moves] log π of every chain after each move of an MH run."""
+    moves = result.trace.of("move")
+    p = len(result.samples)
+    if not moves or "log_target" not in moves[0]:
+        return torch.zeros(p, 0, 0)
+    x = torch.tensor([m["log_target"] for m in moves], dtype=torch.float64)  # [moves, P*chains]
+    return x.T.reshape(p, -1, x.shape[0])
+
+
+def rhat(x: Tensor, chain_dim: int = 1, sample_dim: int = 2) -> Tensor:
+    """Split R-hat (pyro) of scalar chains; needs ≥ 4 samples per chain."""
+    from pyro.ops.stats import split_gelman_rubin
+
+    return split_gelman_rubin(x, chain_dim=chain_dim, sample_dim=sample_dim)
+
+
+def chain_ess(x: Tensor, chain_dim: int = 1, sample_dim: int = 2) -> Tensor:
+    """Effective sample size (pyro, Geyer's initial monotone sequence) over all chains."""
+    from pyro.ops.stats import effective_sample_size
+
+    return effective_sample_size(x, chain_dim=chain_dim, sample_dim=sample_dim)
+
+
+def per_token_log_likelihood(result: Result) -> list[float]:
+    """log p(x) / |x| of every sample (what the histogram plot shows)."""
+    return [s.log_p / max(1, len(s.tokens)) for per in result.samples for s in per]
+
+
+def summary(result: Result) -> dict[str, float | None]:
+    out: dict[str, float | None] = {"acceptance": acceptance_rate(result)}
+    ess, res = ess_trace(result)
+    out["mean_ess"] = float(ess.mean()) if ess.numel() else None
+    out["resampling_events"] = float(res.sum()) if res.numel() else None
+    x = chain_log_target(result)
+    if x.numel() and x.shape[1] >= 2 and x.shape[2] >= 4:
+        out["max_rhat"] = float(rhat(x).max())
+    return out

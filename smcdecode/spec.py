@@ -1,0 +1,137 @@
+"""Command-line spec strings for targets, proposals and samplers: ``name:key=value,key=value``.
+
+    --target   power:alpha=4 | lm:temperature=0.7 | contrast:layer=20,beta=-0.5,alpha=2[,plausibility=0.1]
+               | contrast:layer=dynamic,beta=-0.5,candidates=high
+    --proposal tempered:temperature=0.25[,top_k=50,top_p=0.95] | optimal
+    --sampler  ancestral:n=8 | mh:chains=1,block_size=192,steps=10 | smc:particles=16,block_size=1,
+               ess_threshold=0.5,resampling=systematic,rejuvenate=0[,anneal=32]
+
+A method spec joins them with spaces or semicolons, e.g. ``"smc:particles=16 target=power:alpha=4
+proposal=tempered:temperature=0.25"``; see :func:`parse_method`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from smcdecode import proposals, samplers, targets
+from smcdecode.errors import ArgumentError
+
+
+class SpecError(ArgumentError):
+    def __init__(self, kind: str, message: str):
+        super().__init__(kind, message)
+
+
+def _value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def split_spec(kind: str, spec: str) -> tuple[str, dict[str, Any]]:
+    name, _, rest = spec.strip().partition(":")
+    kwargs: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, val = part.partition("=")
+        if not eq:
+            raise SpecError(kind, f"{part!r} in {spec!r} is not key=value")
+        kwargs[key.strip()] = _value(val.strip())
+    return name.strip().lower(), kwargs
+
+
+def _call(kind: str, name: str, factory: Callable[..., Any], kwargs: dict[str, Any], allowed: list[str]) -> Any:
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise SpecError(kind, f"{name} does not take {', '.join(unknown)}; it accepts {', '.join(allowed)}")
+    return factory(**kwargs)
+
+
+TARGETS = {
+    "lm": ["temperature"],
+    "power": ["alpha"],
+    "contrast": ["layer", "beta", "alpha", "plausibility", "candidates"],
+}
+
+
+def parse_target(spec: str) -> targets.Potential:
+    name, kw = split_spec("target", spec)
+    if name == "lm":
+        return _call("target", name, targets.LM, kw, TARGETS[name])
+    if name == "power":
+        return _call("target", name, targets.Power, kw, TARGETS[name])
+    if name == "contrast":
+        alpha = kw.pop("alpha", 1.0)
+        if "candidates" in kw and isinstance(kw["candidates"], str) and "/" in kw["candidates"]:
+            kw["candidates"] = [int(x) for x in kw["candidates"].split("/")]
+        base = _call("target", name, targets.LayerContrast, kw, TARGETS[name])
+        return base if alpha == 1.0 else base**alpha
+    raise SpecError("target", f"unknown target {name!r}; accepted: {', '.join(TARGETS)} (e.g. power:alpha=4)")
+
+
+PROPOSALS = {"tempered": ["temperature", "top_k", "top_p"], "optimal": []}
+
+
+def parse_proposal(spec: str) -> proposals.Proposal:
+    name, kw = split_spec("proposal", spec)
+    if name == "tempered":
+        return _call("proposal", name, proposals.Tempered, kw, PROPOSALS[name])
+    if name in ("optimal", "locally-optimal", "locallyoptimal"):
+        return _call("proposal", name, proposals.LocallyOptimal, kw, [])
+    raise SpecError("proposal", f"unknown proposal {name!r}; accepted: {', '.join(PROPOSALS)} (e.g. tempered:temperature=0.25)")
+
+
+SAMPLERS = {
+    "ancestral": ["n"],
+    "mh": ["chains", "block_size", "steps"],
+    "smc": ["particles", "ess_threshold", "resampling", "block_size", "rejuvenate", "anneal", "delimiter"],
+}
+
+
+@dataclass
+class Method:
+    """A named sampler with its target and proposal."""
+
+    spec: str
+    sampler: samplers.Sampler
+
+
+def build_sampler(spec: str, target: targets.Potential | None, proposal: proposals.Proposal) -> samplers.Sampler:
+    name, kw = split_spec("sampler", spec)
+    if name == "ancestral":
+        return _call("sampler", name, lambda **k: samplers.Ancestral(proposal, target=target, **k), kw, SAMPLERS[name])
+    if name in ("mh", "suffix-mh", "suffixmh"):
+        if target is None:
+            raise SpecError("target", "the mh sampler needs a target (e.g. --target power:alpha=4)")
+        return _call("sampler", name, lambda **k: samplers.SuffixMH(target, proposal, **k), kw, SAMPLERS["mh"])
+    if name == "smc":
+        if target is None:
+            raise SpecError("target", "the smc sampler needs a target (e.g. --target power:alpha=4)")
+        return _call("sampler", name, lambda **k: samplers.SMC(target, proposal, **k), kw, SAMPLERS[name])
+    raise SpecError("sampler", f"unknown sampler {name!r}; accepted: {', '.join(SAMPLERS)} (e.g. smc:particles=16)")
+
+
+def parse_method(spec: str) -> Method:
+    """``"SAMPLER [target=TARGET] [proposal=PROPOSAL]"`` (parts separated by spaces or ';')."""
+    parts = [p for p in spec.replace(";", " ").split() if p]
+    if not parts:
+        raise SpecError("method", "empty method spec")
+    sampler_spec, target, proposal = parts[0], None, None
+    for part in parts[1:]:
+        key, eq, val = part.partition("=")
+        if key == "target" and eq:
+            target = parse_target(val)
+        elif key == "proposal" and eq:
+            proposal = parse_proposal(val)
+        else:
+            raise SpecError("method", f"{part!r}: expected target=... or proposal=...")
+    return Method(spec, build_sampler(sampler_spec, target, proposal or proposals.Tempered(1.0)))

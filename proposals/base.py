@@ -11,9 +11,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
-
 from smcdecode.targets.base import Requirements, StepView
+from torch import Tensor
 
 if TYPE_CHECKING:
     from smcdecode.engine import Engine

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
+from smcdecode.proposals.base import Proposal, TargetFactor
+from smcdecode.targets.base import StepView
 from torch import Tensor
 
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, check_finite_positive
-from smcdecode.proposals.base import Proposal, TargetFactor
-from smcdecode.targets.base import StepView
 
 
 def truncate(log_q: Tensor, top_k: int | None, top_p: float | None) -> Tensor:

@@ -9,6 +9,17 @@ from smcdecode.samplers.result import Result, Sample
 __version__ = "0.1.0"
 
 __all__ = [
-    "Engine", "Batch", "Readout", "Result", "Sample", "targets", "proposals", "samplers",
-    "SmcdecodeError", "ArgumentError", "ArgumentTypeError", "RewardError", "__version__",
+    "Engine",
+    "Batch",
+    "Readout",
+    "Result",
+    "Sample",
+    "targets",
+    "proposals",
+    "samplers",
+    "SmcdecodeError",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "RewardError",
+    "__version__",
 ]

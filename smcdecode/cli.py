@@ -37,8 +37,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
     engine = _engine(args)
     res = sampler.run(engine, [args.prompt], max_new_tokens=args.max_new_tokens, seed=args.seed)
     for s in sorted(res.samples[0], key=lambda s: -s.log_weight):
-        print(json.dumps({"weight": round(2.718281828 ** s.log_weight, 4), "log_p": round(s.log_p, 3),
-                          "log_target": s.log_target, "text": s.text}))
+        print(
+            json.dumps(
+                {
+                    "weight": round(2.718281828**s.log_weight, 4),
+                    "log_p": round(s.log_p, 3),
+                    "log_target": s.log_target,
+                    "text": s.text,
+                }
+            )
+        )
     if res.log_evidence[0] is not None:
         print(f"log Z estimate: {res.log_evidence[0]:.4f}", file=sys.stderr)
     if args.out:
@@ -73,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt")
     s.add_argument("--target", default=None, help="e.g. power:alpha=4, contrast:layer=20,beta=-0.5,alpha=2")
     s.add_argument("--proposal", default="tempered:temperature=1.0", help="e.g. tempered:temperature=0.25, optimal")
-    s.add_argument("--sampler", default="ancestral:n=4", help="e.g. smc:particles=16, mh:chains=1,block_size=64,steps=4")
+    s.add_argument(
+        "--sampler", default="ancestral:n=4", help="e.g. smc:particles=16, mh:chains=1,block_size=64,steps=4"
+    )
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--model", default="embedded", help="'embedded', an HF id/folder, or a .gguf file")

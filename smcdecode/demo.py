@@ -61,8 +61,13 @@ class Row:
 
     def cells(self) -> list[str]:
         lo, hi = wilson(self.correct, self.n)
-        return [self.method, f"{self.correct / self.n:.3f} [{lo:.2f}, {hi:.2f}]", f"{self.loglik_per_token:.3f}",
-                str(self.decode_tokens), f"{self.wall_time:.1f}"]
+        return [
+            self.method,
+            f"{self.correct / self.n:.3f} [{lo:.2f}, {hi:.2f}]",
+            f"{self.loglik_per_token:.3f}",
+            str(self.decode_tokens),
+            f"{self.wall_time:.1f}",
+        ]
 
 
 HEADER = ["method", "accuracy [95% CI]", "loglik/token", "decode tokens", "wall s"]
@@ -75,8 +80,16 @@ def format_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
-def run_demo(engine: Engine | None = None, *, limit: int = 60, out: str = "runs/demo", alpha: float = 4.0,
-             seed: int = 0, max_new_tokens: int = 6, progress: bool | None = None) -> list[Row]:
+def run_demo(
+    engine: Engine | None = None,
+    *,
+    limit: int = 60,
+    out: str = "runs/demo",
+    alpha: float = 4.0,
+    seed: int = 0,
+    max_new_tokens: int = 6,
+    progress: bool | None = None,
+) -> list[Row]:
     from smcdecode.plots import plot_all
 
     os.makedirs(out, exist_ok=True)
@@ -98,9 +111,19 @@ def run_demo(engine: Engine | None = None, *, limit: int = 60, out: str = "runs/
                 correct += ok
                 ll += s.log_p
                 ntok += len(s.tokens)
-                rec: dict[str, Any] = {"uid": prob.uid, "kind": prob.kind, "method": name, "spec": res.method,
-                                       "answer": prob.answer, "prediction": arithmetic.extract(s.text), "correct": ok,
-                                       "text": s.text, "log_p": s.log_p, "tokens": len(s.tokens), "seed": seed}
+                rec: dict[str, Any] = {
+                    "uid": prob.uid,
+                    "kind": prob.kind,
+                    "method": name,
+                    "spec": res.method,
+                    "answer": prob.answer,
+                    "prediction": arithmetic.extract(s.text),
+                    "correct": ok,
+                    "text": s.text,
+                    "log_p": s.log_p,
+                    "tokens": len(s.tokens),
+                    "seed": seed,
+                }
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
             res.save(os.path.join(out, f"result_{len(rows)}.json"))
@@ -116,4 +139,6 @@ def main_demo(limit: int, out: str, alpha: float, seed: int, max_new_tokens: int
     t0 = time.perf_counter()
     rows = run_demo(limit=limit, out=out, alpha=alpha, seed=seed, max_new_tokens=max_new_tokens)
     print(format_table([r.cells() for r in rows]))
-    print(f"\n{limit} problems, total {time.perf_counter() - t0:.0f} s; records in {out}/results.jsonl, plots in {out}/")
+    print(
+        f"\n{limit} problems, total {time.perf_counter() - t0:.0f} s; records in {out}/results.jsonl, plots in {out}/"
+    )

@@ -39,8 +39,10 @@ def ess_trace(result: Result) -> tuple[Tensor, Tensor]:
     steps = result.trace.of("step")
     if not steps:
         return torch.zeros(0, len(result.samples)), torch.zeros(0, len(result.samples), dtype=torch.bool)
-    return (torch.tensor([r["ess"] for r in steps], dtype=torch.float64),
-            torch.tensor([r["resampled"] for r in steps], dtype=torch.bool))
+    return (
+        torch.tensor([r["ess"] for r in steps], dtype=torch.float64),
+        torch.tensor([r["resampled"] for r in steps], dtype=torch.bool),
+    )
 
 
 def unique_particles(result: Result) -> list[int]:

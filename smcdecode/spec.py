@@ -87,7 +87,9 @@ def parse_proposal(spec: str) -> proposals.Proposal:
         return _call("proposal", name, proposals.Tempered, kw, PROPOSALS[name])
     if name in ("optimal", "locally-optimal", "locallyoptimal"):
         return _call("proposal", name, proposals.LocallyOptimal, kw, [])
-    raise SpecError("proposal", f"unknown proposal {name!r}; accepted: {', '.join(PROPOSALS)} (e.g. tempered:temperature=0.25)")
+    raise SpecError(
+        "proposal", f"unknown proposal {name!r}; accepted: {', '.join(PROPOSALS)} (e.g. tempered:temperature=0.25)"
+    )
 
 
 SAMPLERS = {

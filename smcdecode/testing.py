@@ -31,9 +31,17 @@ def tiny_llama(vocab: int = 5, layers: int = 2, seed: int = 0, hidden: int = 16,
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-        eos_token_id=0, bos_token_id=1, pad_token_id=None, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        eos_token_id=0,
+        bos_token_id=1,
+        pad_token_id=None,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # sharper than the default init, so distributions are far from uniform
@@ -47,10 +55,20 @@ def tiny_gemma3(vocab: int = 7, layers: int = 3, seed: int = 0, sliding_window: 
     torch.manual_seed(seed)
     types = ["sliding_attention", "full_attention"] * layers
     cfg = Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-        sliding_window=sliding_window, layer_types=types[:layers], final_logit_softcapping=3.0,
-        eos_token_id=0, bos_token_id=1, pad_token_id=2,
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=sliding_window,
+        layer_types=types[:layers],
+        final_logit_softcapping=3.0,
+        eos_token_id=0,
+        bos_token_id=1,
+        pad_token_id=2,
     )
     model = Gemma3ForCausalLM(cfg)
     with torch.no_grad():
@@ -64,8 +82,9 @@ def tiny_gpt2(vocab: int = 6, layers: int = 2, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=layers, n_head=2, n_positions=64,
-                     eos_token_id=0, bos_token_id=1)
+    cfg = GPT2Config(
+        vocab_size=vocab, n_embd=16, n_layer=layers, n_head=2, n_positions=64, eos_token_id=0, bos_token_id=1
+    )
     model = GPT2LMHeadModel(cfg)
     with torch.no_grad():
         model.transformer.wte.weight.mul_(20.0)
@@ -120,8 +139,9 @@ class Exact:
         return {s: i for i, s in enumerate(self.sequences)}
 
 
-def _views(engine: Engine, target: Potential | None, proposal: Proposal | None, prompt: list[int],
-           seqs: list[tuple[int, ...]]) -> list[tuple[int, StepView, list[int]]]:
+def _views(
+    engine: Engine, target: Potential | None, proposal: Proposal | None, prompt: list[int], seqs: list[tuple[int, ...]]
+) -> list[tuple[int, StepView, list[int]]]:
     """Per generated position t: the StepView of the rows that have a token t (from one
     uncached forward over prompt + x per engine/stream), and which rows those are."""
     req = target.requirements(engine) if target is not None else None
@@ -133,9 +153,9 @@ def _views(engine: Engine, target: Potential | None, proposal: Proposal | None, 
     main = engine.forward(full, layers=layers)
     q = main.log_p.shape[1]
     aux: dict[str, tuple[Tensor, int, int]] = {}
-    for a in (req.aux if req is not None else ()):
+    for a in req.aux if req is not None else ():
         eng = a.engine if a.engine is not None else engine
-        ctx = eng.encode([a.prompt])[0] if a.prompt is not None else prompt
+        ctx = eng.encode([a.prompt])[0] if a.prompt is not None else prompt  # type: ignore[arg-type]
         r = eng.forward([ctx + list(s) for s in seqs])
         aux[a.key] = (r.log_p, r.log_p.shape[1], len(ctx))
     out = []
@@ -148,17 +168,24 @@ def _views(engine: Engine, target: Potential | None, proposal: Proposal | None, 
         view = StepView(
             main.log_p[ridx, col],
             {k: v[ridx, col] for k, v in main.layers.items()},
-            {k: lp[ridx, torch.tensor([qa - (plen + len(seqs[i])) + plen + t - 1 for i in rows])]
-             for k, (lp, qa, plen) in aux.items()},
+            {
+                k: lp[ridx, torch.tensor([qa - (plen + len(seqs[i])) + plen + t - 1 for i in rows])]
+                for k, (lp, qa, plen) in aux.items()
+            },
         )
         out.append((t, view, rows))
     return out
 
 
-def exact(engine: Engine, target: Potential | None, prompt: Sequence[int] | str, max_new_tokens: int,
-          proposal: Proposal | None = None) -> Exact:
+def exact(
+    engine: Engine,
+    target: Potential | None,
+    prompt: Sequence[int] | str,
+    max_new_tokens: int,
+    proposal: Proposal | None = None,
+) -> Exact:
     """Enumerate and score every complete continuation of ``prompt`` exactly."""
-    ids = engine.encode([prompt])[0]
+    ids = engine.encode([prompt])[0]  # type: ignore[arg-type]
     seqs = continuations(engine, max_new_tokens)
     m = len(seqs)
     log_t = torch.zeros(m, dtype=torch.float64)
@@ -187,8 +214,15 @@ def exact(engine: Engine, target: Potential | None, prompt: Sequence[int] | str,
 # ---------------------------------------------------------------------------------- contracts
 
 
-def check_potential(engine: Engine, potential: Potential, prompt: Sequence[int], max_new_tokens: int,
-                    n: int = 64, seed: int = 0, atol: float = 1e-4) -> None:
+def check_potential(
+    engine: Engine,
+    potential: Potential,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    n: int = 64,
+    seed: int = 0,
+    atol: float = 1e-4,
+) -> None:
     """Σ of per-token factors accumulated by the incremental (cached) sampler path equals the
     sequence log density computed from one uncached forward, for sampled sequences."""
     from smcdecode.proposals import Tempered
@@ -196,7 +230,9 @@ def check_potential(engine: Engine, potential: Potential, prompt: Sequence[int],
 
     ex = exact(engine, potential, prompt, max_new_tokens)
     where = ex.index()
-    res = Ancestral(Tempered(1.0), n=n, target=potential).run(engine, [list(prompt)], max_new_tokens=max_new_tokens, seed=seed)
+    res = Ancestral(Tempered(1.0), n=n, target=potential).run(
+        engine, [list(prompt)], max_new_tokens=max_new_tokens, seed=seed
+    )
     for s in res.samples[0]:
         i = where[tuple(s.tokens)]
         assert s.log_target is not None
@@ -206,8 +242,15 @@ def check_potential(engine: Engine, potential: Potential, prompt: Sequence[int],
         assert math.isclose(s.log_p, float(ex.log_p[i]), abs_tol=atol), f"log p mismatch for {s.tokens}"
 
 
-def check_algebra(engine: Engine, a: Potential, b: Potential, prompt: Sequence[int], max_new_tokens: int,
-                  k: float = 2.5, atol: float = 1e-4) -> None:
+def check_algebra(
+    engine: Engine,
+    a: Potential,
+    b: Potential,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    k: float = 2.5,
+    atol: float = 1e-4,
+) -> None:
     """log(a*b) = log a + log b and log(a**k) = k·log a on every sequence."""
     ea, eb = exact(engine, a, prompt, max_new_tokens), exact(engine, b, prompt, max_new_tokens)
     eab, eak = exact(engine, a * b, prompt, max_new_tokens), exact(engine, a**k, prompt, max_new_tokens)
@@ -215,8 +258,15 @@ def check_algebra(engine: Engine, a: Potential, b: Potential, prompt: Sequence[i
     assert torch.allclose(eak.log_target, k * ea.log_target, atol=atol), "power does not scale"
 
 
-def check_proposal(engine: Engine, proposal: Proposal, target: Potential | None, prompt: Sequence[int],
-                   max_new_tokens: int, n: int = 4000, seed: int = 0) -> None:
+def check_proposal(
+    engine: Engine,
+    proposal: Proposal,
+    target: Potential | None,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    n: int = 4000,
+    seed: int = 0,
+) -> None:
     """q sums to one at every step; the stored log q of every sampled sequence equals its exact
     log-prob; and the sampled sequences follow q (χ² test, p > 1e-3 at a fixed seed)."""
     from smcdecode.samplers import Ancestral

@@ -13,6 +13,18 @@ from smcdecode.targets.lm import LM, Contrast, LayerContrast, Power, dola_candid
 from smcdecode.targets.reward import Reward
 
 __all__ = [
-    "LM", "Power", "LayerContrast", "Contrast", "Reward", "Potential", "Product", "Scaled",
-    "Requirements", "StepView", "Sequences", "AuxStream", "dola_candidates", "js_divergence",
+    "LM",
+    "Power",
+    "LayerContrast",
+    "Contrast",
+    "Reward",
+    "Potential",
+    "Product",
+    "Scaled",
+    "Requirements",
+    "StepView",
+    "Sequences",
+    "AuxStream",
+    "dola_candidates",
+    "js_divergence",
 ]

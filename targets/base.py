@@ -150,7 +150,7 @@ class Product(Potential):
         flat: list[Potential] = []
         for f in factors:
             flat.extend(f.factors if isinstance(f, Product) else (f,))
-        self.factors = tuple(flat)
+        self.factors: tuple[Potential, ...] = tuple(flat)
         self.prefix = any(f.prefix for f in self.factors)
 
     def requirements(self, engine: Engine) -> Requirements:
@@ -185,9 +185,10 @@ class Scaled(Potential):
         if k <= 0:
             raise ArgumentError("alpha", f"must be > 0, got {exponent}")
         if isinstance(base, Scaled):
-            base, k = base.base, base.exponent * k
-        self.base = base
-        self.exponent = k
+            k = base.exponent * k
+            base = base.base
+        self.base: Potential = base
+        self.exponent: float = k
         self.prefix = base.prefix
 
     def requirements(self, engine: Engine) -> Requirements:

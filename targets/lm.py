@@ -18,9 +18,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
-
-from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, check_finite_positive
 from smcdecode.targets.base import (
     AuxStream,
     Potential,
@@ -30,6 +27,9 @@ from smcdecode.targets.base import (
     check_plausibility,
     log_relative_top_mask,
 )
+from torch import Tensor
+
+from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, check_finite_positive
 
 if TYPE_CHECKING:
     from smcdecode.engine import Engine
@@ -133,7 +133,9 @@ class LayerContrast(Potential):
         else:
             layers = engine.check_layers([int(self.layer)])
         if engine.num_layers in layers:
-            raise ArgumentError("layer", f"layer {engine.num_layers} is the final layer itself; use 0..{engine.num_layers - 1}")
+            raise ArgumentError(
+                "layer", f"layer {engine.num_layers} is the final layer itself; use 0..{engine.num_layers - 1}"
+            )
         return layers
 
     def requirements(self, engine: Engine) -> Requirements:

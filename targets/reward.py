@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from smcdecode.targets.base import Potential, Sequences
 from torch import Tensor
 
 from smcdecode.errors import ArgumentTypeError, RewardError, check_finite
-from smcdecode.targets.base import Potential, Sequences
 
 
 class Reward(Potential):
@@ -46,11 +46,14 @@ class Reward(Potential):
             try:
                 values = list(self.fn(prompts, conts))
             except Exception as e:
-                raise RewardError(f"reward raised {type(e).__name__}: {e}", seqs.prompt_index[0], seqs.sample_index[0]) from e
+                raise RewardError(
+                    f"reward raised {type(e).__name__}: {e}", seqs.prompt_index[0], seqs.sample_index[0]
+                ) from e
             if len(values) != len(conts):
                 raise RewardError(
                     f"batched reward returned {len(values)} values for {len(conts)} sequences",
-                    seqs.prompt_index[0], seqs.sample_index[0],
+                    seqs.prompt_index[0],
+                    seqs.sample_index[0],
                 )
         else:
             values = []
@@ -66,7 +69,9 @@ class Reward(Potential):
             try:
                 f = float(v)
             except (TypeError, ValueError) as e:
-                raise RewardError(f"reward returned {v!r}, not a number", seqs.prompt_index[r], seqs.sample_index[r]) from e
+                raise RewardError(
+                    f"reward returned {v!r}, not a number", seqs.prompt_index[r], seqs.sample_index[r]
+                ) from e
             if not math.isfinite(f):
                 raise RewardError(f"reward returned {f}", seqs.prompt_index[r], seqs.sample_index[r])
             out.append(self.weight * f)

@@ -94,10 +94,14 @@ def test_layer_readouts(name):
     for i, p in enumerate(prompts):
         torch.testing.assert_close(r.layers[n][i], r.log_p[i], atol=ATOL, rtol=0)  # L = N is the model
         for layer in range(n):  # hidden_states[N] is already normed in HF: only L < N here
-            torch.testing.assert_close(r.layers[layer][i], independent_readout(model, name, p, layer), atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                r.layers[layer][i], independent_readout(model, name, p, layer), atol=1e-4, rtol=0
+            )
     r2 = engine.decode(batch, torch.tensor([2, 3]))
     torch.testing.assert_close(r2.layers[n], r2.log_p, atol=ATOL, rtol=0)
-    torch.testing.assert_close(r2.layers[1][0], independent_readout(model, name, prompts[0] + [2], 1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        r2.layers[1][0], independent_readout(model, name, prompts[0] + [2], 1), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))

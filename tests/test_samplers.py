@@ -52,7 +52,8 @@ def test_suffix_mh_matches_exact_target(engine, name):
     proposal = Q.Tempered(1.0)
     ex = exact(engine, target, PROMPT, MAX_NEW, proposal=proposal)
     res = S.SuffixMH(target, proposal, chains=4000, block_size=2, steps=30).run(
-        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=3)
+        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=3
+    )
     c = counts_of(res.samples[0], ex.index(), len(ex.sequences))
     assert chi2_pvalue(c, ex.probs) > 1e-3
     assert chi2_pvalue(c, ex.q_probs) < 1e-6  # the test has power: q's own law is rejected
@@ -70,7 +71,8 @@ def test_smc_matches_exact_target(engine, name, block_size):
     proposal = Q.Tempered(1.0)
     ex = exact(engine, target, PROMPT, MAX_NEW, proposal=proposal)
     res = S.SMC(target, proposal, particles=4000, block_size=block_size).run(
-        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=5)
+        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=5
+    )
     samples = res.samples[0]
     w = torch.tensor([s.log_weight for s in samples]).exp()
     assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-4)
@@ -91,7 +93,8 @@ def test_smc_evidence_is_unbiased(engine, resampling):
     ex = exact(engine, target, PROMPT, MAX_NEW)
     reps = 400
     res = S.SMC(target, Q.Tempered(1.0), particles=8, ess_threshold=0.9, resampling=resampling).run(
-        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=11)
+        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=11
+    )
     ratio = torch.tensor(res.log_evidence, dtype=torch.float64).sub(ex.log_z).exp()
     se = float(ratio.std()) / math.sqrt(reps)
     assert abs(float(ratio.mean()) - 1.0) < 3 * se + 1e-9
@@ -103,7 +106,8 @@ def test_locally_optimal_power_smc_has_token_independent_weights(engine):
     ex = exact(engine, T.Power(3), PROMPT, MAX_NEW)
     reps = 300
     res = S.SMC(T.Power(3), Q.LocallyOptimal(), particles=4, ess_threshold=0.0).run(
-        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=2)
+        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=2
+    )
     ratio = torch.tensor(res.log_evidence, dtype=torch.float64).sub(ex.log_z).exp()
     assert abs(float(ratio.mean()) - 1.0) < 3 * float(ratio.std()) / math.sqrt(reps) + 1e-9
 
@@ -124,7 +128,8 @@ def test_anneal_and_rejuvenate_keep_smc_exact(engine):
     target = T.Power(3)
     ex = exact(engine, target, PROMPT, MAX_NEW, proposal=Q.Tempered(1.0))
     res = S.SMC(target, Q.Tempered(1.0), particles=4000, ess_threshold=0.7, anneal=2, rejuvenate=2).run(
-        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=9)
+        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=9
+    )
     w = torch.tensor([s.log_weight for s in res.samples[0]]).exp()
     h = weighted_histogram(res.samples[0], ex.index(), len(ex.sequences))
     tol = tv_tolerance(ex.probs, 1.0 / float((w * w).sum()))
@@ -132,7 +137,8 @@ def test_anneal_and_rejuvenate_keep_smc_exact(engine):
     assert res.trace.of("move"), "rejuvenation moves ran"
     reps = 300
     res = S.SMC(target, Q.Tempered(1.0), particles=8, anneal=3).run(
-        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=4)
+        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=4
+    )
     ratio = torch.tensor(res.log_evidence, dtype=torch.float64).sub(ex.log_z).exp()
     assert abs(float(ratio.mean()) - 1.0) < 3 * float(ratio.std()) / math.sqrt(reps) + 1e-9
 
@@ -152,7 +158,8 @@ def test_mh_move_costs_regenerated_tokens_and_no_prefill(engine):
     engine.reset_counters()
     prompts = [PROMPT, [3, 1, 4]]
     res = S.SuffixMH(T.Power(2), Q.Tempered(1.0), chains=3, block_size=MAX_NEW, steps=6).run(
-        engine, prompts, max_new_tokens=MAX_NEW, seed=1)
+        engine, prompts, max_new_tokens=MAX_NEW, seed=1
+    )
     moves = res.trace.of("move")
     regenerated = sum(n - i for m in moves for n, i in zip(m["new_length"], m["index"]))
     c = res.counters

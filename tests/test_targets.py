@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from smcdecode.targets.base import StepView
 
 from smcdecode import ArgumentError, ArgumentTypeError, Engine, RewardError
 from smcdecode import proposals as Q
 from smcdecode import samplers as S
 from smcdecode import targets as T
-from smcdecode.targets.base import StepView
 from smcdecode.testing import check_algebra, check_potential, check_proposal, exact, tiny_llama
 
 PROMPT = [1, 2]
@@ -99,8 +99,11 @@ def test_top_p_keeps_the_smallest_nucleus_by_hand():
 
 
 def view_of(log_p, layers=None, aux=None):
-    return StepView(torch.log_softmax(log_p, -1), {k: torch.log_softmax(v, -1) for k, v in (layers or {}).items()},
-                    {k: torch.log_softmax(v, -1) for k, v in (aux or {}).items()})
+    return StepView(
+        torch.log_softmax(log_p, -1),
+        {k: torch.log_softmax(v, -1) for k, v in (layers or {}).items()},
+        {k: torch.log_softmax(v, -1) for k, v in (aux or {}).items()},
+    )
 
 
 def test_plausibility_mask_by_hand():
@@ -118,7 +121,11 @@ def test_plausibility_mask_by_hand():
 def test_dynamic_layer_choice_is_per_row_max_js():
     torch.manual_seed(0)
     final = torch.randn(3, 6) * 2
-    layers = {0: final + 0.1 * torch.randn(3, 6), 2: final + 0.01 * torch.randn(3, 6), 4: final + 0.1 * torch.randn(3, 6)}
+    layers = {
+        0: final + 0.1 * torch.randn(3, 6),
+        2: final + 0.01 * torch.randn(3, 6),
+        4: final + 0.1 * torch.randn(3, 6),
+    }
     layers[0][0] = -final[0]  # row 0 is far from layer 0, row 1 far from layer 4
     layers[4][1] = -2 * final[1]
     view = view_of(final, layers)
@@ -136,8 +143,15 @@ def test_dynamic_layer_choice_is_per_row_max_js():
         g = 1.5 * view.log_p[row] - 0.5 * view.layers[best][row]
         torch.testing.assert_close(got[row], torch.log_softmax(g, -1))
     # rows differ in their choice in this fixture, so a batch-averaged choice would fail
-    assert len({int(js_arg) for js_arg in torch.stack(
-        [T.js_divergence(view.log_p, view.layers[k]) for k in (0, 2, 4)]).argmax(0)}) > 1
+    assert (
+        len(
+            {
+                int(js_arg)
+                for js_arg in torch.stack([T.js_divergence(view.log_p, view.layers[k]) for k in (0, 2, 4)]).argmax(0)
+            }
+        )
+        > 1
+    )
 
 
 def test_cfg_and_contrastive_decoding_follow_the_formula(engine, amateur):
@@ -152,7 +166,9 @@ def test_cfg_and_contrastive_decoding_follow_the_formula(engine, amateur):
             for t, x in enumerate(seq):
                 with torch.no_grad():
                     lp = torch.log_softmax(engine.model(torch.tensor([PROMPT + list(seq[:t])])).logits[0, -1], -1)
-                    la = torch.log_softmax(aux_engine.model(torch.tensor([aux_prompt + list(seq[:t])])).logits[0, -1], -1)
+                    la = torch.log_softmax(
+                        aux_engine.model(torch.tensor([aux_prompt + list(seq[:t])])).logits[0, -1], -1
+                    )
                 want += float(torch.log_softmax((1 - beta) * lp + beta * la, -1)[x])
             assert math.isclose(float(ex.log_target[i]), want, abs_tol=1e-4)
 
@@ -165,16 +181,25 @@ def test_dola_presets():
 
 def test_bad_arguments_raise_typed_errors_naming_them(engine):
     cases = [
-        (lambda: T.Power(0), "alpha"), (lambda: T.Power(-1), "alpha"), (lambda: T.Power(float("inf")), "alpha"),
-        (lambda: T.LM() ** float("nan"), "alpha"), (lambda: T.LayerContrast(1, beta=float("nan")), "beta"),
+        (lambda: T.Power(0), "alpha"),
+        (lambda: T.Power(-1), "alpha"),
+        (lambda: T.Power(float("inf")), "alpha"),
+        (lambda: T.LM() ** float("nan"), "alpha"),
+        (lambda: T.LayerContrast(1, beta=float("nan")), "beta"),
         (lambda: T.LayerContrast(1, beta=0.5, plausibility=1.0), "plausibility"),
         (lambda: T.LayerContrast(1, beta=0.5, plausibility=-0.1), "plausibility"),
-        (lambda: T.LayerContrast("top", beta=0.5), "layer"), (lambda: T.LM(temperature=0), "temperature"),
-        (lambda: Q.Tempered(-1.0), "temperature"), (lambda: Q.Tempered(1.0, top_p=0.0), "top_p"),
-        (lambda: Q.Tempered(1.0, top_p=1.5), "top_p"), (lambda: Q.Tempered(1.0, top_k=0), "top_k"),
+        (lambda: T.LayerContrast("top", beta=0.5), "layer"),
+        (lambda: T.LM(temperature=0), "temperature"),
+        (lambda: Q.Tempered(-1.0), "temperature"),
+        (lambda: Q.Tempered(1.0, top_p=0.0), "top_p"),
+        (lambda: Q.Tempered(1.0, top_p=1.5), "top_p"),
+        (lambda: Q.Tempered(1.0, top_k=0), "top_k"),
         (lambda: T.LayerContrast(9, beta=0.5).requirements(engine), "layer"),
         (lambda: T.LayerContrast(3, beta=0.5).requirements(engine), "layer"),  # the final layer itself
-        (lambda: T.Contrast(0.5, amateur=Engine(tiny_llama(vocab=7), eos_token_ids=[0])).requirements(engine), "amateur"),
+        (
+            lambda: T.Contrast(0.5, amateur=Engine(tiny_llama(vocab=7), eos_token_ids=[0])).requirements(engine),
+            "amateur",
+        ),
         (lambda: T.Contrast(0.5), "amateur"),
     ]
     for make, name in cases:

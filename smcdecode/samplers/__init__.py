@@ -8,6 +8,17 @@ from smcdecode.samplers.smc import SMC, ess
 from smcdecode.samplers.suffix_mh import SuffixMH
 
 __all__ = [
-    "Ancestral", "SuffixMH", "SMC", "Sampler", "Result", "Sample", "Trace", "ess", "SCHEMES",
-    "multinomial", "stratified", "systematic", "residual",
+    "Ancestral",
+    "SuffixMH",
+    "SMC",
+    "Sampler",
+    "Result",
+    "Sample",
+    "Trace",
+    "ess",
+    "SCHEMES",
+    "multinomial",
+    "stratified",
+    "systematic",
+    "residual",
 ]

@@ -19,8 +19,9 @@ from smcdecode.samplers.result import Result, Sample, Trace
 class Sampler:
     name = "sampler"
 
-    def run(self, engine: Engine, prompts: Any, *, max_new_tokens: int, seed: int = 0,
-            progress: bool | None = None) -> Result:
+    def run(
+        self, engine: Engine, prompts: Any, *, max_new_tokens: int, seed: int = 0, progress: bool | None = None
+    ) -> Result:
         """Draw samples for every prompt. ``progress=None`` shows bars only on a terminal."""
         if not isinstance(engine, Engine):
             from smcdecode.errors import ArgumentTypeError
@@ -48,15 +49,16 @@ def bar(total: int, desc: str, show: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
 
 
-def collect(problem: Problem, chains: Chains, log_w: Tensor | None, trace: Trace,
-            log_evidence: list[float | None] | None = None) -> Result:
+def collect(
+    problem: Problem, chains: Chains, log_w: Tensor | None, trace: Trace, log_evidence: list[float | None] | None = None
+) -> Result:
     """Final chains -> Result. ``log_w`` None means uniform weights."""
     n = problem.rows_per_prompt
     b = chains.length.shape[0]
     if log_w is None:
         log_w = torch.zeros(b, device=chains.length.device)
-    lw = log_w.view(-1, n)
-    lw = (lw - torch.logsumexp(lw, dim=1, keepdim=True)).view(-1).tolist()
+    grouped = log_w.view(-1, n)
+    lw = (grouped - torch.logsumexp(grouped, dim=1, keepdim=True)).view(-1).tolist()
     log_p = chains.sum_log_p().tolist()
     log_q = (chains.log_q * chains.positions()).sum(1).tolist()
     log_t = problem.log_target(chains).tolist() if problem.target is not None else [None] * b
@@ -65,6 +67,8 @@ def collect(problem: Problem, chains: Chains, log_w: Tensor | None, trace: Trace
     for r in range(b):
         if r % n == 0:
             samples.append([])
-        samples[-1].append(Sample(tokens[r], problem.engine.decode_text(tokens[r]), lw[r], log_p[r], log_t[r], log_q[r]))
-    ev = log_evidence if log_evidence is not None else [None] * len(samples)
+        samples[-1].append(
+            Sample(tokens[r], problem.engine.decode_text(tokens[r]), lw[r], log_p[r], log_t[r], log_q[r])
+        )
+    ev: list[float | None] = list(log_evidence) if log_evidence is not None else [None] * len(samples)
     return Result(samples, ev, trace)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcdecode.engine import Engine, Mark
+from smcdecode.engine import Engine, Mark, Readout
 from smcdecode.errors import ArgumentError
 from smcdecode.proposals.base import Proposal, sample
 from smcdecode.targets.base import Potential, Requirements, Sequences, StepView
@@ -107,7 +107,7 @@ class Decoder:
     def start(self) -> StepView:
         """Prefill every stream once per prompt, then repeat rows for the chains/particles."""
         n = self.rows_per_prompt
-        readouts = {}
+        readouts: dict[str | None, Any] = {}
         for eng, key, ids, layers in self.specs:
             batch, r = eng.prefill(ids, layers=layers)
             rep = torch.arange(len(ids), device=eng.device).repeat_interleave(n)
@@ -116,13 +116,14 @@ class Decoder:
             last = torch.tensor([p[-1] for p in ids], device=eng.device)[rep]
             self.streams.append(Stream(eng, key, batch, plen, last))
             readouts[key] = r.index_select(rep)
-        main = readouts.pop(None)
-        return StepView(main.log_p, main.layers, {k: v.log_p for k, v in readouts.items()})
+        return _view(readouts)
 
     def decode(self, tokens: Tensor, active: Tensor) -> StepView:
-        outs = {s.key: s.engine.decode(s.batch, tokens.to(s.engine.device), active.to(s.engine.device)) for s in self.streams}
-        main = outs.pop(None)
-        return StepView(main.log_p, main.layers, {k: v.log_p.to(main.log_p.device) for k, v in outs.items()})
+        outs: dict[str | None, Readout] = {
+            s.key: s.engine.decode(s.batch, tokens.to(s.engine.device), active.to(s.engine.device))
+            for s in self.streams
+        }
+        return _view(outs)
 
     def select(self, idx: Tensor) -> None:
         for s in self.streams:
@@ -136,12 +137,11 @@ class Decoder:
         for s in self.streams:
             s.engine.rollback(s.batch, s.prompt_len + keep.to(s.engine.device) - 1)
         prev = tokens.gather(1, (keep - 1).clamp_min(0)[:, None])[:, 0]
-        outs = {}
+        outs: dict[str | None, Readout] = {}
         for s in self.streams:
             tok = torch.where(keep.to(s.engine.device) > 0, prev.to(s.engine.device), s.last_prompt_token)
             outs[s.key] = s.engine.decode(s.batch, tok)
-        main = outs.pop(None)
-        return StepView(main.log_p, main.layers, {k: v.log_p.to(main.log_p.device) for k, v in outs.items()})
+        return _view(outs)
 
     def mark(self) -> list[Mark]:
         return [s.engine.mark(s.batch) for s in self.streams]
@@ -153,6 +153,13 @@ class Decoder:
     def compact(self) -> None:
         for s in self.streams:
             s.engine.compact(s.batch)
+
+
+def _view(outs: dict[str | None, Readout]) -> StepView:
+    """Main stream's readout (key None) plus the auxiliary streams' final log-probs."""
+    main = outs[None]
+    aux = {k: v.log_p.to(main.log_p.device) for k, v in outs.items() if k is not None}
+    return StepView(main.log_p, main.layers, aux)
 
 
 @dataclass
@@ -229,7 +236,9 @@ def start_chains(problem: Problem) -> tuple[Decoder, Chains]:
         tokens=torch.zeros(b, t, dtype=torch.long, device=eng.device),
         length=torch.zeros(b, dtype=torch.long, device=eng.device),
         ended=torch.zeros(b, dtype=torch.bool, device=eng.device),
-        log_phi=z, log_q=z.clone(), log_p=z.clone(),
+        log_phi=z,
+        log_q=z.clone(),
+        log_p=z.clone(),
         log_psi=torch.zeros(b, device=eng.device),
         view=view,
     )
@@ -307,7 +316,9 @@ class MoveInfo:
     new_length: Tensor
 
 
-def mh_move(problem: Problem, decoder: Decoder, chains: Chains, horizon: int, alpha: float | None = None) -> tuple[Chains, MoveInfo]:
+def mh_move(
+    problem: Problem, decoder: Decoder, chains: Chains, horizon: int, alpha: float | None = None
+) -> tuple[Chains, MoveInfo]:
     """One suffix-MH move on every row for π restricted to the first ``horizon`` tokens:
 
         i ~ U{0..|x|−1};  y ~ q(· | x_<i) to EOS or horizon;  x' = x_<i ⊕ y
@@ -332,9 +343,12 @@ def mh_move(problem: Problem, decoder: Decoder, chains: Chains, horizon: int, al
     old_suffix = (t[None] >= i[:, None]) & old.positions()
     new_suffix = (t[None] >= i[:, None]) & prop.positions()
     log_a = (
-        problem.log_target(prop, alpha) - problem.log_target(old, alpha)
-        + (old.log_q * old_suffix).sum(1) - (prop.log_q * new_suffix).sum(1)
-        + torch.log(old.length.double()).float() - torch.log(prop.length.double()).float()
+        problem.log_target(prop, alpha)
+        - problem.log_target(old, alpha)
+        + (old.log_q * old_suffix).sum(1)
+        - (prop.log_q * new_suffix).sum(1)
+        + torch.log(old.length.double()).float()
+        - torch.log(prop.length.double()).float()
     )
     v = torch.rand(n.shape, generator=problem.generator, device=n.device)
     accept = torch.log(v) < log_a

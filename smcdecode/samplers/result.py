@@ -79,8 +79,14 @@ class Result:
             kind = rec.pop("kind")
             trace.log(kind, **rec)
         samples = [[Sample(**s) for s in per] for per in d["samples"]]
-        return cls(samples, d.get("log_evidence", [None] * len(samples)), trace,
-                   d.get("method", ""), d.get("wall_time", 0.0), d.get("counters", {}))
+        return cls(
+            samples,
+            d.get("log_evidence", [None] * len(samples)),
+            trace,
+            d.get("method", ""),
+            d.get("wall_time", 0.0),
+            d.get("counters", {}),
+        )
 
     @classmethod
     def load(cls, path: str) -> Result:

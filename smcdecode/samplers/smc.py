@@ -6,11 +6,12 @@ generated token the incremental log weight is
     log w_t = α_t·log φ_t(x_t) − log q_t(x_t) + (α_t − α_{t−1})·Σ_{s<t} log φ_s(x_s)
 
 (the last term only with ``anneal=R``: α_t = 1 + (α−1)·min(t/R, 1)). At every block boundary the
-sequence potential adds α·(log ψ(x_≤t) − log ψ(x_≤s)) (always at the final α): the reward at completion, and the twist on
-partial sequences when the target is ``Reward(..., prefix=True)``. Finished particles keep their
-weight. When ESS = 1/Σ W² < κ·N for a prompt its particles are resampled with the chosen scheme
-and their log weights all set to the group's log-mean, so log Ẑ = logmeanexp(log w) stays
-unbiased. ``rejuvenate=k`` then runs k suffix-MH moves on the current intermediate target.
+sequence potential adds α·(log ψ(x_≤t) − log ψ(x_≤s)) (always at the final α): the reward at
+completion, and the twist on partial sequences when the target is ``Reward(..., prefix=True)``.
+Finished particles keep their weight. When ESS = 1/Σ W² < κ·N for a prompt its particles are
+resampled with the chosen scheme and their log weights all set to the group's log-mean, so
+log Ẑ = logmeanexp(log w) stays unbiased. ``rejuvenate=k`` then runs k suffix-MH moves on the
+current intermediate target.
 With ``LocallyOptimal`` q the token term equals logsumexp_v α·log φ(v) (Power-SMC).
 """
 
@@ -124,17 +125,30 @@ class SMC(Sampler):
                 idx = torch.where(resample[:, None], idx, keep)
                 rows = (idx + n * torch.arange(group.shape[0], device=engine.device)[:, None]).view(-1)
                 log_w = torch.where(resample[:, None], logmeanexp(group, 1)[:, None], group).view(-1)
-                trace.log("step", step=step, horizon=horizon, ess=ess_g, resampled=resample,
-                          log_z_increment=logmeanexp(incr.view(-1, n), 1),
-                          unique=_unique_counts(idx))
+                trace.log(
+                    "step",
+                    step=step,
+                    horizon=horizon,
+                    ess=ess_g,
+                    resampled=resample,
+                    log_z_increment=logmeanexp(incr.view(-1, n), 1),
+                    unique=_unique_counts(idx),
+                )
                 decoder.select(rows)
                 chains = chains.index_select(rows)
                 if self.rejuvenate and bool(resample.any()):
                     current = anneal.current if anneal is not None else None
                     for s in range(self.rejuvenate):
                         chains, info = mh_move(problem, decoder, chains, int(chains.length.max()), alpha=current)
-                        trace.log("move", step=step, rejuvenation=s, accepted=info.accepted,
-                                  index=info.index, old_length=info.old_length, new_length=info.new_length)
+                        trace.log(
+                            "move",
+                            step=step,
+                            rejuvenation=s,
+                            accepted=info.accepted,
+                            index=info.index,
+                            old_length=info.old_length,
+                            new_length=info.new_length,
+                        )
                 decoder.compact()
                 pbar.update(max(0, min(horizon, max_new_tokens) - pbar.n))
                 step += 1
@@ -148,13 +162,14 @@ class SMC(Sampler):
     def __repr__(self) -> str:
         how = f"delimiter={self.delimiter!r}" if self.delimiter is not None else f"block_size={self.block_size}"
         extra = f", anneal={self.anneal}" if self.anneal else ""
-        return (f"SMC({self.target!r}, {self.proposal!r}, particles={self.particles}, "
-                f"ess_threshold={self.ess_threshold:g}, resampling={self.resampling!r}, {how}, "
-                f"rejuvenate={self.rejuvenate}{extra})")
+        return (
+            f"SMC({self.target!r}, {self.proposal!r}, particles={self.particles}, "
+            f"ess_threshold={self.ess_threshold:g}, resampling={self.resampling!r}, {how}, "
+            f"rejuvenate={self.rejuvenate}{extra})"
+        )
 
 
 def _unique_counts(idx: torch.Tensor) -> torch.Tensor:
     """Number of distinct ancestors per group, [P]."""
     s = idx.sort(dim=1).values
     return 1 + (s[:, 1:] != s[:, :-1]).sum(1)
-

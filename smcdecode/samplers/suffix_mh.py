@@ -48,12 +48,22 @@ class SuffixMH(Sampler):
                 pbar.update(1)
                 for s in range(self.steps):
                     chains, info = mh_move(problem, decoder, chains, horizon)
-                    trace.log("move", block=k, step=s, horizon=horizon, accepted=info.accepted,
-                              index=info.index, old_length=info.old_length, new_length=info.new_length,
-                              log_target=problem.log_target(chains))
+                    trace.log(
+                        "move",
+                        block=k,
+                        step=s,
+                        horizon=horizon,
+                        accepted=info.accepted,
+                        index=info.index,
+                        old_length=info.old_length,
+                        new_length=info.new_length,
+                        log_target=problem.log_target(chains),
+                    )
                     pbar.update(1)
         return collect(problem, chains, None, trace)
 
     def __repr__(self) -> str:
-        return (f"SuffixMH({self.target!r}, {self.proposal!r}, chains={self.chains}, "
-                f"block_size={self.block_size}, steps={self.steps})")
+        return (
+            f"SuffixMH({self.target!r}, {self.proposal!r}, chains={self.chains}, "
+            f"block_size={self.block_size}, steps={self.steps})"
+        )

@@ -1,0 +1,98 @@
+"""Spec strings, the CLI's error path and plot command, diagnostics against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from smcdecode import ArgumentError, Engine
+from smcdecode import diagnostics as D
+from smcdecode import proposals as Q
+from smcdecode import samplers as S
+from smcdecode import targets as T
+from smcdecode.cli import main
+from smcdecode.samplers.result import Result
+from smcdecode.spec import parse_method, parse_proposal, parse_target
+from smcdecode.testing import tiny_llama
+
+
+def test_spec_strings_build_the_named_objects():
+    t = parse_target("contrast:layer=20,beta=-0.5,alpha=2")
+    assert isinstance(t, T.Scaled) and t.exponent == 2 and t.base.layer == 20 and t.base.beta == -0.5
+    assert parse_target("power:alpha=4").exponent == 4
+    p = parse_proposal("tempered:temperature=0.25,top_k=5")
+    assert p.temperature == 0.25 and p.top_k == 5
+    m = parse_method("smc:particles=16,resampling=stratified target=power:alpha=3 proposal=optimal")
+    assert isinstance(m.sampler, S.SMC) and m.sampler.particles == 16 and m.sampler.resampling == "stratified"
+    assert isinstance(m.sampler.proposal, Q.LocallyOptimal)
+
+
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("mystery:alpha=2", "accepted: lm, power, contrast"),
+        ("power:alpha=2,gamma=1", "accepts alpha"),
+        ("power:alpha", "not key=value"),
+        ("power:alpha=-1", "alpha"),
+    ],
+)
+def test_bad_target_specs_list_what_is_accepted(spec, needle):
+    with pytest.raises(ArgumentError, match=needle):
+        parse_target(spec)
+
+
+def test_cli_reports_bad_specs_with_exit_code_2(capsys):
+    assert main(["sample", "hi", "--sampler", "beam:n=2"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown sampler 'beam'" in err and "ancestral, mh, smc" in err
+
+
+def test_cli_plot_draws_pngs_from_saved_results(tmp_path):
+    engine = Engine(tiny_llama(), eos_token_ids=[0])
+    smc = S.SMC(T.Power(2), Q.Tempered(1.0), particles=8, ess_threshold=0.9, rejuvenate=1)
+    res = smc.run(engine, [[1, 2], [3]], max_new_tokens=4, seed=0)
+    path = tmp_path / "r.json"
+    res.save(str(path))
+    again = Result.load(str(path))
+    assert again.log_evidence == res.log_evidence and again.trace.records == res.trace.records
+    assert main(["plot", str(path), "--out", str(tmp_path / "plots")]) == 0
+    for name in ("ess.png", "acceptance.png", "loglik.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 1000
+
+
+def test_weight_ess_by_hand():
+    assert float(D.weight_ess(torch.zeros(7))) == pytest.approx(7.0)
+    assert float(D.weight_ess(torch.tensor([0.0, -math.inf, -math.inf]))) == pytest.approx(1.0)
+    w = torch.tensor([0.2, 0.3, 0.5])
+    assert float(D.weight_ess(w.log())) == pytest.approx(1 / (0.04 + 0.09 + 0.25))
+    two = torch.stack([torch.zeros(4), torch.tensor([0.0, -math.inf, -math.inf, -math.inf])])
+    torch.testing.assert_close(D.weight_ess(two, dim=1), torch.tensor([4.0, 1.0]))
+
+
+def test_split_rhat_matches_the_formula():
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [2.0, 2.5, 1.0, 0.5]]], dtype=torch.float64)  # [P=1, chains=2, 4]
+    halves = torch.tensor([[1.0, 2.0], [3.0, 4.0], [2.0, 2.5], [1.0, 0.5]], dtype=torch.float64)
+    n = 2
+    w = halves.var(1).mean()
+    b_over_n = halves.mean(1).var()
+    expected = math.sqrt(float(((n - 1) / n * w + b_over_n) / w))
+    assert float(D.rhat(x)[0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_mh_diagnostics_from_a_run():
+    engine = Engine(tiny_llama(), eos_token_ids=[0])
+    res = S.SuffixMH(T.Power(2), Q.Tempered(1.0), chains=4, block_size=2, steps=5).run(
+        engine, [[1, 2], [3]], max_new_tokens=4, seed=0
+    )
+    x = D.chain_log_target(res)
+    assert x.shape == (2, 4, 10)
+    moves = res.trace.of("move")
+    assert x[1, 2, 3] == pytest.approx(moves[3]["log_target"][4 + 2])  # prompt 1, chain 2, move 3
+    acc = D.acceptance_by_block(res)
+    assert set(acc) == {1, 2}
+    first = [a for m in moves if m["block"] == 1 for a in m["accepted"]]
+    assert acc[1] == pytest.approx(sum(first) / len(first))
+    assert D.chain_ess(x).shape == (2,) and D.summary(res)["max_rhat"] is not None
+    assert D.unique_particles(res)[0] <= 4

@@ -49,7 +49,10 @@ class Tempered(Proposal):
         self.top_p = top_p
 
     def log_q(self, view: StepView, target_factor: TargetFactor) -> Tensor:
-        log_q = torch.log_softmax(view.log_p / self.temperature, dim=-1)
+        if self.temperature == 1.0:
+            log_q = view.log_p  # already normalised
+        else:
+            log_q = torch.log_softmax(view.log_p / self.temperature, dim=-1)
         return truncate(log_q, self.top_k, self.top_p)
 
     def __repr__(self) -> str:

@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmark scripts: timing, table printing, results files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> float:
+    """Minimum wall time of ``repeats`` calls (seconds)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def print_table(header: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def write_results(name: str, payload: dict[str, Any]) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    payload = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
+        **payload,
+    }
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path

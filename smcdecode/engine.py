@@ -89,6 +89,8 @@ class Batch:
     pos: Tensor  # [B, S] long
     lengths: Tensor  # [B] long
     layers: tuple[int, ...]  # layer readouts produced by every forward on this batch
+    saved: Tensor | None = None  # [B, S] bool: per-row snapshot of ``valid`` (see save_rows)
+    saved_lengths: Tensor | None = None  # [B]
 
     @property
     def size(self) -> int:
@@ -102,6 +104,44 @@ class Mark:
     valid: Tensor
     lengths: Tensor
     columns: int
+
+
+def _growable_cache() -> Any:
+    """A ``DynamicCache`` whose layers append into preallocated buffers (capacity doubles), so a
+    decode step copies only the new tokens' KV instead of re-concatenating the whole cache."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowableLayer(DynamicLayer):
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keys, values = self.keys, self.values
+            n, q = (keys.shape[-2] if keys.numel() else 0), key_states.shape[-2]
+            kbuf = getattr(self, "_kbuf", None)
+            reuse = (
+                kbuf is not None
+                and n > 0
+                and keys.data_ptr() == kbuf.data_ptr()
+                and kbuf.shape[0] == key_states.shape[0]
+                and n + q <= kbuf.shape[-2]
+            )
+            if not reuse:  # first write, or rows were selected / compacted since: new buffer
+                b, h, _, d = key_states.shape
+                cap = max(64, 2 * (n + q))
+                self._kbuf = key_states.new_empty(b, h, cap, d)
+                self._vbuf = value_states.new_empty(b, h, cap, value_states.shape[-1])
+                if n:
+                    self._kbuf[:, :, :n] = keys
+                    self._vbuf[:, :, :n] = values
+            self._kbuf[:, :, n : n + q] = key_states
+            self._vbuf[:, :, n : n + q] = value_states
+            self.keys, self.values = self._kbuf[:, :, : n + q], self._vbuf[:, :, : n + q]
+            return self.keys, self.values
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowableLayer
+    return cache
 
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -149,7 +189,7 @@ class Engine:
         tokenizer: Any = None,
         eos_token_ids: Iterable[int] | None = None,
         *,
-        compact_ratio: float = 0.5,
+        compact_ratio: float = 0.75,
     ):
         if not isinstance(model, nn.Module):
             raise ArgumentTypeError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -339,11 +379,9 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _empty_batch(self, size: int, layers: tuple[int, ...]) -> Batch:
-        from transformers import DynamicCache
-
         z = torch.zeros(size, 0, dtype=torch.long, device=self.device)
         return Batch(
-            cache=DynamicCache(),
+            cache=_growable_cache(),
             valid=z.bool(),
             pos=z,
             lengths=torch.zeros(size, dtype=torch.long, device=self.device),
@@ -362,11 +400,52 @@ class Engine:
 
     # ------------------------------------------------------------------ operations
     @torch.no_grad()
-    def prefill(self, prompts: Prompts, layers: Iterable[int] = ()) -> tuple[Batch, Readout]:
-        """Run the prompts (ragged lengths, left-padded) and return the batch and the readout
-        of the next-token distribution after each prompt."""
-        batch, tokens, n_real = self._left_padded(prompts, layers)
-        readout = self._forward(batch, tokens, n_real, keep_all=False, kind="prefill_tokens")
+    def prefill(self, prompts: Prompts, layers: Iterable[int] = (), max_padding: float = 0.25) -> tuple[Batch, Readout]:
+        """Run the prompts (ragged lengths) and return the batch and the readout of the
+        next-token distribution after each prompt.
+
+        One left-padded forward when padding would add at most ``max_padding`` of the real
+        tokens; otherwise prompts are prefilled in groups of similar length and the caches are
+        merged (padding columns are dead), so long and short prompts do not waste compute."""
+        ids = self.encode(prompts)
+        groups = _length_groups([len(p) for p in ids], max_padding)
+        if len(groups) == 1:
+            batch, tokens, n_real = self._left_padded(ids, layers)
+            readout = self._forward(batch, tokens, n_real, keep_all=False, kind="prefill_tokens")
+            return batch, readout
+        parts = []
+        for g in groups:
+            batch, tokens, n_real = self._left_padded([ids[i] for i in g], layers)
+            parts.append((batch, self._forward(batch, tokens, n_real, keep_all=False, kind="prefill_tokens")))
+        batch, readout = self._concat(parts)
+        order = torch.empty(len(ids), dtype=torch.long)
+        order[torch.tensor([i for g in groups for i in g])] = torch.arange(len(ids))
+        self.select(batch, order.to(self.device))
+        return batch, readout.index_select(order.to(self.device))
+
+    def _concat(self, parts: list[tuple[Batch, Readout]]) -> tuple[Batch, Readout]:
+        """Stack batches along rows, left-padding shorter caches with dead columns."""
+        s = max(b.valid.shape[1] for b, _ in parts)
+        pad = lambda t, v: torch.nn.functional.pad(t, (s - t.shape[1], 0), value=v)  # noqa: E731
+        cache = _growable_cache()
+        for li in range(len(parts[0][0].cache.layers)):
+            keys = [b.cache.layers[li].keys for b, _ in parts]
+            values = [b.cache.layers[li].values for b, _ in parts]
+            k = torch.cat([torch.nn.functional.pad(x, (0, 0, s - x.shape[2], 0)) for x in keys])
+            v = torch.cat([torch.nn.functional.pad(x, (0, 0, s - x.shape[2], 0)) for x in values])
+            cache.update(k, v, li)
+        first = parts[0][0]
+        batch = Batch(
+            cache=cache,
+            valid=torch.cat([pad(b.valid, False) for b, _ in parts]),
+            pos=torch.cat([pad(b.pos, 0) for b, _ in parts]),
+            lengths=torch.cat([b.lengths for b, _ in parts]),
+            layers=first.layers,
+        )
+        readout = Readout(
+            torch.cat([r.log_p for _, r in parts]),
+            {k: torch.cat([r.layers[k] for _, r in parts]) for k in parts[0][1].layers},
+        )
         return batch, readout
 
     @torch.no_grad()
@@ -399,6 +478,24 @@ class Engine:
         batch.valid = batch.valid[idx]
         batch.pos = batch.pos[idx]
         batch.lengths = batch.lengths[idx]
+        if batch.saved is not None and batch.saved_lengths is not None:
+            batch.saved, batch.saved_lengths = batch.saved[idx], batch.saved_lengths[idx]
+
+    def save_rows(self, batch: Batch, rows: Tensor) -> None:
+        """Snapshot the context of ``rows`` (bool [B]) so :meth:`restore_rows` can return to it
+        later, whatever is appended or rolled back in between (compaction keeps its columns)."""
+        if batch.saved is None or batch.saved_lengths is None:
+            batch.saved = torch.zeros_like(batch.valid)
+            batch.saved_lengths = batch.lengths.clone()
+        batch.saved = torch.where(rows[:, None], batch.valid, batch.saved)
+        batch.saved_lengths = torch.where(rows, batch.lengths, batch.saved_lengths)
+
+    def restore_rows(self, batch: Batch, rows: Tensor) -> None:
+        """Return ``rows`` to their last :meth:`save_rows` snapshot."""
+        if batch.saved is None or batch.saved_lengths is None:
+            return  # nothing was ever saved: callers only restore rows they saved
+        batch.valid = torch.where(rows[:, None], batch.saved, batch.valid)
+        batch.lengths = torch.where(rows, batch.saved_lengths, batch.lengths)
 
     def rollback(self, batch: Batch, lengths: Tensor) -> None:
         """Truncate row b's context to its first ``lengths[b]`` tokens (must not exceed the
@@ -424,11 +521,12 @@ class Engine:
         s = batch.valid.shape[1]
         if s == 0:
             return False
-        live = int(batch.lengths.max())
+        keep = batch.valid if batch.saved is None else batch.valid | batch.saved
+        live = int(keep.sum(1).max())
         if not force and live >= self.compact_ratio * s:
             return False
         # order columns: dead first (stable), then live in their original order
-        key = batch.valid.long() * (s + 1) + torch.arange(s, device=self.device)
+        key = keep.long() * (s + 1) + torch.arange(s, device=self.device)
         order = torch.sort(key, dim=1).indices[:, s - live :]  # [B, live]
         for layer in batch.cache.layers:
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
@@ -439,6 +537,8 @@ class Engine:
             layer.values = layer.values.gather(2, order[:, None, :, None].expand(b, h, live, layer.values.shape[-1]))
         batch.valid = batch.valid.gather(1, order)
         batch.pos = batch.pos.gather(1, order)
+        if batch.saved is not None:
+            batch.saved = batch.saved.gather(1, order)
         return True
 
     # ------------------------------------------------------------------ the forward
@@ -511,6 +611,8 @@ class Engine:
                 h.remove()
         batch.valid = torch.cat([batch.valid, real_new], dim=1)
         batch.pos = torch.cat([batch.pos, pos_new], dim=1)
+        if batch.saved is not None:
+            batch.saved = torch.nn.functional.pad(batch.saved, (0, q), value=False)
         batch.lengths = batch.lengths + n_real
         self._counters[kind] += n_real.sum()
         self._positions_computed += b * q
@@ -521,6 +623,23 @@ class Engine:
         if keep_all:
             return Readout(log_p, layers)
         return Readout(log_p[:, -1], {k: v[:, -1] for k, v in layers.items()})
+
+
+def _length_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Indices grouped (sorted by length) so each group's padded size is at most
+    (1 + max_padding) × its real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            padded = lengths[i] * (len(g) + 1)
+            real = sum(lengths[j] for j in g) + lengths[i]
+            if padded <= (1 + max_padding) * real:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def _eos_from(model: nn.Module, tokenizer: Any) -> list[int]:

@@ -121,6 +121,7 @@ class Exact:
     log_target: Tensor  # [M] unnormalised log π
     log_p: Tensor  # [M]
     log_q: Tensor | None  # [M] proposal's sequence log-prob (when a proposal was given)
+    token_log_q: list[list[float]] | None = None  # per sequence, per generated token
 
     @property
     def log_z(self) -> float:
@@ -191,6 +192,7 @@ def exact(
     log_t = torch.zeros(m, dtype=torch.float64)
     log_p = torch.zeros(m, dtype=torch.float64)
     log_q = torch.zeros(m, dtype=torch.float64) if proposal is not None else None
+    token_log_q: list[list[float]] = [[] for _ in range(m)]
     with torch.no_grad():
         for t, view, rows in _views(engine, target, proposal, ids, seqs):
             ridx = torch.tensor(rows)
@@ -202,13 +204,16 @@ def exact(
                     log_t[ridx] += f.gather(1, x)[:, 0].double().cpu()
             if proposal is not None and log_q is not None:
                 lq = proposal.log_q(view, target.token_log_factor if target is not None else (lambda v: None))
-                log_q[ridx] += lq.gather(1, x)[:, 0].double().cpu()
+                step_q = lq.gather(1, x)[:, 0].double().cpu()
+                log_q[ridx] += step_q
+                for r, v in zip(rows, step_q.tolist()):
+                    token_log_q[r].append(v)
     if target is not None and target.has_sequence_potential:
         seq = Sequences([prompt], [0] * m, list(range(m)), [list(s) for s in seqs], engine.decode_text)
         psi = target.sequence_log_potential(seq)
         if psi is not None:
             log_t += psi.double().cpu()
-    return Exact(seqs, log_t, log_p, log_q)
+    return Exact(seqs, log_t, log_p, log_q, token_log_q if proposal is not None else None)
 
 
 # ---------------------------------------------------------------------------------- contracts

@@ -125,10 +125,10 @@ def test_score_equals_step_by_step_decode(name):
 
 def test_counters_count_real_tokens():
     engine = Engine(tiny_llama(), eos_token_ids=[0])
-    batch, _ = engine.prefill([[1, 2, 3], [4]])
+    batch, _ = engine.prefill([[1, 2, 3], [4, 2]])
     engine.decode(batch, torch.tensor([1, 1]), active=torch.tensor([True, False]))
     c = engine.counters
-    assert c["prefill_tokens"] == 4 and c["decode_tokens"] == 1
+    assert c["prefill_tokens"] == 5 and c["decode_tokens"] == 1
     assert c["positions_computed"] == 2 * 3 + 2 and c["forwards"] == 2
 
 
@@ -160,3 +160,16 @@ def test_bad_input_errors_name_the_argument():
         _check_dtype(torch.int64, torch.device("cpu"))
     with pytest.raises(ArgumentError, match="device"):
         Engine.from_pretrained("x", device="not-a-device")
+
+
+def test_grouped_prefill_of_very_ragged_prompts_matches_reference():
+    model = tiny_llama()
+    engine = Engine(model, eos_token_ids=[0])
+    prompts = [[1] * 20 + [2, 3], [4], [2, 2, 3, 1, 4, 1, 2, 3, 1], [3, 1]]  # padding waste >> 25%
+    batch, r = engine.prefill(prompts)
+    assert engine.counters["positions_computed"] < 4 * 22  # not one padded forward
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(r.log_p[i], reference_log_p(model, p), atol=ATOL, rtol=0)
+    r = engine.decode(batch, torch.tensor([1, 2, 3, 4]))
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(r.log_p[i], reference_log_p(model, p + [i + 1]), atol=ATOL, rtol=0)

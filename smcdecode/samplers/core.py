@@ -83,6 +83,7 @@ class Stream:
     batch: Any
     prompt_len: Tensor  # [B]
     last_prompt_token: Tensor  # [B]
+    refeed_token: Tensor | None = None  # [B] token each row feeds again when its move starts
 
 
 class Decoder:
@@ -118,12 +119,33 @@ class Decoder:
             readouts[key] = r.index_select(rep)
         return _view(readouts)
 
-    def decode(self, tokens: Tensor, active: Tensor) -> StepView:
-        outs: dict[str | None, Readout] = {
-            s.key: s.engine.decode(s.batch, tokens.to(s.engine.device), active.to(s.engine.device))
-            for s in self.streams
-        }
+    def decode(self, tokens: Tensor, active: Tensor, refeed: Tensor | None = None) -> StepView:
+        """One token per row (rows with ``active`` False are not added). Rows in ``refeed`` feed
+        their stream's pending refeed token instead (set by :meth:`start_moves`)."""
+        outs: dict[str | None, Readout] = {}
+        for s in self.streams:
+            tok = tokens.to(s.engine.device)
+            if refeed is not None and s.refeed_token is not None:
+                tok = torch.where(refeed.to(s.engine.device), s.refeed_token, tok)
+            outs[s.key] = s.engine.decode(s.batch, tok, active.to(s.engine.device))
         return _view(outs)
+
+    def start_moves(self, rows: Tensor, keep: Tensor, tokens: Tensor) -> None:
+        """For ``rows``: snapshot the context (for :meth:`restore_rows`), roll back to prompt +
+        the first ``keep`` generated tokens minus one, and queue the last kept token (or the last
+        prompt token when keep = 0) to be fed again by the next :meth:`decode` with ``refeed``."""
+        prev = tokens.gather(1, (keep - 1).clamp_min(0)[:, None])[:, 0]
+        for s in self.streams:
+            r, k = rows.to(s.engine.device), keep.to(s.engine.device)
+            s.engine.save_rows(s.batch, r)
+            big = torch.full_like(s.prompt_len, 1 << 40)
+            s.engine.rollback(s.batch, torch.where(r, s.prompt_len + k - 1, big))
+            tok = torch.where(k > 0, prev.to(s.engine.device), s.last_prompt_token)
+            s.refeed_token = tok if s.refeed_token is None else torch.where(r, tok, s.refeed_token)
+
+    def restore_rows(self, rows: Tensor) -> None:
+        for s in self.streams:
+            s.engine.restore_rows(s.batch, rows.to(s.engine.device))
 
     def select(self, idx: Tensor) -> None:
         for s in self.streams:
@@ -275,7 +297,10 @@ def extend(
     t_max = problem.max_new_tokens
     b = chains.length.shape[0]
     rows = torch.arange(b, device=chains.length.device)
-    start = int(chains.length.min())  # one sync per extension
+    todo = ~chains.ended & (chains.length < horizon)
+    if not bool(todo.any()):  # one sync per extension
+        return
+    start = int(chains.length[todo].min())
     stopped = torch.zeros_like(chains.ended)
     for step in range(start, horizon):
         active = ~chains.ended & ~stopped & (chains.length < horizon)  # [B]
@@ -305,6 +330,33 @@ def extend(
         if step + 1 == horizon == t_max:
             break  # nothing left to feed
         chains.view = decoder.decode(tok, feed).where(feed, view)
+
+
+def mh_log_accept(
+    log_target_new: Tensor,
+    log_target_old: Tensor,
+    log_q_old_suffix: Tensor,
+    log_q_new_suffix: Tensor,
+    length_old: Tensor,
+    length_new: Tensor,
+) -> Tensor:
+    """Suffix-MH log acceptance ratio (all arguments [B]):
+
+    [log π(x') − log π(x)] + [log q(x_≥i | x_<i) − log q(y | x_<i)] + [log|x| − log|x'|]."""
+    return (
+        log_target_new
+        - log_target_old
+        + log_q_old_suffix
+        - log_q_new_suffix
+        + torch.log(length_old.clamp_min(1).double()).to(log_target_new.dtype)
+        - torch.log(length_new.clamp_min(1).double()).to(log_target_new.dtype)
+    )
+
+
+def suffix_log_q(chains: Chains, index: Tensor) -> Tensor:
+    """Σ_{t ≥ i} log q of each row's generated tokens, [B]."""
+    t = torch.arange(chains.tokens.shape[1], device=index.device)
+    return (chains.log_q * ((t[None] >= index[:, None]) & chains.positions())).sum(1)
 
 
 @dataclass
@@ -339,16 +391,13 @@ def mh_move(
     extend(problem, decoder, prop, horizon)
     everyone = torch.ones_like(prop.ended)
     problem.update_psi(prop, everyone, partial_ok=False)
-    t = torch.arange(chains.tokens.shape[1], device=n.device)
-    old_suffix = (t[None] >= i[:, None]) & old.positions()
-    new_suffix = (t[None] >= i[:, None]) & prop.positions()
-    log_a = (
-        problem.log_target(prop, alpha)
-        - problem.log_target(old, alpha)
-        + (old.log_q * old_suffix).sum(1)
-        - (prop.log_q * new_suffix).sum(1)
-        + torch.log(old.length.double()).float()
-        - torch.log(prop.length.double()).float()
+    log_a = mh_log_accept(
+        problem.log_target(prop, alpha),
+        problem.log_target(old, alpha),
+        suffix_log_q(old, i),
+        suffix_log_q(prop, i),
+        old.length,
+        prop.length,
     )
     v = torch.rand(n.shape, generator=problem.generator, device=n.device)
     accept = torch.log(v) < log_a

@@ -120,11 +120,15 @@ class SMC(Sampler):
                 group = log_w.view(-1, n)
                 ess_g = ess(group)  # [P]
                 resample = ess_g < self.ess_threshold * n  # [P]
-                idx = scheme(problem.generator, torch.softmax(group, dim=1), n)  # [P, N]
-                keep = torch.arange(n, device=engine.device).expand_as(idx)
-                idx = torch.where(resample[:, None], idx, keep)
-                rows = (idx + n * torch.arange(group.shape[0], device=engine.device)[:, None]).view(-1)
-                log_w = torch.where(resample[:, None], logmeanexp(group, 1)[:, None], group).view(-1)
+                any_resample = bool(resample.any())  # one sync per block: skip the KV copy when possible
+                idx = torch.arange(n, device=engine.device).expand(group.shape[0], n)
+                if any_resample:
+                    drawn = scheme(problem.generator, torch.softmax(group, dim=1), n)  # [P, N]
+                    idx = torch.where(resample[:, None], drawn, idx)
+                    rows = (idx + n * torch.arange(group.shape[0], device=engine.device)[:, None]).view(-1)
+                    log_w = torch.where(resample[:, None], logmeanexp(group, 1)[:, None], group).view(-1)
+                    decoder.select(rows)
+                    chains = chains.index_select(rows)
                 trace.log(
                     "step",
                     step=step,
@@ -134,9 +138,7 @@ class SMC(Sampler):
                     log_z_increment=logmeanexp(incr.view(-1, n), 1),
                     unique=_unique_counts(idx),
                 )
-                decoder.select(rows)
-                chains = chains.index_select(rows)
-                if self.rejuvenate and bool(resample.any()):
+                if self.rejuvenate and any_resample:
                     current = anneal.current if anneal is not None else None
                     for s in range(self.rejuvenate):
                         chains, info = mh_move(problem, decoder, chains, int(chains.length.max()), alpha=current)

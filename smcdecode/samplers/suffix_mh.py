@@ -1,10 +1,22 @@
 """Suffix Metropolis–Hastings (Karan & Du's power sampler, made exact).
 
 Blocks of B tokens; horizon H_k = min(k·B, max_new_tokens); intermediate target π_k = π
-restricted to the first H_k tokens. Each block extends unfinished chains to H_k with q, then runs
-``steps`` moves (see :func:`smcdecode.samplers.core.mh_move` for the acceptance ratio, which
-includes the reverse proposal of the current suffix and the index-selection term
-log|x| − log|x'|). Chains of all prompts run in one batch.
+restricted to the first H_k tokens. Each block extends the chain to H_k with q, then runs
+``steps`` moves. A move on x draws i ~ U{0..|x|−1}, regenerates y ~ q(· | x_<i) to EOS or H_k,
+and accepts x' = x_<i ⊕ y with
+
+    log A = [log π_k(x') − log π_k(x)] + [log q(x_≥i | x_<i) − log q(y | x_<i)] + [log|x| − log|x'|]
+
+(the reverse proposal of the current suffix, and the index-selection term that the reference
+code drops when EOS makes lengths differ).
+
+Execution: every chain of every prompt is one row of one batch, and each row runs its own
+schedule (extension, moves, next block) *asynchronously*: a row whose proposal ends early starts
+its next move at the next forward instead of idling until the longest regeneration in the batch
+ends. A move re-reads the distribution at i by feeding x_{i−1} again (one token) over the kept
+prefix's KV, so it costs |y| (+1 below the last horizon) decode tokens and no prefill; a rejected
+proposal returns to its old cache columns (:meth:`Engine.restore_rows`). Every row follows the
+same sequence of operations as a chain run alone, so the law of each chain is unchanged.
 """
 
 from __future__ import annotations
@@ -16,11 +28,13 @@ import torch
 
 from smcdecode.engine import Engine
 from smcdecode.errors import ArgumentTypeError, check_int
-from smcdecode.proposals.base import Proposal
+from smcdecode.proposals.base import Proposal, sample
 from smcdecode.samplers.base import Sampler, bar, collect
-from smcdecode.samplers.core import extend, make_problem, mh_move, start_chains
+from smcdecode.samplers.core import CHECK_EVERY, make_problem, mh_log_accept, start_chains, suffix_log_q
 from smcdecode.samplers.result import Result, Trace
 from smcdecode.targets.base import Potential
+
+COMPACT_EVERY = 32  # iterations between compaction checks
 
 
 class SuffixMH(Sampler):
@@ -37,30 +51,113 @@ class SuffixMH(Sampler):
 
     def _run(self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool) -> Result:
         problem = make_problem(engine, prompts, self.target, self.proposal, self.chains, max_new_tokens, seed)
-        decoder, chains = start_chains(problem)
+        decoder, cur = start_chains(problem)
+        t_max, n_steps = max_new_tokens, self.steps
+        n_blocks = math.ceil(t_max / self.block_size)
+        n_moves = n_blocks * n_steps
+        b, dev, gen = cur.length.shape[0], engine.device, problem.generator
+        rows = torch.arange(b, device=dev)
+        zeros_b = torch.zeros(b, dtype=torch.bool, device=dev)
+        block = torch.ones(b, dtype=torch.long, device=dev)  # k, 1-based
+        step = torch.zeros(b, dtype=torch.long, device=dev)  # 0 = extension, 1..steps = moves
+        moving, refeed, done = zeros_b.clone(), zeros_b.clone(), zeros_b.clone()
+        index = torch.zeros(b, dtype=torch.long, device=dev)
+        hist = {k: torch.zeros(b, max(1, n_moves), device=dev) for k in ("accepted", "index", "old", "new", "lt")}
+        ext = {k: torch.zeros(b, n_blocks, device=dev) for k in ("old", "new")}
+        prop = cur.clone()
+        iteration = 0
+        with bar(b * (n_moves + n_blocks), "SuffixMH", progress) as pbar:
+            while True:
+                horizon = (block * self.block_size).clamp(max=t_max)  # [B]
+                # 1. generating rows draw one token from q
+                live = ~done & ~refeed & ~prop.ended & (prop.length < horizon)
+                phi = problem.base_factor(prop.view)
+                log_q_all = problem.proposal.log_q(prop.view, lambda _v: None if phi is None else problem.alpha * phi)
+                tok, lq = sample(log_q_all, gen)
+                col = prop.length.clamp(max=t_max - 1)
+                lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
+                lp = prop.view.log_p.gather(1, tok[:, None])[:, 0]
+                for name, val in (("tokens", tok), ("log_q", lq), ("log_phi", lphi), ("log_p", lp)):
+                    arr = getattr(prop, name)
+                    arr[rows, col] = torch.where(live, val, arr[rows, col])
+                prop.length = prop.length + live.long()
+                prop.ended = prop.ended | (live & engine.is_eos(tok))
+                # 2. one forward: sampled tokens of unfinished rows, refed tokens of rows starting a move
+                feed = (live & ~prop.ended & (prop.length < t_max)) | refeed
+                prop.view = decoder.decode(tok, feed, refeed).where(feed, prop.view)
+                was_refeed, refeed = refeed, zeros_b
+                # 3. finished proposals: accept (extensions always), reject -> old cache columns
+                complete = ~done & ~was_refeed & (prop.ended | (prop.length >= horizon))
+                problem.update_psi(prop, complete, partial_ok=False)
+                log_a = mh_log_accept(
+                    problem.log_target(prop),
+                    problem.log_target(cur),
+                    suffix_log_q(cur, index),
+                    suffix_log_q(prop, index),
+                    cur.length,
+                    prop.length,
+                )
+                u = torch.rand(b, generator=gen, device=dev)
+                accept = complete & (~moving | (torch.log(u) < log_a))
+                decoder.restore_rows(complete & moving & ~accept)
+                m = ((block - 1) * n_steps + step - 1).clamp(0, max(0, n_moves - 1))
+                rec_move = complete & moving
+                rec_ext = complete & ~moving
+                kb = (block - 1).clamp(0, n_blocks - 1)
+                old_len = cur.length.float()
+                cur = prop.where(accept, cur)
+                for key, val in (
+                    ("accepted", accept.float()),
+                    ("index", index.float()),
+                    ("old", old_len),
+                    ("new", prop.length.float()),
+                    ("lt", problem.log_target(cur)),
+                ):
+                    hist[key][rows, m] = torch.where(rec_move, val, hist[key][rows, m])
+                ext["old"][rows, kb] = torch.where(rec_ext, old_len, ext["old"][rows, kb])
+                ext["new"][rows, kb] = torch.where(rec_ext, cur.length.float(), ext["new"][rows, kb])
+                # 4. advance each finished row's schedule and start its next proposal
+                step = torch.where(complete, step + 1, step)
+                next_block = complete & (step > n_steps)
+                block = torch.where(next_block, block + 1, block)
+                step = torch.where(next_block, torch.zeros_like(step), step)
+                done = done | (complete & (block > n_blocks))
+                start_ext = complete & ~done & (step == 0)
+                start_move = complete & ~done & (step > 0)
+                i = (torch.rand(b, generator=gen, device=dev) * cur.length).long().clamp(min=0)
+                i = torch.minimum(i, (cur.length - 1).clamp_min(0))
+                index = torch.where(start_move, i, index)
+                decoder.start_moves(start_move, index, cur.tokens)
+                fresh = cur.clone()
+                fresh.length = torch.where(start_move, index, cur.length)
+                fresh.ended = cur.ended & ~start_move
+                prop = fresh.where(start_ext | start_move, prop)
+                moving = torch.where(start_move, True, torch.where(start_ext, False, moving))
+                refeed = start_move
+                iteration += 1
+                if iteration % CHECK_EVERY == 0:
+                    pbar.update(int(ext["new"].gt(0).sum() + hist["new"].gt(0).sum()) - pbar.n)
+                    if bool(done.all()):
+                        break
+                if iteration % COMPACT_EVERY == 0:
+                    decoder.compact()
         trace = Trace()
-        n_blocks = math.ceil(max_new_tokens / self.block_size)
-        with bar(n_blocks * (1 + self.steps), "SuffixMH", progress) as pbar:
-            for k in range(1, n_blocks + 1):
-                horizon = min(k * self.block_size, max_new_tokens)
-                extend(problem, decoder, chains, horizon)
-                problem.update_psi(chains, torch.ones_like(chains.ended), partial_ok=False)
-                pbar.update(1)
-                for s in range(self.steps):
-                    chains, info = mh_move(problem, decoder, chains, horizon)
-                    trace.log(
-                        "move",
-                        block=k,
-                        step=s,
-                        horizon=horizon,
-                        accepted=info.accepted,
-                        index=info.index,
-                        old_length=info.old_length,
-                        new_length=info.new_length,
-                        log_target=problem.log_target(chains),
-                    )
-                    pbar.update(1)
-        return collect(problem, chains, None, trace)
+        for k in range(n_blocks):
+            trace.log("extend", block=k + 1, old_length=ext["old"][:, k].long(), new_length=ext["new"][:, k].long())
+            for s in range(n_steps):
+                m = k * n_steps + s
+                trace.log(
+                    "move",
+                    block=k + 1,
+                    step=s,
+                    horizon=min((k + 1) * self.block_size, t_max),
+                    accepted=hist["accepted"][:, m].bool(),
+                    index=hist["index"][:, m].long(),
+                    old_length=hist["old"][:, m].long(),
+                    new_length=hist["new"][:, m].long(),
+                    log_target=hist["lt"][:, m],
+                )
+        return collect(problem, cur, None, trace)
 
     def __repr__(self) -> str:
         return (

@@ -1,14 +1,17 @@
-"""``smcdecode`` command line: demo, sample, plot."""
+"""``smcdecode`` command line: demo, sample, eval (math500, humaneval), report, plot."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import Any
 
 import torch
 
 from smcdecode.errors import SmcdecodeError
+from smcdecode.evaluate import TaskAdapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +56,66 @@ def cmd_sample(args: argparse.Namespace) -> None:
         res.save(args.out)
 
 
+def _task(args: argparse.Namespace, engine: Any) -> tuple[TaskAdapter, dict[str, Any]]:
+    from smcdecode.evaluate import parse_shard, shard
+
+    style, tok = args.prompt, engine.tokenizer
+    if args.task == "math500":
+        from smcdecode.tasks import math500 as m
+
+        problems = m.select(m.load(args.data), args.levels, args.subjects)
+        rewards = {"boxed": m.boxed_parses}
+        adapter = TaskAdapter(
+            "math500", problems, lambda p: m.prompt(p, style, tok), m.last_boxed, lambda p, a: m.grade(a, p["answer"])
+        )
+    else:
+        from smcdecode.tasks import humaneval as h
+
+        problems = h.load()
+        rewards = {"public-tests": h.public_tests_reward(problems)}
+        adapter = TaskAdapter(
+            "humaneval", problems, lambda p: h.prompt(p, style, tok), h.extract, h.grade, grade_all=True
+        )
+    i, n = parse_shard(args.shard)
+    adapter.problems = shard(adapter.problems, i, n)
+    if args.limit is not None:
+        adapter.problems = adapter.problems[: args.limit]
+    return adapter, rewards
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from smcdecode.evaluate import run_eval
+    from smcdecode.spec import method_name, parse_method
+
+    engine = _engine(args)
+    adapter, rewards = _task(args, engine)
+    method = parse_method(args.method, rewards)
+    path = run_eval(
+        adapter,
+        engine,
+        method.sampler,
+        method_name(args.method),
+        args.out,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        select=args.select,
+        batch_size=args.batch_size,
+    )
+    print(f"records: {path}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from smcdecode.report import load_records, plot, summarise, table
+
+    rows = summarise(load_records(args.dirs))
+    if not rows:
+        print("no records found")
+        return
+    print(table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    print(plot(rows, os.path.join(args.out, "accuracy_vs_tokens.png")))
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from smcdecode.plots import plot_all
     from smcdecode.samplers.result import Result
@@ -91,6 +154,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     s.add_argument("--out", default=None, help="save the Result as JSON (for smcdecode plot)")
     s.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser("eval", help="evaluate a method on MATH-500 or HumanEval (resumable, shardable)")
+    evsub = ev.add_subparsers(dest="task", required=True)
+    for task in ("math500", "humaneval"):
+        t = evsub.add_parser(task)
+        if task == "math500":
+            t.add_argument("--data", required=True, help="path to a MATH-500 JSONL, or 'hub'")
+            t.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=None)
+            t.add_argument("--subjects", type=lambda s: s.split(","), default=None)
+        t.add_argument(
+            "--method",
+            required=True,
+            help="e.g. 'smc:particles=16;target=power:alpha=4;proposal=tempered:temperature=0.25'",
+        )
+        t.add_argument("--out", required=True)
+        t.add_argument("--limit", type=int, default=None)
+        t.add_argument("--max-new-tokens", type=int, default=512)
+        t.add_argument("--prompt", choices=["raw", "chat"], default="raw")
+        t.add_argument("--shard", default=None, help="I/N: this process takes problems I, I+N, I+2N, ...")
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--select", choices=["sample", "majority", "weight"], default="sample")
+        t.add_argument("--batch-size", type=int, default=4, help="problems per sampler call")
+        t.add_argument("--model", default="embedded")
+        t.add_argument("--device", default="cpu")
+        t.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+        t.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="table and plot from eval directories (shards merge)")
+    rp.add_argument("dirs", nargs="+")
+    rp.add_argument("--out", default="report")
+    rp.set_defaults(func=cmd_report)
 
     pl = sub.add_parser("plot", help="draw diagnostics PNGs from saved results")
     pl.add_argument("results", nargs="+")

@@ -117,6 +117,7 @@ def _growable_cache() -> Any:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             keys, values = self.keys, self.values
+            assert keys is not None and values is not None
             n, q = (keys.shape[-2] if keys.numel() else 0), key_states.shape[-2]
             kbuf = getattr(self, "_kbuf", None)
             reuse = (

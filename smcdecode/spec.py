@@ -60,11 +60,27 @@ TARGETS = {
     "lm": ["temperature"],
     "power": ["alpha"],
     "contrast": ["layer", "beta", "alpha", "plausibility", "candidates"],
+    "reward": ["name", "weight", "prefix"],
 }
 
+Rewards = dict[str, Callable[..., Any]]
 
-def parse_target(spec: str) -> targets.Potential:
+
+def parse_target(spec: str, rewards: Rewards | None = None) -> targets.Potential:
+    """One target, or a product ``a*b`` (e.g. ``power:alpha=4*reward:name=boxed,weight=2``)."""
+    if "*" in spec:
+        parts = [parse_target(s, rewards) for s in spec.split("*")]
+        out = parts[0]
+        for p in parts[1:]:
+            out = out * p
+        return out
     name, kw = split_spec("target", spec)
+    if name == "reward":
+        available = rewards or {}
+        rname = kw.pop("name", None)
+        if rname not in available:
+            raise SpecError("target", f"unknown reward {rname!r}; available here: {', '.join(available) or 'none'}")
+        return _call("target", name, lambda **k: targets.Reward(available[rname], **k), kw, ["weight", "prefix"])
     if name == "lm":
         return _call("target", name, targets.LM, kw, TARGETS[name])
     if name == "power":
@@ -76,6 +92,11 @@ def parse_target(spec: str) -> targets.Potential:
         base = _call("target", name, targets.LayerContrast, kw, TARGETS[name])
         return base if alpha == 1.0 else base**alpha
     raise SpecError("target", f"unknown target {name!r}; accepted: {', '.join(TARGETS)} (e.g. power:alpha=4)")
+
+
+def method_name(spec: str) -> str:
+    """A canonical, filesystem- and record-friendly form of a method spec."""
+    return " ".join(p for p in spec.replace(";", " ").split() if p)
 
 
 PROPOSALS = {"tempered": ["temperature", "top_k", "top_p"], "optimal": []}
@@ -122,7 +143,7 @@ def build_sampler(spec: str, target: targets.Potential | None, proposal: proposa
     raise SpecError("sampler", f"unknown sampler {name!r}; accepted: {', '.join(SAMPLERS)} (e.g. smc:particles=16)")
 
 
-def parse_method(spec: str) -> Method:
+def parse_method(spec: str, rewards: Rewards | None = None) -> Method:
     """``"SAMPLER [target=TARGET] [proposal=PROPOSAL]"`` (parts separated by spaces or ';')."""
     parts = [p for p in spec.replace(";", " ").split() if p]
     if not parts:
@@ -131,7 +152,7 @@ def parse_method(spec: str) -> Method:
     for part in parts[1:]:
         key, eq, val = part.partition("=")
         if key == "target" and eq:
-            target = parse_target(val)
+            target = parse_target(val, rewards)
         elif key == "proposal" and eq:
             proposal = parse_proposal(val)
         else:

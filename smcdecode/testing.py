@@ -321,3 +321,19 @@ def weighted_histogram(samples: Sequence[Any], where: dict[tuple[int, ...], int]
     for s in samples:
         h[where[tuple(s.tokens)]] += math.exp(s.log_weight)
     return h
+
+
+class CharTokenizer:
+    """A tokenizer for tiny models: id 0 is EOS, ids 1.. are the characters of ``alphabet``."""
+
+    def __init__(self, alphabet: str = "abcd"):
+        self.alphabet = alphabet
+        self.eos_token_id = 0
+        self.eos_token = "</s>"
+        self.chat_template = None
+
+    def encode(self, text: str) -> list[int]:
+        return [self.alphabet.index(c) + 1 for c in text if c in self.alphabet]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.alphabet[i - 1] for i in ids if 0 < i <= len(self.alphabet))

@@ -54,3 +54,25 @@ def test_demo_writes_records_table_and_plots(engine, tmp_path):
     assert len(lines) == 12 and all(json.loads(x)["answer"] is not None for x in lines)
     assert os.path.exists(tmp_path / "loglik.png") and os.path.exists(tmp_path / "acceptance.png")
     assert os.path.exists(tmp_path / "ess.png") and (tmp_path / "table.md").read_text().startswith("| method")
+
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "math500.jsonl")
+
+
+@pytest.mark.skipif(not os.path.exists(DATA), reason="shared MATH-500 data not beside the repo")
+def test_math500_eval_smoke_with_a_real_method(engine, tmp_path):
+    from smcdecode.evaluate import TaskAdapter, run_eval
+    from smcdecode.report import load_records, summarise
+    from smcdecode.spec import method_name, parse_method
+    from smcdecode.tasks import math500 as m
+
+    spec = "mh:chains=1,block_size=4,steps=1;target=power:alpha=4*reward:name=boxed,weight=1;proposal=tempered:temperature=0.25"
+    method = parse_method(spec, {"boxed": m.boxed_parses})
+    problems = m.load(DATA)[:2]
+    task = TaskAdapter("math500", problems, m.prompt, m.last_boxed, lambda p, a: m.grade(a, p["answer"]))
+    path = run_eval(task, engine, method.sampler, method_name(spec), str(tmp_path), max_new_tokens=8, progress=False)
+    recs = [json.loads(x) for x in open(path)]
+    assert [r["uid"] for r in recs] == [p["unique_id"] for p in problems]
+    assert all(r["tokens"] > 0 and r["samples"][0]["log_target"] is not None for r in recs)
+    (row,) = summarise(load_records([str(tmp_path)]))
+    assert row["n"] == 2 and 0.0 <= row["accuracy"] <= 1.0

@@ -145,17 +145,17 @@ class SuffixMH(Sampler):
         for k in range(n_blocks):
             trace.log("extend", block=k + 1, old_length=ext["old"][:, k].long(), new_length=ext["new"][:, k].long())
             for s in range(n_steps):
-                m = k * n_steps + s
+                mi = k * n_steps + s
                 trace.log(
                     "move",
                     block=k + 1,
                     step=s,
                     horizon=min((k + 1) * self.block_size, t_max),
-                    accepted=hist["accepted"][:, m].bool(),
-                    index=hist["index"][:, m].long(),
-                    old_length=hist["old"][:, m].long(),
-                    new_length=hist["new"][:, m].long(),
-                    log_target=hist["lt"][:, m],
+                    accepted=hist["accepted"][:, mi].bool(),
+                    index=hist["index"][:, mi].long(),
+                    old_length=hist["old"][:, mi].long(),
+                    new_length=hist["new"][:, mi].long(),
+                    log_target=hist["lt"][:, mi],
                 )
         return collect(problem, cur, None, trace)
 

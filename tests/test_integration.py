@@ -66,7 +66,10 @@ def test_math500_eval_smoke_with_a_real_method(engine, tmp_path):
     from smcdecode.spec import method_name, parse_method
     from smcdecode.tasks import math500 as m
 
-    spec = "mh:chains=1,block_size=4,steps=1;target=power:alpha=4*reward:name=boxed,weight=1;proposal=tempered:temperature=0.25"
+    spec = (
+        "mh:chains=1,block_size=4,steps=1;target=power:alpha=4*reward:name=boxed,weight=1;"
+        "proposal=tempered:temperature=0.25"
+    )
     method = parse_method(spec, {"boxed": m.boxed_parses})
     problems = m.load(DATA)[:2]
     task = TaskAdapter("math500", problems, m.prompt, m.last_boxed, lambda p, a: m.grade(a, p["answer"]))

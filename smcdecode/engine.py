@@ -91,6 +91,7 @@ class Batch:
     layers: tuple[int, ...]  # layer readouts produced by every forward on this batch
     saved: Tensor | None = None  # [B, S] bool: per-row snapshot of ``valid`` (see save_rows)
     saved_lengths: Tensor | None = None  # [B]
+    shared: int = 0  # leading columns identical across rows of a group (a prompt's chains/particles)
 
     @property
     def size(self) -> int:
@@ -472,12 +473,24 @@ class Engine:
         n_real = torch.full_like(batch.lengths, tokens.shape[1]) if n_tokens is None else n_tokens
         return self._forward(batch, tokens, n_real, keep_all=True, kind="decode_tokens")
 
-    def select(self, batch: Batch, indices: Tensor) -> None:
-        """Reorder rows in place; repeats allowed (SMC resampling)."""
+    def select(self, batch: Batch, indices: Tensor, within_groups: bool = False) -> None:
+        """Row b becomes old row ``indices[b]``; repeats allowed (SMC resampling).
+
+        With ``within_groups`` (every index stays inside its row's group, so rows agree on the
+        first ``batch.shared`` columns: the prompt) only the columns after the shared prefix are
+        copied, in place; otherwise the whole cache is gathered."""
         idx = indices.to(self.device)
-        batch.cache.batch_select_indices(idx)
-        batch.valid = batch.valid[idx]
-        batch.pos = batch.pos[idx]
+        start = batch.shared if within_groups else 0
+        if idx.numel() == batch.size:
+            for layer in batch.cache.layers:
+                if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                    layer.keys[:, :, start:] = layer.keys[idx, :, start:]
+                    layer.values[:, :, start:] = layer.values[idx, :, start:]
+        else:
+            batch.cache.batch_select_indices(idx)
+            batch.shared = 0
+        batch.valid = torch.cat([batch.valid[:, :start], batch.valid[idx, start:]], 1) if start else batch.valid[idx]
+        batch.pos = torch.cat([batch.pos[:, :start], batch.pos[idx, start:]], 1) if start else batch.pos[idx]
         batch.lengths = batch.lengths[idx]
         if batch.saved is not None and batch.saved_lengths is not None:
             batch.saved, batch.saved_lengths = batch.saved[idx], batch.saved_lengths[idx]
@@ -523,12 +536,17 @@ class Engine:
         if s == 0:
             return False
         keep = batch.valid if batch.saved is None else batch.valid | batch.saved
-        live = int(keep.sum(1).max())
-        if not force and live >= self.compact_ratio * s:
+        sh = batch.shared  # the shared prefix stays in columns [0, sh), aligned across each group
+        rest = keep[:, sh:]
+        live = int(rest.sum(1).max())
+        if not force and sh + live >= self.compact_ratio * s:
             return False
-        # order columns: dead first (stable), then live in their original order
-        key = keep.long() * (s + 1) + torch.arange(s, device=self.device)
-        order = torch.sort(key, dim=1).indices[:, s - live :]  # [B, live]
+        # after the prefix: dead columns first (stable), then live ones in their original order
+        key = rest.long() * (s + 1) + torch.arange(s - sh, device=self.device)
+        tail = torch.sort(key, dim=1).indices[:, s - sh - live :] + sh  # [B, live]
+        prefix = torch.arange(sh, device=self.device).expand(batch.size, sh)
+        order = torch.cat([prefix, tail], dim=1)  # [B, sh + live]
+        live = sh + live
         for layer in batch.cache.layers:
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue

@@ -173,3 +173,29 @@ def test_grouped_prefill_of_very_ragged_prompts_matches_reference():
     r = engine.decode(batch, torch.tensor([1, 2, 3, 4]))
     for i, p in enumerate(prompts):
         torch.testing.assert_close(r.log_p[i], reference_log_p(model, p + [i + 1]), atol=ATOL, rtol=0)
+
+
+def test_select_within_groups_copies_only_after_the_shared_prompt():
+    model = tiny_llama()
+    engine = Engine(model, eos_token_ids=[0])
+    batch, r = engine.prefill([[1, 2, 3], [4, 2]])
+    rep = torch.tensor([0, 0, 0, 1, 1, 1])
+    engine.select(batch, rep)
+    batch.shared = batch.valid.shape[1]
+    seqs = [[1, 2, 3]] * 3 + [[4, 2]] * 3
+    gen = torch.Generator().manual_seed(0)
+    out = r.index_select(rep)
+    for step in range(6):
+        tok = torch.multinomial(out.log_p.exp(), 1, generator=gen).view(-1)
+        active = torch.tensor([True, step < 3, True, True, step < 2, True])  # some rows stop early
+        seqs = [s + [int(t)] if a else s for s, t, a in zip(seqs, tok, active)]
+        new = engine.decode(batch, tok, active)
+        out = new.where(active, out)
+        if step in (1, 3):  # resample within each group of three
+            idx = torch.tensor([2, 0, 2, 4, 4, 3])
+            engine.select(batch, idx, within_groups=True)
+            out, seqs = out.index_select(idx), [list(seqs[i]) for i in idx.tolist()]
+        if step == 4:
+            assert engine.compact(batch, force=True)
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(out.log_p[i], reference_log_p(model, s), atol=ATOL, rtol=0)

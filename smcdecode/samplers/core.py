@@ -113,6 +113,7 @@ class Decoder:
             batch, r = eng.prefill(ids, layers=layers)
             rep = torch.arange(len(ids), device=eng.device).repeat_interleave(n)
             eng.select(batch, rep)
+            batch.shared = batch.valid.shape[1]  # a prompt's rows share the whole prefilled cache
             plen = torch.tensor([len(p) for p in ids], device=eng.device)[rep]
             last = torch.tensor([p[-1] for p in ids], device=eng.device)[rep]
             self.streams.append(Stream(eng, key, batch, plen, last))
@@ -148,9 +149,10 @@ class Decoder:
             s.engine.restore_rows(s.batch, rows.to(s.engine.device))
 
     def select(self, idx: Tensor) -> None:
+        """Resample rows; every index must stay within its row's prompt group."""
         for s in self.streams:
             i = idx.to(s.engine.device)
-            s.engine.select(s.batch, i)
+            s.engine.select(s.batch, i, within_groups=True)
             s.prompt_len, s.last_prompt_token = s.prompt_len[i], s.last_prompt_token[i]
 
     def refeed(self, keep: Tensor, tokens: Tensor) -> StepView:

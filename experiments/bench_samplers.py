@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--particles", type=int, default=16)
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--skip-smc", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
     engine = Engine.embedded()
@@ -124,6 +126,24 @@ def main() -> None:
         ["smcdecode SuffixMH (batched, KV reuse)", f"{t_ours:.1f}", f"{t_ref / t_ours:.2f}x"],
     ]
 
+    if args.skip_smc:
+        print_table(["power sampler", "wall s", "speed-up"], mh_rows)
+        print(
+            write_results(
+                f"bench_samplers{args.tag}",
+                {
+                    "config": vars(args),
+                    "suffix_mh": {
+                        "reference_s": t_ref,
+                        "ours_s": t_ours,
+                        "speedup": t_ref / t_ours,
+                        "acceptance": acc,
+                        "counters": res.counters,
+                    },
+                },
+            )
+        )
+        return
     anc = samplers.Ancestral(proposals.Tempered(temp), n=args.particles)
     r_anc = anc.run(engine, prompts, max_new_tokens=args.max_new_tokens, seed=0, progress=False)
     smc = samplers.SMC(targets.Power(args.alpha), proposals.Tempered(temp), particles=args.particles)

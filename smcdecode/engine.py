@@ -63,21 +63,28 @@ class Readout:
 
     log_p: Tensor
     layers: dict[int, Tensor] = field(default_factory=dict)
+    hidden: Tensor | None = None  # output of the last decoder layer (before the final norm)
 
     def index_select(self, indices: Tensor) -> Readout:
-        return Readout(self.log_p[indices], {k: v[indices] for k, v in self.layers.items()})
+        h = None if self.hidden is None else self.hidden[indices]
+        return Readout(self.log_p[indices], {k: v[indices] for k, v in self.layers.items()}, h)
 
     def where(self, mask: Tensor, other: Readout) -> Readout:
         """Rows where ``mask`` is True from ``self``, the others from ``other``."""
         m = mask.view(-1, *([1] * (self.log_p.dim() - 1)))
+        h = None
+        if self.hidden is not None and other.hidden is not None:
+            h = torch.where(mask.view(-1, *([1] * (self.hidden.dim() - 1))), self.hidden, other.hidden)
         return Readout(
             torch.where(m, self.log_p, other.log_p),
             {k: torch.where(m, v, other.layers[k]) for k, v in self.layers.items()},
+            h,
         )
 
     def position(self, j: int) -> Readout:
         """For a ``[B, Q, V]`` readout, the ``[B, V]`` readout at position ``j``."""
-        return Readout(self.log_p[:, j], {k: v[:, j] for k, v in self.layers.items()})
+        h = None if self.hidden is None else self.hidden[:, j]
+        return Readout(self.log_p[:, j], {k: v[:, j] for k, v in self.layers.items()}, h)
 
 
 @dataclass
@@ -92,6 +99,7 @@ class Batch:
     saved: Tensor | None = None  # [B, S] bool: per-row snapshot of ``valid`` (see save_rows)
     saved_lengths: Tensor | None = None  # [B]
     shared: int = 0  # leading columns identical across rows of a group (a prompt's chains/particles)
+    hidden: bool = False  # also return the last decoder layer's output (for EGLR)
 
     @property
     def size(self) -> int:
@@ -278,6 +286,7 @@ class Engine:
             raise ArgumentTypeError("model", "cannot find the decoder layers (expected .layers or .h)")
         self.decoder_layers = layers
         self.num_layers = len(layers)
+        self.base = base
         norm = None
         for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
             norm = getattr(base, name, None)
@@ -390,9 +399,12 @@ class Engine:
             layers=layers,
         )
 
-    def _left_padded(self, prompts: Prompts, layers: Iterable[int]) -> tuple[Batch, Tensor, Tensor]:
+    def _left_padded(
+        self, prompts: Prompts, layers: Iterable[int], hidden: bool = False
+    ) -> tuple[Batch, Tensor, Tensor]:
         ids = self.encode(prompts)
         batch = self._empty_batch(len(ids), self.check_layers(layers))
+        batch.hidden = hidden
         q = max(len(p) for p in ids)
         tokens = torch.zeros(len(ids), q, dtype=torch.long)
         for b, p in enumerate(ids):
@@ -402,7 +414,9 @@ class Engine:
 
     # ------------------------------------------------------------------ operations
     @torch.no_grad()
-    def prefill(self, prompts: Prompts, layers: Iterable[int] = (), max_padding: float = 0.25) -> tuple[Batch, Readout]:
+    def prefill(
+        self, prompts: Prompts, layers: Iterable[int] = (), max_padding: float = 0.25, hidden: bool = False
+    ) -> tuple[Batch, Readout]:
         """Run the prompts (ragged lengths) and return the batch and the readout of the
         next-token distribution after each prompt.
 
@@ -412,12 +426,12 @@ class Engine:
         ids = self.encode(prompts)
         groups = _length_groups([len(p) for p in ids], max_padding)
         if len(groups) == 1:
-            batch, tokens, n_real = self._left_padded(ids, layers)
+            batch, tokens, n_real = self._left_padded(ids, layers, hidden)
             readout = self._forward(batch, tokens, n_real, keep_all=False, kind="prefill_tokens")
             return batch, readout
         parts = []
         for g in groups:
-            batch, tokens, n_real = self._left_padded([ids[i] for i in g], layers)
+            batch, tokens, n_real = self._left_padded([ids[i] for i in g], layers, hidden)
             parts.append((batch, self._forward(batch, tokens, n_real, keep_all=False, kind="prefill_tokens")))
         batch, readout = self._concat(parts)
         order = torch.empty(len(ids), dtype=torch.long)
@@ -443,10 +457,13 @@ class Engine:
             pos=torch.cat([pad(b.pos, 0) for b, _ in parts]),
             lengths=torch.cat([b.lengths for b, _ in parts]),
             layers=first.layers,
+            hidden=first.hidden,
         )
+        hs = [r.hidden for _, r in parts]
         readout = Readout(
             torch.cat([r.log_p for _, r in parts]),
             {k: torch.cat([r.layers[k] for _, r in parts]) for k in parts[0][1].layers},
+            torch.cat(hs) if all(h is not None for h in hs) else None,  # type: ignore[misc]
         )
         return batch, readout
 
@@ -454,8 +471,15 @@ class Engine:
     def forward(self, sequences: Prompts, layers: Iterable[int] = ()) -> Readout:
         """One uncached forward over whole sequences (left-padded to Q): readouts at every
         position, [B, Q, V]. Row b's sequence occupies its last len(sequences[b]) positions."""
-        batch, tokens, n_real = self._left_padded(sequences, layers)
-        return self._forward(batch, tokens, n_real, keep_all=True, kind="prefill_tokens")
+        return self.forward_batch(sequences, layers)[1]
+
+    @torch.no_grad()
+    def forward_batch(
+        self, sequences: Prompts, layers: Iterable[int] = (), hidden: bool = False
+    ) -> tuple[Batch, Readout]:
+        """:meth:`forward`, also returning the batch whose cache holds the sequences."""
+        batch, tokens, n_real = self._left_padded(sequences, layers, hidden)
+        return batch, self._forward(batch, tokens, n_real, keep_all=True, kind="prefill_tokens")
 
     @torch.no_grad()
     def decode(self, batch: Batch, tokens: Tensor, active: Tensor | None = None) -> Readout:
@@ -616,6 +640,13 @@ class Engine:
                 captured[layer] = h if keep_all else h[:, -1:]
 
             hooks.append(module.register_forward_hook(hook))
+        if batch.hidden:
+
+            def hook_hidden(_m: nn.Module, _i: Any, out: Any) -> None:
+                h = out[0] if isinstance(out, tuple) else out
+                captured[-1] = h if keep_all else h[:, -1:]
+
+            hooks.append(self.decoder_layers[self.num_layers - 1].register_forward_hook(hook_hidden))
         try:
             out = self.model(
                 input_ids=tokens,
@@ -637,11 +668,68 @@ class Engine:
         self._positions_computed += b * q
         self._forwards += 1
         logits = out.logits.float()  # [B, Q or 1, V]; the model applied its own logit quirks
+        hidden = captured.pop(-1, None)
         layers = {k: torch.log_softmax(self._readout(v), dim=-1) for k, v in captured.items()}
         log_p = torch.log_softmax(logits, dim=-1)
         if keep_all:
-            return Readout(log_p, layers)
-        return Readout(log_p[:, -1], {k: v[:, -1] for k, v in layers.items()})
+            return Readout(log_p, layers, hidden)
+        return Readout(
+            log_p[:, -1], {k: v[:, -1] for k, v in layers.items()}, None if hidden is None else hidden[:, -1]
+        )
+
+    # ------------------------------------------------------------------ latent recursion (EGLR)
+    @torch.no_grad()
+    def reapply(
+        self, batch: Batch, hidden: Tensor, span: int, positions: Tensor, rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Run decoder layers N−span+1..N again on one position per row.
+
+        ``hidden`` [R, D] is the last layer's output at that position, ``positions`` [R] its
+        position id; the query attends to the row's cached tokens *before* that position and to
+        its own new key. The re-applied layers write their keys into a temporary view of the
+        cache, so ``batch`` keeps exactly the first pass's entries. ``rows`` picks rows of the
+        batch (default: all, R = B). Returns (new hidden [R, D], its log-probs [R, V])."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        rotary = getattr(self.base, "rotary_emb", None)
+        if rotary is None or self._sliding_window is not None:
+            raise ArgumentTypeError(
+                "proposal", "latent recursion supports Llama-style decoders with rotary embeddings and full attention"
+            )
+        if not 1 <= span <= self.num_layers:
+            raise ArgumentError("span", f"must lie in 1..{self.num_layers}, got {span}")
+        idx = torch.arange(batch.size, device=self.device) if rows is None else rows.to(self.device)
+        start = self.num_layers - span
+        tmp = DynamicCache()
+        tmp.layers = []
+        for li in range(self.num_layers):
+            layer = DynamicLayer()
+            if li >= start:
+                src = batch.cache.layers[li]
+                layer.lazy_initialization(src.keys, src.values)
+                layer.keys = src.keys if rows is None else src.keys[idx]
+                layer.values = src.values if rows is None else src.values[idx]
+            tmp.layers.append(layer)
+        pos = positions.to(self.device)
+        before = batch.valid[idx] & (batch.pos[idx] < pos[:, None])  # [R, S]
+        allowed = torch.cat([before, torch.ones_like(before[:, :1])], dim=1)  # + its own new key
+        neg = torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        mask = torch.where(allowed, torch.zeros((), dtype=self.dtype, device=self.device), neg)[:, None, None, :]
+        h = hidden[:, None, :].to(self.dtype)  # [R, 1, D]
+        pos_ids = pos[:, None]
+        emb = rotary(h, position_ids=pos_ids)
+        for li in range(start, self.num_layers):
+            out = self.decoder_layers[li](
+                h,
+                attention_mask=mask,
+                position_ids=pos_ids,
+                past_key_values=tmp,
+                use_cache=True,
+                position_embeddings=emb,
+            )
+            h = out[0] if isinstance(out, tuple) else out
+        return h[:, 0], torch.log_softmax(self._readout(h[:, 0]), dim=-1)
 
 
 def _length_groups(lengths: list[int], max_padding: float) -> list[list[int]]:

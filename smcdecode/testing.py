@@ -151,7 +151,8 @@ def _views(
         req = r2 if req is None else req | r2
     layers = sorted(req.layers) if req is not None else []
     full = [prompt + list(s) for s in seqs]
-    main = engine.forward(full, layers=layers)
+    want_hidden = req is not None and req.hidden
+    batch, main = engine.forward_batch(full, layers=layers, hidden=want_hidden)
     q = main.log_p.shape[1]
     aux: dict[str, tuple[Tensor, int, int]] = {}
     for a in req.aux if req is not None else ():
@@ -173,7 +174,11 @@ def _views(
                 k: lp[ridx, torch.tensor([qa - (plen + len(seqs[i])) + plen + t - 1 for i in rows])]
                 for k, (lp, qa, plen) in aux.items()
             },
+            None if main.hidden is None else main.hidden[ridx, col],
         )
+        if want_hidden:  # re-apply layers over this forward's cache, attending to positions < P+t−1
+            position = torch.full((len(rows),), len(prompt) + t - 1)
+            view.recur = lambda h, span, r=ridx, p=position: engine.reapply(batch, h, span, p, rows=r)
         out.append((t, view, rows))
     return out
 

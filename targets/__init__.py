@@ -9,13 +9,22 @@ from smcdecode.targets.base import (
     Sequences,
     StepView,
 )
-from smcdecode.targets.lm import LM, Contrast, LayerContrast, Power, dola_candidates, js_divergence
+from smcdecode.targets.lm import (
+    LM,
+    Contrast,
+    EntropyGate,
+    LayerContrast,
+    Power,
+    dola_candidates,
+    js_divergence,
+)
 from smcdecode.targets.reward import Reward
 
 __all__ = [
     "LM",
     "Power",
     "LayerContrast",
+    "EntropyGate",
     "Contrast",
     "Reward",
     "Potential",

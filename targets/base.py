@@ -52,10 +52,11 @@ class Requirements:
 
     layers: frozenset[int] = frozenset()
     aux: tuple[AuxStream, ...] = ()
+    hidden: bool = False  # the last decoder layer's output (latent recursion)
 
     def __or__(self, other: Requirements) -> Requirements:
         aux = tuple({a.key: a for a in (*self.aux, *other.aux)}.values())
-        return Requirements(self.layers | other.layers, aux)
+        return Requirements(self.layers | other.layers, aux, self.hidden or other.hidden)
 
 
 @dataclass
@@ -67,20 +68,29 @@ class StepView:
     log_p: Tensor
     layers: dict[int, Tensor] = field(default_factory=dict)
     aux: dict[str, Tensor] = field(default_factory=dict)
+    hidden: Tensor | None = None  # [B, D] last decoder layer output, when required
+    #: ``recur(hidden, span) -> (hidden', log_p')`` re-applies the top ``span`` layers at this
+    #: step's position (bound by the sampler to the live cache just before a proposal is used)
+    recur: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None = None
 
     def index_select(self, idx: Tensor) -> StepView:
         return StepView(
             self.log_p[idx],
             {k: v[idx] for k, v in self.layers.items()},
             {k: v[idx] for k, v in self.aux.items()},
+            None if self.hidden is None else self.hidden[idx],
         )
 
     def where(self, mask: Tensor, other: StepView) -> StepView:
         m = mask[:, None]
+        h = None
+        if self.hidden is not None and other.hidden is not None:
+            h = torch.where(m, self.hidden, other.hidden)
         return StepView(
             torch.where(m, self.log_p, other.log_p),
             {k: torch.where(m, v, other.layers[k]) for k, v in self.layers.items()},
             {k: torch.where(m, v, other.aux[k]) for k, v in self.aux.items()},
+            h,
         )
 
 

@@ -63,6 +63,26 @@ class Power(Scaled):
         return f"Power({self.exponent:g})"
 
 
+class EntropyGate:
+    """Entropy-gated β schedule: β_t = ``above`` when H(p_N) > ``threshold`` (nats), else
+    ``below``. Extrapolate (β < 0) only at uncertain steps, interpolate or do nothing elsewhere.
+    β_t depends on the prefix only (through p_N), so the token factor stays a function of the
+    prefix and every exactness argument still holds."""
+
+    def __init__(self, threshold: float, above: float = -0.5, below: float = 0.0):
+        self.threshold = check_finite("threshold", threshold)
+        self.above = check_finite("above", above)
+        self.below = check_finite("below", below)
+
+    def __call__(self, log_p_final: Tensor) -> Tensor:
+        """β per row, [B, 1], from the final-layer log-probs [B, V]."""
+        h = -(log_p_final.exp() * log_p_final).nan_to_num(0.0).sum(-1, keepdim=True)
+        return torch.where(h > self.threshold, torch.tensor(self.above), torch.tensor(self.below)).to(log_p_final)
+
+    def __repr__(self) -> str:
+        return f"EntropyGate({self.threshold:g}, above={self.above:g}, below={self.below:g})"
+
+
 def dola_candidates(num_layers: int, bucket: str) -> list[int]:
     """DoLa's candidate premature layers (0 = embeddings): even layers of the lower or upper
     half for N ≤ 40, else the 20 lowest / highest."""
@@ -82,8 +102,9 @@ def js_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
     return 0.5 * (kl_pm + kl_qm)
 
 
-def _guided(log_p: Tensor, other: Tensor, beta: float, plausibility: float | None) -> Tensor:
-    g = (1.0 - beta) * log_p + beta * other
+def _guided(log_p: Tensor, other: Tensor, beta: float | EntropyGate, plausibility: float | None) -> Tensor:
+    b = beta(log_p) if isinstance(beta, EntropyGate) else beta
+    g = (1.0 - b) * log_p + b * other
     mask = log_relative_top_mask(log_p, plausibility)
     if mask is not None:
         g = g.masked_fill(mask, -math.inf)
@@ -100,7 +121,7 @@ class LayerContrast(Potential):
     def __init__(
         self,
         layer: int | str,
-        beta: float,
+        beta: float | EntropyGate,
         plausibility: float | None = None,
         candidates: str | Sequence[int] = "high",
     ):
@@ -112,7 +133,7 @@ class LayerContrast(Potential):
         elif layer < 0:
             raise ArgumentError("layer", f"must be >= 0, got {layer}")
         self.layer = layer
-        self.beta = check_finite("beta", beta)
+        self.beta = beta if isinstance(beta, EntropyGate) else check_finite("beta", beta)
         self.plausibility = check_plausibility(plausibility)
         if isinstance(candidates, str):
             if candidates not in ("low", "high"):
@@ -155,7 +176,8 @@ class LayerContrast(Potential):
         return _guided(view.log_p, self.premature(view), self.beta, self.plausibility)
 
     def __repr__(self) -> str:
-        return f"LayerContrast(layer={self.layer!r}, beta={self.beta:g})"
+        beta = repr(self.beta) if isinstance(self.beta, EntropyGate) else f"{self.beta:g}"
+        return f"LayerContrast(layer={self.layer!r}, beta={beta})"
 
 
 class Contrast(Potential):

@@ -2,6 +2,7 @@
 
 from smcdecode.samplers.ancestral import Ancestral
 from smcdecode.samplers.base import Sampler
+from smcdecode.samplers.pool import RolloutPool
 from smcdecode.samplers.resampling import SCHEMES, multinomial, residual, stratified, systematic
 from smcdecode.samplers.result import Result, Sample, Trace
 from smcdecode.samplers.smc import SMC, ess
@@ -11,6 +12,7 @@ __all__ = [
     "Ancestral",
     "SuffixMH",
     "SMC",
+    "RolloutPool",
     "Sampler",
     "Result",
     "Sample",

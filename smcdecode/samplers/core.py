@@ -92,6 +92,7 @@ class Decoder:
     def __init__(self, engine: Engine, req: Requirements, prompt_ids: list[list[int]], rows_per_prompt: int):
         self.engine = engine
         self.rows_per_prompt = rows_per_prompt
+        self.hidden = req.hidden
         specs: list[tuple[Engine, str | None, list[list[int]], tuple[int, ...]]] = [
             (engine, None, prompt_ids, tuple(sorted(req.layers)))
         ]
@@ -110,7 +111,7 @@ class Decoder:
         n = self.rows_per_prompt
         readouts: dict[str | None, Any] = {}
         for eng, key, ids, layers in self.specs:
-            batch, r = eng.prefill(ids, layers=layers)
+            batch, r = eng.prefill(ids, layers=layers, hidden=self.hidden and key is None)
             rep = torch.arange(len(ids), device=eng.device).repeat_interleave(n)
             eng.select(batch, rep)
             batch.shared = batch.valid.shape[1]  # a prompt's rows share the whole prefilled cache
@@ -143,6 +144,13 @@ class Decoder:
             s.engine.rollback(s.batch, torch.where(r, s.prompt_len + k - 1, big))
             tok = torch.where(k > 0, prev.to(s.engine.device), s.last_prompt_token)
             s.refeed_token = tok if s.refeed_token is None else torch.where(r, tok, s.refeed_token)
+
+    def bind(self, view: StepView) -> StepView:
+        """Attach ``recur`` for the main stream's current cache (every row at its last position)."""
+        if self.hidden:
+            main = self.streams[0]
+            view.recur = lambda h, span: main.engine.reapply(main.batch, h, span, main.batch.lengths - 1)
+        return view
 
     def restore_rows(self, rows: Tensor) -> None:
         for s in self.streams:
@@ -183,7 +191,7 @@ def _view(outs: dict[str | None, Readout]) -> StepView:
     """Main stream's readout (key None) plus the auxiliary streams' final log-probs."""
     main = outs[None]
     aux = {k: v.log_p.to(main.log_p.device) for k, v in outs.items() if k is not None}
-    return StepView(main.log_p, main.layers, aux)
+    return StepView(main.log_p, main.layers, aux, main.hidden)
 
 
 @dataclass
@@ -308,7 +316,7 @@ def extend(
         active = ~chains.ended & ~stopped & (chains.length < horizon)  # [B]
         if (step - start) % CHECK_EVERY == CHECK_EVERY - 1 and not bool(active.any()):
             break
-        view = chains.view
+        view = decoder.bind(chains.view)
         phi = problem.base_factor(view)  # [B, V] or None
         a_t = problem.alpha if anneal is None else anneal.at(step + 1)
         log_q_all = problem.proposal.log_q(view, lambda _v: None if phi is None else a_t * phi)

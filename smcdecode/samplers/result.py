@@ -18,6 +18,7 @@ class Sample:
     log_p: float  # base-model log-prob of tokens
     log_target: float | None  # unnormalised log π (None for samplers without a target)
     log_q: float = 0.0  # proposal log-prob of tokens, as stored at sampling time (last proposal)
+    meta: dict[str, Any] | None = None  # e.g. the RolloutPool cell that drew it
 
 
 class Trace:

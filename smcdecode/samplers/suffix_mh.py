@@ -71,8 +71,9 @@ class SuffixMH(Sampler):
                 horizon = (block * self.block_size).clamp(max=t_max)  # [B]
                 # 1. generating rows draw one token from q
                 live = ~done & ~refeed & ~prop.ended & (prop.length < horizon)
-                phi = problem.base_factor(prop.view)
-                log_q_all = problem.proposal.log_q(prop.view, lambda _v: None if phi is None else problem.alpha * phi)
+                view = decoder.bind(prop.view)
+                phi = problem.base_factor(view)
+                log_q_all = problem.proposal.log_q(view, lambda _v: None if phi is None else problem.alpha * phi)
                 tok, lq = sample(log_q_all, gen)
                 col = prop.length.clamp(max=t_max - 1)
                 lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]

@@ -171,7 +171,7 @@ def main() -> None:
     print_table(["sampler", "wall s", "time vs ancestral", "resampling events"], smc_rows)
     print(
         write_results(
-            "bench_samplers",
+            f"bench_samplers{args.tag}",
             {
                 "config": vars(args),
                 "description": cfg,

@@ -126,38 +126,6 @@ def main() -> None:
         ["smcdecode SuffixMH (batched, KV reuse)", f"{t_ours:.1f}", f"{t_ref / t_ours:.2f}x"],
     ]
 
-    if args.skip_smc:
-        print_table(["power sampler", "wall s", "speed-up"], mh_rows)
-        print(
-            write_results(
-                f"bench_samplers{args.tag}",
-                {
-                    "config": vars(args),
-                    "suffix_mh": {
-                        "reference_s": t_ref,
-                        "ours_s": t_ours,
-                        "speedup": t_ref / t_ours,
-                        "acceptance": acc,
-                        "counters": res.counters,
-                    },
-                },
-            )
-        )
-        return
-    anc = samplers.Ancestral(proposals.Tempered(temp), n=args.particles)
-    r_anc = anc.run(engine, prompts, max_new_tokens=args.max_new_tokens, seed=0, progress=False)
-    smc = samplers.SMC(targets.Power(args.alpha), proposals.Tempered(temp), particles=args.particles)
-    r_smc = smc.run(engine, prompts, max_new_tokens=args.max_new_tokens, seed=0, progress=False)
-    resamples = sum(sum(r["resampled"]) for r in r_smc.trace.of("step"))
-    smc_rows = [
-        [f"Ancestral(n={args.particles})", f"{r_anc.wall_time:.1f}", "1.00x", "-"],
-        [
-            f"SMC(particles={args.particles})",
-            f"{r_smc.wall_time:.1f}",
-            f"{r_smc.wall_time / r_anc.wall_time:.2f}x",
-            str(resamples),
-        ],
-    ]
     cfg = (
         f"{args.prompts} MATH-500 prompts, alpha={args.alpha:g}, proposal T={temp:g}, "
         f"max_new_tokens={args.max_new_tokens}, block_size={args.block_size}, steps={args.steps}"
@@ -168,29 +136,38 @@ def main() -> None:
         f"(SuffixMH acceptance {acc:.2f}; decode tokens {res.counters['decode_tokens']}, "
         f"prefill tokens {res.counters['prefill_tokens']})\n"
     )
-    print_table(["sampler", "wall s", "time vs ancestral", "resampling events"], smc_rows)
-    print(
-        write_results(
-            f"bench_samplers{args.tag}",
-            {
-                "config": vars(args),
-                "description": cfg,
-                "suffix_mh": {
-                    "reference_s": t_ref,
-                    "ours_s": t_ours,
-                    "speedup": t_ref / t_ours,
-                    "acceptance": acc,
-                    "counters": res.counters,
-                },
-                "smc": {
-                    "ancestral_s": r_anc.wall_time,
-                    "smc_s": r_smc.wall_time,
-                    "ratio": r_smc.wall_time / r_anc.wall_time,
-                    "resampling_events": resamples,
-                },
-            },
+    payload = {
+        "config": vars(args),
+        "description": cfg,
+        "suffix_mh": {
+            "reference_s": t_ref,
+            "ours_s": t_ours,
+            "speedup": t_ref / t_ours,
+            "acceptance": acc,
+            "counters": res.counters,
+        },
+    }
+    if not args.skip_smc:
+        anc = samplers.Ancestral(proposals.Tempered(temp), n=args.particles)
+        r_anc = anc.run(engine, prompts, max_new_tokens=args.max_new_tokens, seed=0, progress=False)
+        smc = samplers.SMC(targets.Power(args.alpha), proposals.Tempered(temp), particles=args.particles)
+        r_smc = smc.run(engine, prompts, max_new_tokens=args.max_new_tokens, seed=0, progress=False)
+        resamples = sum(sum(r["resampled"]) for r in r_smc.trace.of("step"))
+        ratio = r_smc.wall_time / r_anc.wall_time
+        print_table(
+            ["sampler", "wall s", "time vs ancestral", "resampling events"],
+            [
+                [f"Ancestral(n={args.particles})", f"{r_anc.wall_time:.1f}", "1.00x", "-"],
+                [f"SMC(particles={args.particles})", f"{r_smc.wall_time:.1f}", f"{ratio:.2f}x", str(resamples)],
+            ],
         )
-    )
+        payload["smc"] = {
+            "ancestral_s": r_anc.wall_time,
+            "smc_s": r_smc.wall_time,
+            "ratio": ratio,
+            "resampling_events": resamples,
+        }
+    print(write_results(f"bench_samplers{args.tag}", payload))
 
 
 if __name__ == "__main__":

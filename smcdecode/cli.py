@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="base vs low-temperature vs power sampling (MH, SMC) on the built-in task")
-    d.add_argument("--limit", type=int, default=60, help="number of problems (default 60)")
+    d.add_argument("--limit", type=int, default=150, help="number of problems (default 150)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--alpha", type=float, default=4.0)
     d.add_argument("--seed", type=int, default=0)

@@ -83,7 +83,7 @@ def format_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
 def run_demo(
     engine: Engine | None = None,
     *,
-    limit: int = 60,
+    limit: int = 150,
     out: str = "runs/demo",
     alpha: float = 4.0,
     seed: int = 0,

@@ -5,18 +5,43 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from smcdecode import diagnostics as D
 from smcdecode.samplers.result import Result
 
 
-def _plt():
+def figure(size: tuple[float, float] = (6, 3.5)) -> tuple[Any, Any]:
+    """A new (figure, axes) on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt.subplots(figsize=size)
+
+
+def finish(
+    fig: Any,
+    ax: Any,
+    path: str,
+    xlabel: str,
+    ylabel: str,
+    ylim: tuple[float, float] | None = None,
+    legend_size: int = 7,
+) -> str:
+    """Label, save as PNG and close."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_acceptance(results: Sequence[tuple[str, Result]], path: str) -> str | None:
@@ -24,18 +49,10 @@ def plot_acceptance(results: Sequence[tuple[str, Result]], path: str) -> str | N
     rows = [(n, a) for n, a in rows if a]
     if not rows:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure()
     for name, acc in rows:
         ax.plot(list(acc), list(acc.values()), marker="o", label=name)
-    ax.set_xlabel("block (MH) / step (SMC rejuvenation)")
-    ax.set_ylabel("acceptance rate")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, "block (MH) / step (SMC rejuvenation)", "acceptance rate", (0, 1))
 
 
 def plot_ess(results: Sequence[tuple[str, Result]], path: str) -> str | None:
@@ -43,38 +60,23 @@ def plot_ess(results: Sequence[tuple[str, Result]], path: str) -> str | None:
     rows = [row for row in rows if row[1].numel()]
     if not rows:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure()
     for name, ess, resampled, r in rows:
         n = len(r.samples[0]) if r.samples else 1
         mean = ess.mean(1) / n
         line = ax.plot(range(len(mean)), mean, label=f"{name} (mean over prompts)")[0]
         marks = resampled.any(1).nonzero().view(-1).tolist()
         ax.scatter(marks, [float(mean[i]) for i in marks], marker="v", color=line.get_color(), s=14)
-    ax.set_xlabel("SMC step")
-    ax.set_ylabel("ESS / N  (▼ = resampling)")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, "SMC step", "ESS / N  (▼ = resampling)", (0, 1.05))
 
 
 def plot_loglik(results: Sequence[tuple[str, Result]], path: str) -> str | None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure()
     for name, r in results:
         vals = D.per_token_log_likelihood(r)
         if vals:
             ax.hist(vals, bins=30, alpha=0.5, label=name)
-    ax.set_xlabel("per-token log-likelihood log p(x)/|x|")
-    ax.set_ylabel("samples")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, "per-token log-likelihood log p(x)/|x|", "samples")
 
 
 def plot_all(results: Sequence[tuple[str, Result]], out_dir: str) -> list[str]:

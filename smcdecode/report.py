@@ -78,27 +78,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> str:
-    import matplotlib
+    from smcdecode.plots import figure, finish
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure((6, 4))
     for r in rows:
         lo, hi = r["ci"]
+        err = [[r["accuracy"] - lo], [hi - r["accuracy"]]]
         ax.errorbar(
-            [r["tokens"]],
-            [r["accuracy"]],
-            yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]],
-            fmt="o",
-            capsize=3,
-            label=f"{r['task']}: {r['method']}"[:60],
+            [r["tokens"]], [r["accuracy"]], yerr=err, fmt="o", capsize=3, label=f"{r['task']}: {r['method']}"[:60]
         )
-    ax.set_xlabel("generated tokens per problem")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, "generated tokens per problem", "accuracy", (0, 1), legend_size=6)

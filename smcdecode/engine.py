@@ -463,7 +463,7 @@ class Engine:
         readout = Readout(
             torch.cat([r.log_p for _, r in parts]),
             {k: torch.cat([r.layers[k] for _, r in parts]) for k in parts[0][1].layers},
-            torch.cat(hs) if all(h is not None for h in hs) else None,  # type: ignore[misc]
+            torch.cat([h for h in hs if h is not None]) if all(h is not None for h in hs) else None,
         )
         return batch, readout
 

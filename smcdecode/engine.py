@@ -14,8 +14,8 @@ inside the new block). Consequences:
 
 * ragged prompts are left-padded columns with ``valid = False``;
 * per-row rollback to different lengths is ``valid &= pos < new_length``: O(B·S), no copy;
-* a rejected MH proposal is undone by restoring the old ``valid`` (the old suffix's KV was never
-  overwritten): :meth:`Engine.mark` / :meth:`Engine.merge`;
+* a rejected MH proposal is undone by restoring the row's old ``valid`` (the old suffix's KV was
+  never overwritten): :meth:`Engine.save_rows` / :meth:`Engine.restore_rows`;
 * dead columns are removed by :meth:`Engine.compact`, a gather that left-pads each row's live
   columns; it runs automatically when more than half of the columns are dead.
 
@@ -104,15 +104,6 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.valid.shape[0])
-
-
-@dataclass
-class Mark:
-    """Snapshot of a batch's column bookkeeping, for undoing a speculative extension."""
-
-    valid: Tensor
-    lengths: Tensor
-    columns: int
 
 
 def _growable_cache() -> Any:
@@ -541,18 +532,6 @@ class Engine:
         lengths = lengths.to(self.device)
         batch.valid = batch.valid & (batch.pos < lengths[:, None])
         batch.lengths = torch.minimum(batch.lengths, lengths)
-
-    def mark(self, batch: Batch) -> Mark:
-        return Mark(batch.valid.clone(), batch.lengths.clone(), batch.valid.shape[1])
-
-    def merge(self, batch: Batch, mark: Mark, keep_new: Tensor) -> None:
-        """For rows where ``keep_new`` is False, return to the state saved in ``mark`` (columns
-        written since then become dead). No compaction may happen between mark and merge."""
-        s = batch.valid.shape[1]
-        old = torch.nn.functional.pad(mark.valid, (0, s - mark.columns), value=False)
-        k = keep_new.to(self.device)
-        batch.valid = torch.where(k[:, None], batch.valid, old)
-        batch.lengths = torch.where(k, batch.lengths, mark.lengths)
 
     def compact(self, batch: Batch, force: bool = False) -> bool:
         """Drop dead columns: gather each row's live columns, left-padded. Synchronises once."""

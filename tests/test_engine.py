@@ -49,15 +49,15 @@ def test_cached_decode_matches_uncached_forward_through_select_and_rollback(mode
             assert engine.compact(batch, force=True)
 
 
-def test_mark_merge_restores_rejected_rows():
+def test_restore_rows_returns_rejected_rows_to_their_snapshot():
     model = tiny_llama()
     engine = Engine(model, eos_token_ids=[0])
     batch, _ = engine.prefill([[1, 2], [3, 4, 2]])
     engine.decode(batch, torch.tensor([3, 3]))
-    mark = engine.mark(batch)
+    engine.save_rows(batch, torch.tensor([True, True]))
     engine.rollback(batch, torch.tensor([1, 2]))
     engine.decode(batch, torch.tensor([4, 1]))
-    engine.merge(batch, mark, torch.tensor([True, False]))
+    engine.restore_rows(batch, torch.tensor([False, True]))
     out = engine.decode(batch, torch.tensor([2, 2]))
     torch.testing.assert_close(out.log_p[0], reference_log_p(model, [1, 4, 2]), atol=ATOL, rtol=0)
     torch.testing.assert_close(out.log_p[1], reference_log_p(model, [3, 4, 2, 3, 2]), atol=ATOL, rtol=0)

@@ -22,12 +22,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcdecode.engine import Engine, Mark, Readout
+from smcdecode.engine import Engine, Readout
 from smcdecode.errors import ArgumentError
 from smcdecode.proposals.base import Proposal, sample
 from smcdecode.targets.base import Potential, Requirements, Sequences, StepView
 
 CHECK_EVERY = 8  # decode steps between host checks of "are all rows finished?"
+
+
+@dataclass
+class Drawn:
+    """One token drawn per row with its per-token scalars (all [B])."""
+
+    tokens: Tensor
+    log_q: Tensor  # of the distribution actually sampled from
+    log_phi: Tensor  # base token factor
+    log_p: Tensor  # model log-prob
 
 
 @dataclass
@@ -70,6 +80,21 @@ class Chains:
 
     def sum_log_p(self) -> Tensor:
         return (self.log_p * self.positions()).sum(1)
+
+    def append(self, active: Tensor, step: Drawn, eos: Tensor) -> None:
+        """Write the drawn token of every ``active`` row at its next position, in place."""
+        rows = torch.arange(self.length.shape[0], device=self.length.device)
+        col = self.length.clamp(max=self.tokens.shape[1] - 1)
+        for name, val in (
+            ("tokens", step.tokens),
+            ("log_q", step.log_q),
+            ("log_phi", step.log_phi),
+            ("log_p", step.log_p),
+        ):
+            arr = getattr(self, name)
+            arr[rows, col] = torch.where(active, val, arr[rows, col])
+        self.length = self.length + active.long()
+        self.ended = self.ended | (active & eos)
 
     def token_lists(self) -> list[list[int]]:
         toks, lens = self.tokens.tolist(), self.length.tolist()
@@ -163,25 +188,6 @@ class Decoder:
             s.engine.select(s.batch, i, within_groups=True)
             s.prompt_len, s.last_prompt_token = s.prompt_len[i], s.last_prompt_token[i]
 
-    def refeed(self, keep: Tensor, tokens: Tensor) -> StepView:
-        """Roll every row back to prompt + its first ``keep[b]`` generated tokens and return the
-        next-token readouts there (one decode step: the last kept token is fed again)."""
-        for s in self.streams:
-            s.engine.rollback(s.batch, s.prompt_len + keep.to(s.engine.device) - 1)
-        prev = tokens.gather(1, (keep - 1).clamp_min(0)[:, None])[:, 0]
-        outs: dict[str | None, Readout] = {}
-        for s in self.streams:
-            tok = torch.where(keep.to(s.engine.device) > 0, prev.to(s.engine.device), s.last_prompt_token)
-            outs[s.key] = s.engine.decode(s.batch, tok)
-        return _view(outs)
-
-    def mark(self) -> list[Mark]:
-        return [s.engine.mark(s.batch) for s in self.streams]
-
-    def merge(self, marks: list[Mark], keep_new: Tensor) -> None:
-        for s, m in zip(self.streams, marks):
-            s.engine.merge(s.batch, m, keep_new)
-
     def compact(self) -> None:
         for s in self.streams:
             s.engine.compact(s.batch)
@@ -221,6 +227,14 @@ class Problem:
 
     def base_factor(self, view: StepView) -> Tensor | None:
         return None if self.base is None else self.base.token_log_factor(view)
+
+    def draw(self, view: StepView, alpha: float) -> Drawn:
+        """Draw x_t ~ q_t for every row; q may use the target's factor α·φ (LocallyOptimal)."""
+        phi = self.base_factor(view)  # [B, V] or None
+        log_q_all = self.proposal.log_q(view, lambda _v: None if phi is None else alpha * phi)
+        tok, lq = sample(log_q_all, self.generator)  # [B], [B]
+        lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
+        return Drawn(tok, lq, lphi, view.log_p.gather(1, tok[:, None])[:, 0])
 
     def sequences(self, chains: Chains, rows: list[int] | None = None) -> Sequences:
         toks = chains.token_lists()
@@ -305,8 +319,6 @@ def extend(
     where α_t = ``anneal.at(t)`` (t = 1-based step; rows are token-synchronous) or the constant
     α; the last term (annealing) applies to every row, finished ones included."""
     t_max = problem.max_new_tokens
-    b = chains.length.shape[0]
-    rows = torch.arange(b, device=chains.length.device)
     todo = ~chains.ended & (chains.length < horizon)
     if not bool(todo.any()):  # one sync per extension
         return
@@ -316,24 +328,16 @@ def extend(
         active = ~chains.ended & ~stopped & (chains.length < horizon)  # [B]
         if (step - start) % CHECK_EVERY == CHECK_EVERY - 1 and not bool(active.any()):
             break
-        view = decoder.bind(chains.view)
-        phi = problem.base_factor(view)  # [B, V] or None
+        view = chains.view
         a_t = problem.alpha if anneal is None else anneal.at(step + 1)
-        log_q_all = problem.proposal.log_q(view, lambda _v: None if phi is None else a_t * phi)
-        tok, lq = sample(log_q_all, problem.generator)  # [B], [B]
-        lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
-        lp = view.log_p.gather(1, tok[:, None])[:, 0]
-        col = chains.length.clamp(max=t_max - 1)
-        for name, val in (("tokens", tok), ("log_q", lq), ("log_phi", lphi), ("log_p", lp)):
-            arr = getattr(chains, name)
-            arr[rows, col] = torch.where(active, val, arr[rows, col])
+        drawn = problem.draw(decoder.bind(view), a_t)
+        tok = drawn.tokens
         if log_w is not None:
             if anneal is not None:
                 log_w += (a_t - anneal.current) * chains.sum_log_phi()  # before this token is counted
                 anneal.current = a_t
-            log_w += torch.where(active, a_t * lphi - lq, torch.zeros_like(lq))
-        chains.length = chains.length + active.long()
-        chains.ended = chains.ended | (active & problem.engine.is_eos(tok))
+            log_w += torch.where(active, a_t * drawn.log_phi - drawn.log_q, torch.zeros_like(drawn.log_q))
+        chains.append(active, drawn, problem.engine.is_eos(tok))
         if problem.stop_tokens is not None:
             stopped = stopped | (active & problem.stop_tokens[tok])
         feed = active & ~chains.ended & (chains.length < t_max)
@@ -390,16 +394,16 @@ def mh_move(
     distribution at i) and no prefill; a rejected row returns to its old cache columns."""
     decoder.compact()
     old = chains.clone()
-    marks = decoder.mark()
     n = chains.length
     u = torch.rand(n.shape, generator=problem.generator, device=n.device)
     i = (u * n).long().clamp(max=n - 1)  # [B]
+    everyone = torch.ones_like(chains.ended)
+    decoder.start_moves(everyone, i, chains.tokens)
     prop = chains.clone()
-    prop.view = decoder.refeed(i, chains.tokens)
+    prop.view = decoder.decode(torch.zeros_like(i), everyone, refeed=everyone)
     prop.length = i
     prop.ended = torch.zeros_like(chains.ended)
     extend(problem, decoder, prop, horizon)
-    everyone = torch.ones_like(prop.ended)
     problem.update_psi(prop, everyone, partial_ok=False)
     log_a = mh_log_accept(
         problem.log_target(prop, alpha),
@@ -411,7 +415,7 @@ def mh_move(
     )
     v = torch.rand(n.shape, generator=problem.generator, device=n.device)
     accept = torch.log(v) < log_a
-    decoder.merge(marks, accept)
+    decoder.restore_rows(~accept)
     info = MoveInfo(accept, i, log_a, old.length, prop.length)
     return prop.where(accept, old), info
 

@@ -28,7 +28,7 @@ import torch
 
 from smcdecode.engine import Engine
 from smcdecode.errors import ArgumentTypeError, check_int
-from smcdecode.proposals.base import Proposal, sample
+from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler, bar, collect
 from smcdecode.samplers.core import CHECK_EVERY, make_problem, mh_log_accept, start_chains, suffix_log_q
 from smcdecode.samplers.result import Result, Trace
@@ -71,18 +71,9 @@ class SuffixMH(Sampler):
                 horizon = (block * self.block_size).clamp(max=t_max)  # [B]
                 # 1. generating rows draw one token from q
                 live = ~done & ~refeed & ~prop.ended & (prop.length < horizon)
-                view = decoder.bind(prop.view)
-                phi = problem.base_factor(view)
-                log_q_all = problem.proposal.log_q(view, lambda _v: None if phi is None else problem.alpha * phi)
-                tok, lq = sample(log_q_all, gen)
-                col = prop.length.clamp(max=t_max - 1)
-                lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
-                lp = prop.view.log_p.gather(1, tok[:, None])[:, 0]
-                for name, val in (("tokens", tok), ("log_q", lq), ("log_phi", lphi), ("log_p", lp)):
-                    arr = getattr(prop, name)
-                    arr[rows, col] = torch.where(live, val, arr[rows, col])
-                prop.length = prop.length + live.long()
-                prop.ended = prop.ended | (live & engine.is_eos(tok))
+                drawn = problem.draw(decoder.bind(prop.view), problem.alpha)
+                tok = drawn.tokens
+                prop.append(live, drawn, engine.is_eos(tok))
                 # 2. one forward: sampled tokens of unfinished rows, refed tokens of rows starting a move
                 feed = (live & ~prop.ended & (prop.length < t_max)) | refeed
                 prop.view = decoder.decode(tok, feed, refeed).where(feed, prop.view)

@@ -235,3 +235,44 @@ def test_suffix_mh_kernel_leaves_the_target_exactly_invariant(engine, name):
     # without the index-selection term log|x| − log|x'| (the reference code) π is not invariant
     biased = suffix_mh_kernel(ex, drop_length_term=True)
     assert float((pi @ biased - pi).abs().sum()) > 1e-4  # 100x the float error above
+
+
+def test_prefix_reward_twist_keeps_smc_exact_and_unbiased(engine):
+    """Reward(prefix=True): r on partial sequences is a twist at block boundaries, replaced by
+    the final value at completion, so the target (and Z) are those of the plain reward."""
+
+    def r(prompt, continuation):
+        return 0.8 * sum(1 for t in continuation if t == 2) - 0.3 * len(continuation)
+
+    twisted = T.Power(2) * T.Reward(r, prefix=True)
+    plain = T.Power(2) * T.Reward(r)
+    ex = exact(engine, plain, PROMPT, MAX_NEW, proposal=Q.Tempered(1.0))
+    torch.testing.assert_close(exact(engine, twisted, PROMPT, MAX_NEW).log_target, ex.log_target)
+    res = S.SMC(twisted, Q.Tempered(1.0), particles=4000, ess_threshold=0.7).run(
+        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=8
+    )
+    w = torch.tensor([s.log_weight for s in res.samples[0]]).exp()
+    h = weighted_histogram(res.samples[0], ex.index(), len(ex.sequences))
+    assert 0.5 * float((h - ex.probs).abs().sum()) < tv_tolerance(ex.probs, 1.0 / float((w * w).sum()))
+    reps = 300
+    res = S.SMC(twisted, Q.Tempered(1.0), particles=8, ess_threshold=0.9).run(
+        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=3
+    )
+    ratio = torch.tensor(res.log_evidence, dtype=torch.float64).sub(ex.log_z).exp()
+    assert abs(float(ratio.mean()) - 1.0) < 3 * float(ratio.std()) / math.sqrt(reps) + 1e-9
+
+
+def test_smc_steps_up_to_a_delimiter_are_exact():
+    from smcdecode.testing import CharTokenizer
+
+    eng = Engine(tiny_llama(vocab=5, layers=2, seed=1), tokenizer=CharTokenizer("abcd"), eos_token_ids=[0])
+    target = T.Power(3)
+    ex = exact(eng, target, PROMPT, MAX_NEW, proposal=Q.Tempered(1.0))
+    res = S.SMC(target, Q.Tempered(1.0), particles=4000, delimiter="b", ess_threshold=0.8).run(
+        eng, [PROMPT], max_new_tokens=MAX_NEW, seed=6
+    )
+    steps = res.trace.of("step")
+    assert len(steps) >= 2  # the delimiter 'b' (id 2) split generation into several steps
+    w = torch.tensor([s.log_weight for s in res.samples[0]]).exp()
+    h = weighted_histogram(res.samples[0], ex.index(), len(ex.sequences))
+    assert 0.5 * float((h - ex.probs).abs().sum()) < tv_tolerance(ex.probs, 1.0 / float((w * w).sum()))

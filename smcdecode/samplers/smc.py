@@ -84,9 +84,9 @@ class SMC(Sampler):
             return None
         if engine.tokenizer is None:
             raise ArgumentError("delimiter", "a delimiter needs an engine with a tokenizer")
-        texts = engine.tokenizer.convert_ids_to_tokens(list(range(engine.vocab_size)))
-        pieces = [engine.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
-        return torch.tensor([self.delimiter in p for p in pieces], device=engine.device)
+        mask = torch.zeros(engine.vocab_size, dtype=torch.bool, device=engine.device)
+        mask[engine.token_ids_containing(self.delimiter)] = True
+        return mask
 
     def _run(self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool) -> Result:
         n = self.particles

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from smcdecode.demo import format_table
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -25,12 +27,7 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def print_table(header: list[str], rows: list[list[Any]]) -> None:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in cells:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    print(format_table([[str(c) for c in r] for r in rows], header))
 
 
 def write_results(name: str, payload: dict[str, Any]) -> str:

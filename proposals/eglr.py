@@ -22,20 +22,11 @@ from smcdecode.proposals.base import Proposal, TargetFactor
 from smcdecode.targets.base import Requirements, StepView
 from torch import Tensor
 
+from smcdecode.distributions import entropy, kl
 from smcdecode.errors import ArgumentError, check_finite, check_finite_positive, check_int
 
 if TYPE_CHECKING:
     from smcdecode.engine import Engine
-
-
-def entropy(log_p: Tensor) -> Tensor:
-    """H(p) in nats along the last dim."""
-    return -(log_p.exp() * log_p).nan_to_num(0.0).sum(-1)
-
-
-def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p ‖ q) in nats along the last dim."""
-    return (log_p.exp() * (log_p - log_q)).nan_to_num(0.0).sum(-1)
 
 
 class EGLR(Proposal):

@@ -17,6 +17,7 @@ from smcdecode.samplers.result import Result
 
 
 def weight_ess(log_w: Tensor, dim: int = -1) -> Tensor:
+    """Effective sample size 1 / Σ W² of normalised weights along ``dim``."""
     w = torch.softmax(log_w, dim=dim)
     return 1.0 / (w * w).sum(dim)
 

@@ -81,11 +81,6 @@ class Readout:
             h,
         )
 
-    def position(self, j: int) -> Readout:
-        """For a ``[B, Q, V]`` readout, the ``[B, V]`` readout at position ``j``."""
-        h = None if self.hidden is None else self.hidden[:, j]
-        return Readout(self.log_p[:, j], {k: v[:, j] for k, v in self.layers.items()}, h)
-
 
 @dataclass
 class Batch:

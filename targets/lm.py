@@ -29,6 +29,7 @@ from smcdecode.targets.base import (
 )
 from torch import Tensor
 
+from smcdecode.distributions import entropy, js_divergence
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, check_finite_positive
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class EntropyGate:
 
     def __call__(self, log_p_final: Tensor) -> Tensor:
         """β per row, [B, 1], from the final-layer log-probs [B, V]."""
-        h = -(log_p_final.exp() * log_p_final).nan_to_num(0.0).sum(-1, keepdim=True)
+        h = entropy(log_p_final)[:, None]
         return torch.where(h > self.threshold, torch.tensor(self.above), torch.tensor(self.below)).to(log_p_final)
 
     def __repr__(self) -> str:
@@ -92,14 +93,6 @@ def dola_candidates(num_layers: int, bucket: str) -> list[int]:
     if bucket == "high":
         return list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
     raise ArgumentError("candidates", f"unknown preset {bucket!r}; use 'low', 'high' or a list of layers")
-
-
-def js_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Jensen–Shannon divergence between the distributions along the last dim (nats)."""
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-    kl_pm = (log_p.exp() * (log_p - log_m)).nan_to_num(0.0).sum(-1)
-    kl_qm = (log_q.exp() * (log_q - log_m)).nan_to_num(0.0).sum(-1)
-    return 0.5 * (kl_pm + kl_qm)
 
 
 def _guided(log_p: Tensor, other: Tensor, beta: float | EntropyGate, plausibility: float | None) -> Tensor:

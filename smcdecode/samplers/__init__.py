@@ -1,11 +1,12 @@
 """Samplers: ``run(engine, prompts, *, max_new_tokens, seed) -> Result``."""
 
+from smcdecode.diagnostics import weight_ess as ess
 from smcdecode.samplers.ancestral import Ancestral
 from smcdecode.samplers.base import Sampler
 from smcdecode.samplers.pool import RolloutPool
 from smcdecode.samplers.resampling import SCHEMES, multinomial, residual, stratified, systematic
 from smcdecode.samplers.result import Result, Sample, Trace
-from smcdecode.samplers.smc import SMC, ess
+from smcdecode.samplers.smc import SMC
 from smcdecode.samplers.suffix_mh import SuffixMH
 
 __all__ = [

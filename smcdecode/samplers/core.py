@@ -420,7 +420,7 @@ def mh_move(
     return prop.where(accept, old), info
 
 
-def check_run_args(prompts: Any, max_new_tokens: int, seed: int) -> None:
+def check_run_args(max_new_tokens: int, seed: int) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ArgumentError("max_new_tokens", f"must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -436,7 +436,7 @@ def make_problem(
     max_new_tokens: int,
     seed: int,
 ) -> Problem:
-    check_run_args(prompts, max_new_tokens, seed)
+    check_run_args(max_new_tokens, seed)
     ids = engine.encode(prompts)
     for k, p in enumerate(ids):
         if len(p) + max_new_tokens > engine.max_positions:

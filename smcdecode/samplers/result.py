@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,7 +92,3 @@ class Result:
     def load(cls, path: str) -> Result:
         with open(path) as f:
             return cls.from_dict(json.load(f))
-
-
-def uniform_log_weight(n: int) -> float:
-    return -math.log(n)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from smcdecode.diagnostics import weight_ess
 from smcdecode.engine import Engine
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
@@ -29,12 +30,6 @@ from smcdecode.samplers.core import Anneal, extend, logmeanexp, make_problem, mh
 from smcdecode.samplers.resampling import SCHEMES
 from smcdecode.samplers.result import Result, Trace
 from smcdecode.targets.base import Potential
-
-
-def ess(log_w: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Effective sample size 1 / Σ W² of normalised weights along ``dim``."""
-    w = torch.softmax(log_w, dim=dim)
-    return 1.0 / (w * w).sum(dim)
 
 
 class SMC(Sampler):
@@ -118,7 +113,7 @@ class SMC(Sampler):
                 incr += torch.where(~done, problem.alpha * (chains.log_psi - psi_before), torch.zeros_like(incr))
                 log_w += incr
                 group = log_w.view(-1, n)
-                ess_g = ess(group)  # [P]
+                ess_g = weight_ess(group)  # [P]
                 resample = ess_g < self.ess_threshold * n  # [P]
                 any_resample = bool(resample.any())  # one sync per block: skip the KV copy when possible
                 idx = torch.arange(n, device=engine.device).expand(group.shape[0], n)

@@ -1,0 +1,25 @@
+"""Divergences and entropy of categorical distributions given as log-probs (last dim), in nats:
+
+H(p) = −Σ p log p,   KL(p ‖ q) = Σ p (log p − log q),   JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m),
+m = (p + q) / 2.   Terms with p = 0 contribute 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def entropy(log_p: Tensor) -> Tensor:
+    return -(log_p.exp() * log_p).nan_to_num(0.0).sum(-1)
+
+
+def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    return (log_p.exp() * (log_p - log_q)).nan_to_num(0.0).sum(-1)
+
+
+def js_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    return 0.5 * (kl(log_p, log_m) + kl(log_q, log_m))

@@ -393,7 +393,7 @@ def mh_move(
     The kept prefix's KV is reused: the move costs |y| decode tokens (plus one to re-read the
     distribution at i) and no prefill; a rejected row returns to its old cache columns."""
     decoder.compact()
-    old = chains.clone()
+    old = chains  # not modified below: the proposal grows in its own copy
     n = chains.length
     u = torch.rand(n.shape, generator=problem.generator, device=n.device)
     i = (u * n).long().clamp(max=n - 1)  # [B]

@@ -21,6 +21,7 @@ same sequence of operations as a chain run alone, so the law of each chain is un
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -120,9 +121,10 @@ class SuffixMH(Sampler):
                 i = torch.minimum(i, (cur.length - 1).clamp_min(0))
                 index = torch.where(start_move, i, index)
                 decoder.start_moves(start_move, index, cur.tokens)
-                fresh = cur.clone()
-                fresh.length = torch.where(start_move, index, cur.length)
-                fresh.ended = cur.ended & ~start_move
+                # `where` builds new tensors, so sharing cur's other fields here aliases nothing
+                fresh = dataclasses.replace(
+                    cur, length=torch.where(start_move, index, cur.length), ended=cur.ended & ~start_move
+                )
                 prop = fresh.where(start_ext | start_move, prop)
                 moving = torch.where(start_move, True, torch.where(start_ext, False, moving))
                 refeed = start_move

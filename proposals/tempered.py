@@ -17,6 +17,8 @@ from torch import Tensor
 
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, check_finite_positive
 
+NORMAL_MIN_LOG = math.log(torch.finfo(torch.float32).tiny)
+
 
 def truncate(log_q: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
     """Apply top-k then top-p to normalised log q [B, V] and renormalise."""
@@ -26,7 +28,9 @@ def truncate(log_q: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
         log_q = torch.log_softmax(log_q, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_lq, order = log_q.sort(dim=-1, descending=True)
-        mass_before = sorted_lq.exp().cumsum(-1) - sorted_lq.exp()  # mass of strictly better tokens
+        # below log(float32 tiny) exp would land in denormals, which are ~20x slower: count as 0
+        prob = sorted_lq.masked_fill(sorted_lq < NORMAL_MIN_LOG, -math.inf).exp()
+        mass_before = prob.cumsum(-1) - prob  # mass of strictly better tokens
         drop_sorted = mass_before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         log_q = torch.log_softmax(log_q.masked_fill(drop, -math.inf), dim=-1)

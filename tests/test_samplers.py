@@ -153,9 +153,46 @@ def test_ancestral_samples_follow_the_proposal(engine):
     assert res.log_evidence == [None, None]
 
 
+def test_coupled_proposal_follows_q(engine):
+    """A move's proposal, drawn coupled with the current suffix (keep x_j with probability
+    q(x_j | x_<j), then draw y_j ≠ x_j), has exactly the law q(· | x_<i) for a fixed x and i."""
+    from smcdecode.samplers.core import extend, make_problem, propose, start_chains
+
+    n, proposal = 4000, Q.Tempered(1.0)
+    problem = make_problem(engine, [PROMPT], None, proposal, n, MAX_NEW, seed=11)
+    decoder, chains = start_chains(problem)
+    extend(problem, decoder, chains, MAX_NEW)
+    first = int(torch.nonzero(chains.length == MAX_NEW)[0])  # a current state with no EOS
+    rows = torch.full((n,), first, dtype=torch.long)
+    decoder.select(rows)
+    chains = chains.index_select(rows)
+    x = tuple(chains.tokens[0].tolist())
+    ex = exact(engine, None, PROMPT, MAX_NEW, proposal=proposal)
+    for i in (0, 1):
+        prop, keep = propose(problem, decoder, chains, torch.full((n,), i), MAX_NEW)
+        decoder.restore_rows(torch.ones(n, dtype=torch.bool))
+        assert bool((keep > i).any()) and bool((keep < MAX_NEW).any())  # both paths were taken
+        cond = torch.tensor([float(q) if s[:i] == x[:i] else 0.0 for s, q in zip(ex.sequences, ex.q_probs)])
+        cond = cond / cond.sum()
+        samples = [tuple(t) for t in prop.token_lists()]
+        c = torch.zeros(len(ex.sequences), dtype=torch.float64)
+        for s in samples:
+            c[ex.index()[s]] += 1
+        assert chi2_pvalue(c, cond) > 1e-3
+        # the stored log q are q's own, not those of the conditioned first draw
+        for r in range(50):
+            lq = float(prop.log_q[r, i : len(samples[r])].sum())
+            assert math.isclose(lq, math.log(float(cond[ex.index()[samples[r]]])), abs_tol=1e-4)
+        # power: without the conditioning y_j ≠ x_j the law of "y = x_≥i" would be q(2 − q) per token
+        p_same = float(cond[ex.index()[x]])
+        frac_same = sum(s == x for s in samples) / n
+        assert abs(frac_same - p_same) < 4 * math.sqrt(p_same * (1 - p_same) / n)
+
+
 def test_mh_move_costs_regenerated_tokens_and_no_prefill(engine):
-    """With one block (horizon = max_new_tokens) a move feeds exactly |x'| − i tokens (x_{i−1} fed
-    again, then y except its final token); the initial extension feeds |x0| − 1; no prefill."""
+    """With one block (horizon = max_new_tokens) a move that leaves x at j = i + reused feeds
+    exactly |x'| − j tokens (x_{j−1} fed again, then y except its final token), none when it never
+    leaves x; the initial extension feeds |x0| − 1; no prefill."""
     engine.reset_counters()
     prompts = [PROMPT, [3, 1, 4]]
     res = S.SuffixMH(T.Power(2), Q.Tempered(1.0), chains=3, block_size=MAX_NEW, steps=6).run(
@@ -163,13 +200,54 @@ def test_mh_move_costs_regenerated_tokens_and_no_prefill(engine):
     )
     moves = res.trace.of("move")
     assert len(moves) == 6 and all(len(m["accepted"]) == 6 for m in moves)
-    regenerated = sum(n - i for m in moves for n, i in zip(m["new_length"], m["index"]))
+    regenerated = sum(
+        n - i - r for m in moves for n, i, r in zip(m["new_length"], m["index"], m["reused"], strict=True)
+    )
+    reused = [r for m in moves for r in m["reused"]]
+    assert min(reused) >= 0 and sum(reused) > 0
     (extension,) = res.trace.of("extend")
     assert extension["old_length"] == [0] * 6 and all(n >= 1 for n in extension["new_length"])
     first_draw = sum(n - 1 for n in extension["new_length"])
     c = res.counters
     assert c["prefill_tokens"] == len(PROMPT) + 3  # each prompt prefilled once, its chains share it
     assert c["decode_tokens"] == first_draw + regenerated
+
+
+def test_suffix_mh_drops_finished_chains_and_returns_rows_in_order(engine):
+    """Finished chains leave the batch; every sample still belongs to its own prompt (its log p
+    and its prompt-dependent reward are those of that prompt)."""
+
+    def by_prompt(prompt, continuation):
+        return 0.4 * len(continuation) * (1.0 if prompt[0] == 1 else -1.0)
+
+    target = T.Power(2) * T.Reward(by_prompt)
+    prompts = [PROMPT, [3, 1, 4]]
+    res = S.SuffixMH(target, Q.Tempered(1.0), chains=40, block_size=1, steps=4).run(
+        engine, prompts, max_new_tokens=MAX_NEW, seed=2
+    )
+    sizes = [r["rows"] for r in res.trace.of("shrink")]
+    assert sizes and sizes == sorted(sizes, reverse=True) and sizes[0] < 80
+    for k, p in enumerate(prompts):
+        ex = exact(engine, target, p, MAX_NEW)
+        assert len(res.samples[k]) == 40
+        for s in res.samples[k]:
+            i = ex.index()[tuple(s.tokens)]
+            assert math.isclose(s.log_p, float(ex.log_p[i]), abs_tol=1e-4)
+            assert math.isclose(s.log_target, float(ex.log_target[i]), abs_tol=1e-4)
+
+
+def test_rejuvenation_under_annealing_proposes_with_the_annealed_q(engine):
+    """With q ∝ φ^α_t (LocallyOptimal under anneal) a rejuvenation move must propose token t with
+    the α_t it was first drawn with, or its reverse proposal is wrong; with that fixed SMC is exact
+    (drawing every token with the final α instead leaves a TV of ~0.017 here, above the bound)."""
+    target = T.Power(3)
+    ex = exact(engine, target, PROMPT, MAX_NEW)
+    sampler = S.SMC(target, Q.LocallyOptimal(), particles=16000, ess_threshold=1.0, anneal=3, rejuvenate=3)
+    res = sampler.run(engine, [PROMPT], max_new_tokens=MAX_NEW, seed=0)
+    w = torch.tensor([s.log_weight for s in res.samples[0]]).exp()
+    h = weighted_histogram(res.samples[0], ex.index(), len(ex.sequences))
+    assert res.trace.of("move")
+    assert 0.5 * float((h - ex.probs).abs().sum()) < tv_tolerance(ex.probs, 1.0 / float((w * w).sum()))
 
 
 def test_same_seed_same_samples(engine):

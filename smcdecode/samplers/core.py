@@ -96,6 +96,12 @@ class Chains:
         self.length = self.length + active.long()
         self.ended = self.ended | (active & eos)
 
+    def put(self, ids: Tensor, other: Chains) -> None:
+        """Rows ``ids`` of self become ``other``'s rows, in place (the view is left as it is)."""
+        for f in fields(self):
+            if f.name != "view":
+                getattr(self, f.name)[ids] = getattr(other, f.name)
+
     def token_lists(self) -> list[list[int]]:
         toks, lens = self.tokens.tolist(), self.length.tolist()
         return [t[:n] for t, n in zip(toks, lens)]
@@ -177,6 +183,15 @@ class Decoder:
             view.recur = lambda h, span: main.engine.reapply(main.batch, h, span, main.batch.lengths - 1)
         return view
 
+    def keep_rows(self, idx: Tensor) -> None:
+        """Keep only rows ``idx`` (long [B']) of every stream, in that order (drop finished chains)."""
+        for s in self.streams:
+            i = idx.to(s.engine.device)
+            s.engine.select(s.batch, i)
+            s.prompt_len, s.last_prompt_token = s.prompt_len[i], s.last_prompt_token[i]
+            if s.refeed_token is not None:
+                s.refeed_token = s.refeed_token[i]
+
     def restore_rows(self, rows: Tensor) -> None:
         for s in self.streams:
             s.engine.restore_rows(s.batch, rows.to(s.engine.device))
@@ -228,22 +243,28 @@ class Problem:
     def base_factor(self, view: StepView) -> Tensor | None:
         return None if self.base is None else self.base.token_log_factor(view)
 
-    def draw(self, view: StepView, alpha: float) -> Drawn:
-        """Draw x_t ~ q_t for every row; q may use the target's factor α·φ (LocallyOptimal)."""
+    def draw(self, view: StepView, alpha: float | Tensor, exclude: Tensor | None = None) -> Drawn:
+        """Draw x_t ~ q_t for every row; q may use the target's factor α·φ (LocallyOptimal;
+        ``alpha`` a float or one per row, [B]). Rows with ``exclude[b]`` ≥ 0 draw from q
+        conditioned on x_t ≠ exclude[b] (see :func:`divergence`); log q is always q's own."""
         phi = self.base_factor(view)  # [B, V] or None
-        log_q_all = self.proposal.log_q(view, lambda _v: None if phi is None else alpha * phi)
-        tok, lq = sample(log_q_all, self.generator)  # [B], [B]
+        a = alpha[:, None] if isinstance(alpha, Tensor) else alpha
+        log_q_all = self.proposal.log_q(view, lambda _v: None if phi is None else a * phi)
+        tok, lq = sample(log_q_all, self.generator, exclude)  # [B], [B]
         lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
         return Drawn(tok, lq, lphi, view.log_p.gather(1, tok[:, None])[:, 0])
 
-    def sequences(self, chains: Chains, rows: list[int] | None = None) -> Sequences:
+    def sequences(self, chains: Chains, rows: list[int] | None = None, ids: list[int] | None = None) -> Sequences:
+        """``rows`` of ``chains`` as sequences; ``ids`` maps each batch row to its original row
+        (prompt r // rows_per_prompt) when finished rows have left the batch."""
         toks = chains.token_lists()
         rows = list(range(len(toks))) if rows is None else rows
+        orig = rows if ids is None else [ids[r] for r in rows]
         n = self.rows_per_prompt
         return Sequences(
             prompts=self.prompts,
-            prompt_index=[r // n for r in rows],
-            sample_index=[r % n for r in rows],
+            prompt_index=[r // n for r in orig],
+            sample_index=[r % n for r in orig],
             tokens=[toks[r] for r in rows],
             decode=self.engine.decode_text,
         )
@@ -251,9 +272,10 @@ class Problem:
     def complete(self, chains: Chains) -> Tensor:
         return chains.ended | (chains.length >= self.max_new_tokens)
 
-    def update_psi(self, chains: Chains, rows: Tensor, partial_ok: bool) -> None:
+    def update_psi(self, chains: Chains, rows: Tensor, partial_ok: bool, ids: Tensor | None = None) -> None:
         """Recompute the base sequence potential of ``rows`` (bool [B]): at completion always;
-        on partial rows only when the target is a prefix twist and ``partial_ok``. Others get 0."""
+        on partial rows only when the target is a prefix twist and ``partial_ok``. Others get 0.
+        ``ids``: original row of each batch row (see :meth:`sequences`)."""
         if self.base is None or not self.base.has_sequence_potential:
             return
         complete = self.complete(chains)
@@ -261,7 +283,8 @@ class Problem:
         idx = torch.nonzero(want).view(-1).tolist()  # host sync: sequence potentials run on host
         psi = torch.zeros_like(chains.log_psi)
         if idx:
-            values = self.base.sequence_log_potential(self.sequences(chains, idx))
+            orig = None if ids is None else ids.tolist()
+            values = self.base.sequence_log_potential(self.sequences(chains, idx, orig))
             if values is not None:
                 psi[torch.tensor(idx, device=psi.device)] = values.to(psi)
         chains.log_psi = torch.where(rows, psi, chains.log_psi)
@@ -302,6 +325,10 @@ class Anneal:
     def at(self, t: int) -> float:
         return 1.0 + (self.alpha - 1.0) * min(t / self.steps, 1.0)
 
+    def at_rows(self, t: Tensor) -> Tensor:
+        """α_t for each row's own t ([B] long)."""
+        return (1.0 + (self.alpha - 1.0) * (t.double() / self.steps).clamp(max=1.0)).float()
+
 
 def extend(
     problem: Problem,
@@ -310,6 +337,8 @@ def extend(
     horizon: int,
     anneal: Anneal | None = None,
     log_w: Tensor | None = None,
+    exclude: Tensor | None = None,
+    q_schedule: Anneal | None = None,
 ) -> None:
     """Extend every unfinished row with q up to ``horizon`` generated tokens (or EOS, or a stop
     token), in place. With ``log_w`` given, add the SMC incremental weight of every token:
@@ -317,7 +346,11 @@ def extend(
         log w += α_t · log φ_t(x_t) − log q_t(x_t) + (α_t − α_{t−1}) · Σ_{s<t} log φ_s(x_s)
 
     where α_t = ``anneal.at(t)`` (t = 1-based step; rows are token-synchronous) or the constant
-    α; the last term (annealing) applies to every row, finished ones included."""
+    α; the last term (annealing) applies to every row, finished ones included.
+
+    ``exclude`` conditions each row's *first* draw on x ≠ exclude[b] (see :func:`divergence`).
+    ``q_schedule`` draws each row's token t with α_t of its own position (the q an annealed
+    extension used), so a move's forward and reverse proposals are the same kernel."""
     t_max = problem.max_new_tokens
     todo = ~chains.ended & (chains.length < horizon)
     if not bool(todo.any()):  # one sync per extension
@@ -330,7 +363,8 @@ def extend(
             break
         view = chains.view
         a_t = problem.alpha if anneal is None else anneal.at(step + 1)
-        drawn = problem.draw(decoder.bind(view), a_t)
+        a_q: float | Tensor = a_t if q_schedule is None else q_schedule.at_rows(chains.length + 1)
+        drawn = problem.draw(decoder.bind(view), a_q, exclude if step == start else None)
         tok = drawn.tokens
         if log_w is not None:
             if anneal is not None:
@@ -367,43 +401,86 @@ def mh_log_accept(
     )
 
 
+def divergence(chains: Chains, index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Where a move's proposal leaves the current suffix, drawn before any forward.
+
+    The proposal y ~ q(· | x_<i) is drawn *coupled* with the current suffix x_≥i: for
+    j = i, i+1, … keep y_j = x_j with probability q(x_j | x_<j) (stored per token); at the first
+    j where it is not kept, draw y_j from q(· | x_<j) conditioned on y_j ≠ x_j, and go on with
+    plain q after. Each y_j still has law q(· | x_<j):
+
+        P(y_j = x_j) = q(x_j),    P(y_j = v ≠ x_j) = (1 − q(x_j)) · q(v) / (1 − q(x_j)) = q(v),
+
+    so the MH kernel is unchanged, but the kept tokens x_i..x_{j−1} are already in the KV cache:
+    the move costs |y| − (j − i) decode tokens, and none when nothing diverges (then x' = x and
+    log A = 0). Returns ``keep`` = j ([B], = |x| when nothing diverges) and ``exclude`` = x_j for
+    the first draw ([B], −1 when nothing diverges)."""
+    b, t_max = chains.tokens.shape
+    t = torch.arange(t_max, device=index.device)
+    u = torch.rand(b, t_max, generator=generator, device=index.device, dtype=torch.float64)
+    leave = (u >= chains.log_q.double().exp()) & (t[None] >= index[:, None]) & chains.positions()  # [B, T]
+    keep = torch.where(leave.any(1), leave.long().argmax(1), chains.length)  # first True
+    exclude = torch.where(keep < chains.length, chains.tokens.gather(1, keep.clamp(max=t_max - 1)[:, None])[:, 0], -1)
+    return keep, exclude
+
+
 def suffix_log_q(chains: Chains, index: Tensor) -> Tensor:
     """Σ_{t ≥ i} log q of each row's generated tokens, [B]."""
     t = torch.arange(chains.tokens.shape[1], device=index.device)
     return (chains.log_q * ((t[None] >= index[:, None]) & chains.positions())).sum(1)
 
 
+def propose(
+    problem: Problem, decoder: Decoder, chains: Chains, index: Tensor, horizon: int, q_schedule: Anneal | None = None
+) -> tuple[Chains, Tensor]:
+    """x' = x_<i ⊕ y with y ~ q(· | x_<i) to EOS or ``horizon``, drawn coupled with x_≥i
+    (:func:`divergence`); every stream's cache holds x' afterwards and the old context is saved
+    for :meth:`Decoder.restore_rows`. Returns x' and where it left x (``keep``, [B])."""
+    keep, exclude = divergence(chains, index, problem.generator)
+    everyone = torch.ones_like(chains.ended)
+    decoder.start_moves(everyone, keep, chains.tokens)
+    prop = chains.clone()
+    prop.view = decoder.decode(torch.zeros_like(index), everyone, refeed=everyone)
+    prop.length = keep
+    prop.ended = chains.ended & (keep == chains.length)
+    extend(problem, decoder, prop, horizon, exclude=exclude, q_schedule=q_schedule)
+    return prop, keep
+
+
 @dataclass
 class MoveInfo:
     accepted: Tensor  # [B] bool
     index: Tensor  # [B] regeneration point i
+    reused: Tensor  # [B] tokens of x_≥i the proposal kept (see divergence)
     log_accept: Tensor  # [B]
     old_length: Tensor
     new_length: Tensor
 
 
 def mh_move(
-    problem: Problem, decoder: Decoder, chains: Chains, horizon: int, alpha: float | None = None
+    problem: Problem,
+    decoder: Decoder,
+    chains: Chains,
+    horizon: int,
+    alpha: float | None = None,
+    q_schedule: Anneal | None = None,
 ) -> tuple[Chains, MoveInfo]:
     """One suffix-MH move on every row for π restricted to the first ``horizon`` tokens:
 
         i ~ U{0..|x|−1};  y ~ q(· | x_<i) to EOS or horizon;  x' = x_<i ⊕ y
         log A = [log π(x') − log π(x)] + [log q(x_≥i | x_<i) − log q(y | x_<i)] + [log|x| − log|x'|]
 
-    The kept prefix's KV is reused: the move costs |y| decode tokens (plus one to re-read the
-    distribution at i) and no prefill; a rejected row returns to its old cache columns."""
+    y is drawn coupled with x_≥i (:func:`divergence`), and the KV of everything kept is reused:
+    the move costs the diverged part of y in decode tokens (plus one to re-read the distribution
+    where it diverges) and no prefill; a rejected row returns to its old cache columns.
+    ``q_schedule``: the annealing schedule the stored log q were drawn with (see :func:`extend`)."""
     decoder.compact()
     old = chains  # not modified below: the proposal grows in its own copy
     n = chains.length
     u = torch.rand(n.shape, generator=problem.generator, device=n.device)
     i = (u * n).long().clamp(max=n - 1)  # [B]
+    prop, keep = propose(problem, decoder, chains, i, horizon, q_schedule)
     everyone = torch.ones_like(chains.ended)
-    decoder.start_moves(everyone, i, chains.tokens)
-    prop = chains.clone()
-    prop.view = decoder.decode(torch.zeros_like(i), everyone, refeed=everyone)
-    prop.length = i
-    prop.ended = torch.zeros_like(chains.ended)
-    extend(problem, decoder, prop, horizon)
     problem.update_psi(prop, everyone, partial_ok=False)
     log_a = mh_log_accept(
         problem.log_target(prop, alpha),
@@ -416,7 +493,7 @@ def mh_move(
     v = torch.rand(n.shape, generator=problem.generator, device=n.device)
     accept = torch.log(v) < log_a
     decoder.restore_rows(~accept)
-    info = MoveInfo(accept, i, log_a, old.length, prop.length)
+    info = MoveInfo(accept, i, keep - i, log_a, old.length, prop.length)
     return prop.where(accept, old), info
 
 

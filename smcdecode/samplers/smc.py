@@ -136,13 +136,16 @@ class SMC(Sampler):
                 if self.rejuvenate and any_resample:
                     current = anneal.current if anneal is not None else None
                     for s in range(self.rejuvenate):
-                        chains, info = mh_move(problem, decoder, chains, int(chains.length.max()), alpha=current)
+                        chains, info = mh_move(
+                            problem, decoder, chains, int(chains.length.max()), alpha=current, q_schedule=anneal
+                        )
                         trace.log(
                             "move",
                             step=step,
                             rejuvenation=s,
                             accepted=info.accepted,
                             index=info.index,
+                            reused=info.reused,
                             old_length=info.old_length,
                             new_length=info.new_length,
                         )

@@ -13,25 +13,38 @@ code drops when EOS makes lengths differ).
 Execution: every chain of every prompt is one row of one batch, and each row runs its own
 schedule (extension, moves, next block) *asynchronously*: a row whose proposal ends early starts
 its next move at the next forward instead of idling until the longest regeneration in the batch
-ends. A move re-reads the distribution at i by feeding x_{i−1} again (one token) over the kept
-prefix's KV, so it costs |y| (+1 below the last horizon) decode tokens and no prefill; a rejected
-proposal returns to its old cache columns (:meth:`Engine.restore_rows`). Every row follows the
-same sequence of operations as a chain run alone, so the law of each chain is unchanged.
+ends. The proposal is drawn coupled with the current suffix (:func:`core.divergence`): y keeps
+x_j with probability q(x_j | x_<j) until the first j where it does not, and that j is known before
+any forward. The move re-reads the distribution at j by feeding x_{j−1} again (one token) over
+the kept prefix's KV, draws y_j ≠ x_j, and goes on with q; so it costs |x'| − j + 1 decode tokens
+and no prefill, and nothing at all when y = x_≥i (then log A = 0: accepted). A rejected proposal
+returns to its old cache columns (:meth:`Engine.restore_rows`). Every row follows the same
+sequence of operations as a chain run alone, so the law of each chain is unchanged; the coupling
+changes which random numbers are drawn, not the law of y given (x, i).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from smcdecode.engine import Engine
 from smcdecode.errors import ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler, bar, collect
-from smcdecode.samplers.core import CHECK_EVERY, make_problem, mh_log_accept, start_chains, suffix_log_q
+from smcdecode.samplers.core import (
+    CHECK_EVERY,
+    divergence,
+    make_problem,
+    mh_log_accept,
+    start_chains,
+    suffix_log_q,
+)
 from smcdecode.samplers.result import Result, Trace
 from smcdecode.targets.base import Potential
 
@@ -39,7 +52,17 @@ COMPACT_EVERY = 32  # iterations between compaction checks
 
 
 class SuffixMH(Sampler):
-    def __init__(self, target: Potential, proposal: Proposal, chains: int = 1, block_size: int = 192, steps: int = 10):
+    def __init__(
+        self,
+        target: Potential,
+        proposal: Proposal,
+        chains: int = 1,
+        block_size: int = 192,
+        steps: int = 10,
+        reuse_suffix: bool = True,
+    ):
+        """``reuse_suffix=False`` draws every proposal from i afresh (same law, no coupling with
+        the current suffix): slower, kept for comparison."""
         if not isinstance(target, Potential):
             raise ArgumentTypeError("target", f"expected a Potential, got {type(target).__name__}")
         if not isinstance(proposal, Proposal):
@@ -49,6 +72,9 @@ class SuffixMH(Sampler):
         self.chains = check_int("chains", chains, 1)
         self.block_size = check_int("block_size", block_size, 1)
         self.steps = check_int("steps", steps, 0)
+        if not isinstance(reuse_suffix, bool):
+            raise ArgumentTypeError("reuse_suffix", f"expected a bool, got {type(reuse_suffix).__name__}")
+        self.reuse_suffix = reuse_suffix
 
     def _run(self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool) -> Result:
         problem = make_problem(engine, prompts, self.target, self.proposal, self.chains, max_new_tokens, seed)
@@ -56,86 +82,96 @@ class SuffixMH(Sampler):
         t_max, n_steps = max_new_tokens, self.steps
         n_blocks = math.ceil(t_max / self.block_size)
         n_moves = n_blocks * n_steps
-        b, dev, gen = cur.length.shape[0], engine.device, problem.generator
-        rows = torch.arange(b, device=dev)
-        zeros_b = torch.zeros(b, dtype=torch.bool, device=dev)
-        block = torch.ones(b, dtype=torch.long, device=dev)  # k, 1-based
-        step = torch.zeros(b, dtype=torch.long, device=dev)  # 0 = extension, 1..steps = moves
-        moving, refeed, done = zeros_b.clone(), zeros_b.clone(), zeros_b.clone()
-        index = torch.zeros(b, dtype=torch.long, device=dev)
-        hist = {k: torch.zeros(b, max(1, n_moves), device=dev) for k in ("accepted", "index", "old", "new", "lt")}
-        ext = {k: torch.zeros(b, n_blocks, device=dev) for k in ("old", "new")}
+        b0, dev, gen = cur.length.shape[0], engine.device, problem.generator
+        sch = Schedule.start(b0, dev)
+        hist = {
+            k: torch.zeros(b0, max(1, n_moves), device=dev) for k in ("accepted", "index", "reused", "old", "new", "lt")
+        }
+        ext = {k: torch.zeros(b0, n_blocks, device=dev) for k in ("old", "new")}
+        out = cur.clone()  # final states, by original row
         prop = cur.clone()
-        iteration = 0
-        with bar(b * (n_moves + n_blocks), "SuffixMH", progress) as pbar:
+        iteration, check_every = 0, CHECK_EVERY
+        trace = Trace()
+        with bar(b0 * (n_moves + n_blocks), "SuffixMH", progress) as pbar:
             while True:
-                horizon = (block * self.block_size).clamp(max=t_max)  # [B]
-                # 1. generating rows draw one token from q
-                live = ~done & ~refeed & ~prop.ended & (prop.length < horizon)
-                drawn = problem.draw(decoder.bind(prop.view), problem.alpha)
+                horizon = (sch.block * self.block_size).clamp(max=t_max)  # [B]
+                # 1. generating rows draw one token from q (the first one after a divergence ≠ x_j)
+                live = ~sch.done & ~sch.refeed & ~prop.ended & (prop.length < horizon)
+                drawn = problem.draw(decoder.bind(prop.view), problem.alpha, torch.where(live, sch.exclude, -1))
+                sch.exclude = torch.where(live, -1, sch.exclude)
                 tok = drawn.tokens
                 prop.append(live, drawn, engine.is_eos(tok))
                 # 2. one forward: sampled tokens of unfinished rows, refed tokens of rows starting a move
-                feed = (live & ~prop.ended & (prop.length < t_max)) | refeed
-                prop.view = decoder.decode(tok, feed, refeed).where(feed, prop.view)
-                was_refeed, refeed = refeed, zeros_b
+                feed = (live & ~prop.ended & (prop.length < t_max)) | sch.refeed
+                prop.view = decoder.decode(tok, feed, sch.refeed).where(feed, prop.view)
+                was_refeed, sch.refeed = sch.refeed, torch.zeros_like(sch.refeed)
                 # 3. finished proposals: accept (extensions always), reject -> old cache columns
-                complete = ~done & ~was_refeed & (prop.ended | (prop.length >= horizon))
-                problem.update_psi(prop, complete, partial_ok=False)
+                complete = ~sch.done & ~was_refeed & (prop.ended | (prop.length >= horizon))
+                problem.update_psi(prop, complete, partial_ok=False, ids=sch.ids)
                 log_a = mh_log_accept(
                     problem.log_target(prop),
                     problem.log_target(cur),
-                    suffix_log_q(cur, index),
-                    suffix_log_q(prop, index),
+                    suffix_log_q(cur, sch.index),
+                    suffix_log_q(prop, sch.index),
                     cur.length,
                     prop.length,
                 )
-                u = torch.rand(b, generator=gen, device=dev)
-                accept = complete & (~moving | (torch.log(u) < log_a))
-                decoder.restore_rows(complete & moving & ~accept)
-                m = ((block - 1) * n_steps + step - 1).clamp(0, max(0, n_moves - 1))
-                rec_move = complete & moving
-                rec_ext = complete & ~moving
-                kb = (block - 1).clamp(0, n_blocks - 1)
+                u = torch.rand(log_a.shape, generator=gen, device=dev)
+                accept = complete & (~sch.moving | sch.same | (torch.log(u) < log_a))
+                decoder.restore_rows(complete & sch.moving & ~accept)
+                m = ((sch.block - 1) * n_steps + sch.step - 1).clamp(0, max(0, n_moves - 1))
+                rec_move, rec_ext = complete & sch.moving, complete & ~sch.moving
+                kb = (sch.block - 1).clamp(0, n_blocks - 1)
                 old_len = cur.length.float()
                 cur = prop.where(accept, cur)
                 for key, val in (
                     ("accepted", accept.float()),
-                    ("index", index.float()),
+                    ("index", sch.index.float()),
+                    ("reused", (sch.keep - sch.index).float()),
                     ("old", old_len),
                     ("new", prop.length.float()),
                     ("lt", problem.log_target(cur)),
                 ):
-                    hist[key][rows, m] = torch.where(rec_move, val, hist[key][rows, m])
-                ext["old"][rows, kb] = torch.where(rec_ext, old_len, ext["old"][rows, kb])
-                ext["new"][rows, kb] = torch.where(rec_ext, cur.length.float(), ext["new"][rows, kb])
+                    hist[key][sch.ids, m] = torch.where(rec_move, val, hist[key][sch.ids, m])
+                ext["old"][sch.ids, kb] = torch.where(rec_ext, old_len, ext["old"][sch.ids, kb])
+                ext["new"][sch.ids, kb] = torch.where(rec_ext, cur.length.float(), ext["new"][sch.ids, kb])
                 # 4. advance each finished row's schedule and start its next proposal
-                step = torch.where(complete, step + 1, step)
-                next_block = complete & (step > n_steps)
-                block = torch.where(next_block, block + 1, block)
-                step = torch.where(next_block, torch.zeros_like(step), step)
-                done = done | (complete & (block > n_blocks))
-                start_ext = complete & ~done & (step == 0)
-                start_move = complete & ~done & (step > 0)
-                i = (torch.rand(b, generator=gen, device=dev) * cur.length).long().clamp(min=0)
-                i = torch.minimum(i, (cur.length - 1).clamp_min(0))
-                index = torch.where(start_move, i, index)
-                decoder.start_moves(start_move, index, cur.tokens)
+                start_ext, start_move = sch.advance(complete, n_steps, n_blocks)
+                i = (torch.rand(log_a.shape, generator=gen, device=dev) * cur.length).long().clamp(min=0)
+                sch.index = torch.where(start_move, torch.minimum(i, (cur.length - 1).clamp_min(0)), sch.index)
+                if self.reuse_suffix:
+                    j, x_j = divergence(cur, sch.index, gen)
+                else:
+                    j, x_j = sch.index, torch.full_like(sch.index, -1)  # regenerate all of x_≥i
+                sch.keep = torch.where(start_move, j, sch.keep)
+                sch.same = torch.where(start_move, j == cur.length, sch.same)
+                diverged = start_move & ~sch.same
+                sch.exclude = torch.where(diverged, x_j, sch.exclude)
+                decoder.start_moves(diverged, sch.keep, cur.tokens)
                 # `where` builds new tensors, so sharing cur's other fields here aliases nothing
                 fresh = dataclasses.replace(
-                    cur, length=torch.where(start_move, index, cur.length), ended=cur.ended & ~start_move
+                    cur, length=torch.where(diverged, sch.keep, cur.length), ended=cur.ended & ~diverged
                 )
                 prop = fresh.where(start_ext | start_move, prop)
-                moving = torch.where(start_move, True, torch.where(start_ext, False, moving))
-                refeed = start_move
+                sch.moving = torch.where(start_move, True, torch.where(start_ext, False, sch.moving))
+                sch.refeed = diverged
                 iteration += 1
-                if iteration % CHECK_EVERY == 0:
+                if iteration % check_every == 0:  # host sync
                     pbar.update(int(ext["new"].gt(0).sum() + hist["new"].gt(0).sum()) - pbar.n)
-                    if bool(done.all()):
+                    n_done = int(sch.done.sum())
+                    if n_done == sch.done.shape[0]:
+                        out.put(sch.ids, cur)
                         break
+                    if 4 * n_done >= sch.done.shape[0]:  # drop finished chains from the batch
+                        out.put(sch.ids[sch.done], cur.index_select(torch.nonzero(sch.done).view(-1)))
+                        left = torch.nonzero(~sch.done).view(-1)
+                        decoder.keep_rows(left)
+                        trace.log("shrink", iteration=iteration, rows=int(left.shape[0]))
+                        cur, prop, sch = cur.index_select(left), prop.index_select(left), sch.index_select(left)
+                    if 4 * sch.done.shape[0] <= b0:
+                        check_every = 1  # the tail: stop as soon as the last chains finish
                 if iteration % COMPACT_EVERY == 0:
                     decoder.compact()
-        trace = Trace()
         for k in range(n_blocks):
             trace.log("extend", block=k + 1, old_length=ext["old"][:, k].long(), new_length=ext["new"][:, k].long())
             for s in range(n_steps):
@@ -147,14 +183,52 @@ class SuffixMH(Sampler):
                     horizon=min((k + 1) * self.block_size, t_max),
                     accepted=hist["accepted"][:, mi].bool(),
                     index=hist["index"][:, mi].long(),
+                    reused=hist["reused"][:, mi].long(),
                     old_length=hist["old"][:, mi].long(),
                     new_length=hist["new"][:, mi].long(),
                     log_target=hist["lt"][:, mi],
                 )
-        return collect(problem, cur, None, trace)
+        return collect(problem, out, None, trace)
 
     def __repr__(self) -> str:
         return (
             f"SuffixMH({self.target!r}, {self.proposal!r}, chains={self.chains}, "
             f"block_size={self.block_size}, steps={self.steps})"
         )
+
+
+@dataclass
+class Schedule:
+    """Where each row (chain) is in its own block/move schedule; all fields [B]."""
+
+    ids: Tensor  # original row of each batch row (rows leave the batch when their chain is done)
+    block: Tensor  # k, 1-based
+    step: Tensor  # 0 = extension, 1..steps = moves
+    moving: Tensor  # the current proposal is a move (not an extension)
+    refeed: Tensor  # the next forward feeds x_{j−1} again (the move starts at j)
+    done: Tensor  # every block and move finished
+    index: Tensor  # i of the current move
+    keep: Tensor  # where its proposal leaves x (j ≥ i)
+    exclude: Tensor  # the first draw after the divergence is ≠ x_j (−1: no condition)
+    same: Tensor  # the proposal is x itself: no forward, log A = 0
+
+    @staticmethod
+    def start(b: int, device: torch.device) -> Schedule:
+        z = torch.zeros(b, dtype=torch.long, device=device)
+        f = torch.zeros(b, dtype=torch.bool, device=device)
+        ids = torch.arange(b, device=device)
+        return Schedule(ids, z + 1, z, f, f, f, z, z, z - 1, f)
+
+    def index_select(self, idx: Tensor) -> Schedule:
+        return Schedule(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+
+    def advance(self, complete: Tensor, n_steps: int, n_blocks: int) -> tuple[Tensor, Tensor]:
+        """Rows whose proposal completed go to their next step (block); returns the rows that
+        start an extension and those that start a move."""
+        self.step = torch.where(complete, self.step + 1, self.step)
+        next_block = complete & (self.step > n_steps)
+        self.block = torch.where(next_block, self.block + 1, self.block)
+        self.step = torch.where(next_block, torch.zeros_like(self.step), self.step)
+        self.done = self.done | (complete & (self.block > n_blocks))
+        going = complete & ~self.done
+        return going & (self.step == 0), going & (self.step > 0)

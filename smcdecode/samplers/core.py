@@ -430,19 +430,36 @@ def suffix_log_q(chains: Chains, index: Tensor) -> Tensor:
     return (chains.log_q * ((t[None] >= index[:, None]) & chains.positions())).sum(1)
 
 
+def start_proposals(
+    decoder: Decoder, chains: Chains, rows: Tensor, index: Tensor, generator: torch.Generator, reuse: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Start a move from ``index`` on ``rows`` (bool [B]): find where each proposal leaves x
+    (:func:`divergence`; at i itself without ``reuse``), and roll the rows that leave it back to
+    that point, x_{j−1} queued to be fed again (:meth:`Decoder.start_moves`, which also saves the
+    old context). Returns ``keep`` (j), ``exclude`` (x_j or −1) and ``diverged`` (rows with
+    j < |x|; the others propose x itself), all [B]."""
+    if reuse:
+        keep, exclude = divergence(chains, index, generator)
+    else:
+        keep, exclude = index, torch.full_like(index, -1)
+    diverged = rows & (keep < chains.length)
+    decoder.start_moves(diverged, keep, chains.tokens)
+    return keep, exclude, diverged
+
+
 def propose(
     problem: Problem, decoder: Decoder, chains: Chains, index: Tensor, horizon: int, q_schedule: Anneal | None = None
 ) -> tuple[Chains, Tensor]:
     """x' = x_<i ⊕ y with y ~ q(· | x_<i) to EOS or ``horizon``, drawn coupled with x_≥i
-    (:func:`divergence`); every stream's cache holds x' afterwards and the old context is saved
-    for :meth:`Decoder.restore_rows`. Returns x' and where it left x (``keep``, [B])."""
-    keep, exclude = divergence(chains, index, problem.generator)
+    (:func:`divergence`); every stream's cache holds x' afterwards, and the old context of every
+    row whose x' differs from x is saved for :meth:`Decoder.restore_rows`. Returns x' and where it
+    left x (``keep``, [B]; = |x| where x' = x)."""
     everyone = torch.ones_like(chains.ended)
-    decoder.start_moves(everyone, keep, chains.tokens)
+    keep, exclude, diverged = start_proposals(decoder, chains, everyone, index, problem.generator)
     prop = chains.clone()
-    prop.view = decoder.decode(torch.zeros_like(index), everyone, refeed=everyone)
+    prop.view = decoder.decode(torch.zeros_like(index), diverged, refeed=diverged).where(diverged, chains.view)
     prop.length = keep
-    prop.ended = chains.ended & (keep == chains.length)
+    prop.ended = chains.ended & ~diverged
     extend(problem, decoder, prop, horizon, exclude=exclude, q_schedule=q_schedule)
     return prop, keep
 
@@ -491,7 +508,7 @@ def mh_move(
         prop.length,
     )
     v = torch.rand(n.shape, generator=problem.generator, device=n.device)
-    accept = torch.log(v) < log_a
+    accept = (torch.log(v) < log_a) | (keep == n)  # x' = x where nothing diverged (log A = 0)
     decoder.restore_rows(~accept)
     info = MoveInfo(accept, i, keep - i, log_a, old.length, prop.length)
     return prop.where(accept, old), info

@@ -13,11 +13,12 @@ code drops when EOS makes lengths differ).
 Execution: every chain of every prompt is one row of one batch, and each row runs its own
 schedule (extension, moves, next block) *asynchronously*: a row whose proposal ends early starts
 its next move at the next forward instead of idling until the longest regeneration in the batch
-ends. The proposal is drawn coupled with the current suffix (:func:`core.divergence`): y keeps
-x_j with probability q(x_j | x_<j) until the first j where it does not, and that j is known before
-any forward. The move re-reads the distribution at j by feeding x_{j−1} again (one token) over
-the kept prefix's KV, draws y_j ≠ x_j, and goes on with q; so it costs |x'| − j + 1 decode tokens
-and no prefill, and nothing at all when y = x_≥i (then log A = 0: accepted). A rejected proposal
+ends, and chains that have finished every block leave the batch. The proposal is drawn coupled
+with the current suffix (:func:`core.divergence`): y keeps x_j with probability q(x_j | x_<j)
+until the first j where it does not, and that j is known before any forward. The move re-reads
+the distribution at j by feeding x_{j−1} again (one token) over the kept prefix's KV, draws
+y_j ≠ x_j, and goes on with q; so it costs |x'| − j decode tokens (the last token of x' is never
+fed) and no prefill, and nothing at all when y = x_≥i (then log A = 0: accepted). A rejected proposal
 returns to its old cache columns (:meth:`Engine.restore_rows`). Every row follows the same
 sequence of operations as a chain run alone, so the law of each chain is unchanged; the coupling
 changes which random numbers are drawn, not the law of y given (x, i).
@@ -39,10 +40,10 @@ from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler, bar, collect
 from smcdecode.samplers.core import (
     CHECK_EVERY,
-    divergence,
     make_problem,
     mh_log_accept,
     start_chains,
+    start_proposals,
     suffix_log_q,
 )
 from smcdecode.samplers.result import Result, Trace
@@ -139,15 +140,10 @@ class SuffixMH(Sampler):
                 start_ext, start_move = sch.advance(complete, n_steps, n_blocks)
                 i = (torch.rand(log_a.shape, generator=gen, device=dev) * cur.length).long().clamp(min=0)
                 sch.index = torch.where(start_move, torch.minimum(i, (cur.length - 1).clamp_min(0)), sch.index)
-                if self.reuse_suffix:
-                    j, x_j = divergence(cur, sch.index, gen)
-                else:
-                    j, x_j = sch.index, torch.full_like(sch.index, -1)  # regenerate all of x_≥i
+                j, x_j, diverged = start_proposals(decoder, cur, start_move, sch.index, gen, self.reuse_suffix)
                 sch.keep = torch.where(start_move, j, sch.keep)
-                sch.same = torch.where(start_move, j == cur.length, sch.same)
-                diverged = start_move & ~sch.same
+                sch.same = torch.where(start_move, ~diverged, sch.same)
                 sch.exclude = torch.where(diverged, x_j, sch.exclude)
-                decoder.start_moves(diverged, sch.keep, cur.tokens)
                 # `where` builds new tensors, so sharing cur's other fields here aliases nothing
                 fresh = dataclasses.replace(
                     cur, length=torch.where(diverged, sch.keep, cur.length), ended=cur.ended & ~diverged

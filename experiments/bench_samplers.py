@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from smcdecode import Engine, proposals, samplers, targets
+from smcdecode import Engine, diagnostics, proposals, samplers, targets
 
 from common import print_table, write_results
 
@@ -115,11 +115,8 @@ def main() -> None:
     )
     res = ours.run(engine, prompts, max_new_tokens=args.max_new_tokens, seed=0, progress=False)
     t_ours = res.wall_time
-    moves = res.trace.of("move")
-    regen = [n - i for m in moves for n, i in zip(m["new_length"], m["index"])]
-    reused = [r for m in moves for r in m["reused"]]
-    reuse_frac = sum(reused) / max(1, sum(regen))
-    no_forward = sum(r == g for r, g in zip(reused, regen)) / max(1, len(regen))
+    reuse = diagnostics.suffix_reuse(res) or {"tokens": 0.0, "unchanged": 0.0}
+    reuse_frac, no_forward = reuse["tokens"], reuse["unchanged"]
     fresh = samplers.SuffixMH(
         targets.Power(args.alpha),
         proposals.Tempered(temp),

@@ -35,6 +35,21 @@ def acceptance_rate(result: Result) -> float | None:
     return sum(moves) / len(moves) if moves else None
 
 
+def suffix_reuse(result: Result) -> dict[str, float] | None:
+    """Of MH moves' proposals: the fraction of proposal tokens y kept from the current suffix
+    (``tokens`` = Σ reused / Σ |x'| − i) and the fraction of moves whose proposal was x itself, so
+    needed no forward (``unchanged``; these count as accepted). None without move records."""
+    moves = [m for m in result.trace.of("move") if "reused" in m]
+    if not moves:
+        return None
+    reused = torch.tensor([r for m in moves for r in m["reused"]], dtype=torch.float64)
+    proposed = torch.tensor([n - i for m in moves for n, i in zip(m["new_length"], m["index"])], dtype=torch.float64)
+    return {
+        "tokens": float(reused.sum() / proposed.sum().clamp_min(1)),
+        "unchanged": float((reused == proposed).double().mean()),
+    }
+
+
 def ess_trace(result: Result) -> tuple[Tensor, Tensor]:
     """(ESS [steps, P], resampled [steps, P] bool) of an SMC run."""
     steps = result.trace.of("step")
@@ -81,6 +96,9 @@ def per_token_log_likelihood(result: Result) -> list[float]:
 
 def summary(result: Result) -> dict[str, float | None]:
     out: dict[str, float | None] = {"acceptance": acceptance_rate(result)}
+    reuse = suffix_reuse(result)
+    out["reused_tokens"] = None if reuse is None else reuse["tokens"]
+    out["unchanged_proposals"] = None if reuse is None else reuse["unchanged"]
     ess, res = ess_trace(result)
     out["mean_ess"] = float(ess.mean()) if ess.numel() else None
     out["resampling_events"] = float(res.sum()) if res.numel() else None

@@ -81,6 +81,18 @@ def test_split_rhat_matches_the_formula():
     assert float(D.rhat(x)[0]) == pytest.approx(expected, rel=1e-6)
 
 
+def test_suffix_reuse_by_hand():
+    from smcdecode.samplers.result import Trace
+
+    trace = Trace()
+    # proposals of 4, 2 and 3 tokens (new_length − index), of which 4, 1 and 0 kept from x
+    trace.log("move", index=[0, 1, 2], new_length=[4, 3, 5], reused=[4, 1, 0], accepted=[True, True, False])
+    res = Result([[]], [None], trace)
+    assert D.suffix_reuse(res) == pytest.approx({"tokens": 5 / 9, "unchanged": 1 / 3})
+    assert D.summary(res)["reused_tokens"] == pytest.approx(5 / 9)
+    assert D.suffix_reuse(Result([[]], [None], Trace())) is None
+
+
 def test_mh_diagnostics_from_a_run():
     engine = Engine(tiny_llama(), eos_token_ids=[0])
     res = S.SuffixMH(T.Power(2), Q.Tempered(1.0), chains=4, block_size=2, steps=5).run(
@@ -96,3 +108,5 @@ def test_mh_diagnostics_from_a_run():
     assert acc[1] == pytest.approx(sum(first) / len(first))
     assert D.chain_ess(x).shape == (2,) and D.summary(res)["max_rhat"] is not None
     assert D.unique_particles(res)[0] <= 4
+    reuse = D.suffix_reuse(res)
+    assert reuse is not None and 0.0 < reuse["tokens"] < 1.0 and 0.0 < reuse["unchanged"] < 1.0

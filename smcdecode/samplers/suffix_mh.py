@@ -118,7 +118,8 @@ class SuffixMH(Sampler):
                     prop.length,
                 )
                 u = torch.rand(log_a.shape, generator=gen, device=dev)
-                accept = complete & (~sch.moving | sch.same | (torch.log(u) < log_a))
+                same = sch.keep == cur.length  # a move whose proposal is x itself (log A = 0)
+                accept = complete & (~sch.moving | same | (torch.log(u) < log_a))
                 decoder.restore_rows(complete & sch.moving & ~accept)
                 m = ((sch.block - 1) * n_steps + sch.step - 1).clamp(0, max(0, n_moves - 1))
                 rec_move, rec_ext = complete & sch.moving, complete & ~sch.moving
@@ -142,7 +143,6 @@ class SuffixMH(Sampler):
                 sch.index = torch.where(start_move, torch.minimum(i, (cur.length - 1).clamp_min(0)), sch.index)
                 j, x_j, diverged = start_proposals(decoder, cur, start_move, sch.index, gen, self.reuse_suffix)
                 sch.keep = torch.where(start_move, j, sch.keep)
-                sch.same = torch.where(start_move, ~diverged, sch.same)
                 sch.exclude = torch.where(diverged, x_j, sch.exclude)
                 # `where` builds new tensors, so sharing cur's other fields here aliases nothing
                 fresh = dataclasses.replace(
@@ -204,16 +204,15 @@ class Schedule:
     refeed: Tensor  # the next forward feeds x_{j−1} again (the move starts at j)
     done: Tensor  # every block and move finished
     index: Tensor  # i of the current move
-    keep: Tensor  # where its proposal leaves x (j ≥ i)
+    keep: Tensor  # where its proposal leaves x (j ≥ i; = |x| when the proposal is x itself)
     exclude: Tensor  # the first draw after the divergence is ≠ x_j (−1: no condition)
-    same: Tensor  # the proposal is x itself: no forward, log A = 0
 
     @staticmethod
     def start(b: int, device: torch.device) -> Schedule:
         z = torch.zeros(b, dtype=torch.long, device=device)
         f = torch.zeros(b, dtype=torch.bool, device=device)
         ids = torch.arange(b, device=device)
-        return Schedule(ids, z + 1, z, f, f, f, z, z, z - 1, f)
+        return Schedule(ids, z + 1, z, f, f, f, z, z, z - 1)
 
     def index_select(self, idx: Tensor) -> Schedule:
         return Schedule(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))

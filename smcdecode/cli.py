@@ -22,7 +22,9 @@ def _engine(args: argparse.Namespace):
     dtype = DTYPES[args.dtype]
     if args.model == "embedded":
         return Engine.embedded(device=args.device, dtype=dtype)
-    return Engine.from_pretrained(args.model, device=args.device, dtype=dtype)
+    from smcdecode.models import resolve
+
+    return Engine.from_pretrained(resolve(args.model), device=args.device, dtype=dtype)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

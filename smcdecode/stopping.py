@@ -26,6 +26,7 @@ strings: S ≈ 30).
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -228,3 +229,26 @@ class StopSet:
 
     def __repr__(self) -> str:
         return f"StopSet({list(self.patterns)!r}, states={self.num_states})"
+
+
+_BYTES: weakref.WeakKeyDictionary[Any, list[bytes]] = weakref.WeakKeyDictionary()
+
+
+def stop_set(engine: Any, stop: StopSpec | None) -> StopSet | None:
+    """``StopSet.build`` for an engine (its vocabulary, tokenizer and device); the token byte table
+    is computed once per tokenizer."""
+    vocab_bytes = None
+    if stop is not None and engine.tokenizer is not None and any(isinstance(e, str) for e in stop):
+        try:
+            vocab_bytes = _BYTES.get(engine.tokenizer)
+        except TypeError:  # not weak-referenceable: no cache
+            vocab_bytes = None
+        if vocab_bytes is None or len(vocab_bytes) != engine.vocab_size:
+            vocab_bytes = token_bytes(engine.tokenizer, engine.vocab_size)
+            try:
+                _BYTES[engine.tokenizer] = vocab_bytes
+            except TypeError:
+                pass
+    return StopSet.build(
+        stop, engine.vocab_size, tokenizer=engine.tokenizer, vocab_bytes=vocab_bytes, device=engine.device
+    )

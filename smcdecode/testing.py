@@ -21,6 +21,7 @@ from torch import Tensor
 
 from smcdecode.engine import Engine
 from smcdecode.proposals.base import Proposal
+from smcdecode.stopping import StopSet, StopSpec, stop_set
 from smcdecode.targets.base import Potential, Sequences, StepView
 
 # ---------------------------------------------------------------------------------- tiny models
@@ -94,22 +95,25 @@ def tiny_gpt2(vocab: int = 6, layers: int = 2, seed: int = 0):
 # ---------------------------------------------------------------------------------- enumeration
 
 
-def continuations(engine: Engine, max_new_tokens: int) -> list[tuple[int, ...]]:
-    """Every complete continuation: ends in an EOS id, or has exactly max_new_tokens tokens."""
+def continuations(engine: Engine, max_new_tokens: int, stop: StopSet | None = None) -> list[tuple[int, ...]]:
+    """Every complete continuation: ends in an EOS id, at the token that first completes a stop
+    pattern of ``stop``, or has exactly max_new_tokens tokens."""
     eos = set(engine.eos_token_ids)
     out: list[tuple[int, ...]] = []
+    next_state = stop.next_state.cpu().tolist() if stop is not None else None
+    completes = stop.completes.cpu().tolist() if stop is not None else None
 
-    def grow(prefix: tuple[int, ...]) -> None:
+    def grow(prefix: tuple[int, ...], state: int) -> None:
         if len(prefix) == max_new_tokens:
             out.append(prefix)
             return
         for v in range(engine.vocab_size):
-            if v in eos:
+            if v in eos or (completes is not None and completes[state][v]):
                 out.append(prefix + (v,))
             else:
-                grow(prefix + (v,))
+                grow(prefix + (v,), next_state[state][v] if next_state is not None else 0)
 
-    grow(())
+    grow((), 0)
     return out
 
 
@@ -189,10 +193,13 @@ def exact(
     prompt: Sequence[int] | str,
     max_new_tokens: int,
     proposal: Proposal | None = None,
+    stop: StopSpec | StopSet | None = None,
 ) -> Exact:
-    """Enumerate and score every complete continuation of ``prompt`` exactly."""
+    """Enumerate and score every complete continuation of ``prompt`` exactly (on the space
+    stopped by ``stop`` when given: see :mod:`smcdecode.stopping`)."""
     ids = engine.encode([prompt])[0]  # type: ignore[arg-type]
-    seqs = continuations(engine, max_new_tokens)
+    stops = stop if isinstance(stop, StopSet) or stop is None else stop_set(engine, stop)
+    seqs = continuations(engine, max_new_tokens, stops)
     m = len(seqs)
     log_t = torch.zeros(m, dtype=torch.float64)
     log_p = torch.zeros(m, dtype=torch.float64)

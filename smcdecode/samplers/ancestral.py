@@ -13,6 +13,7 @@ from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler, collect
 from smcdecode.samplers.core import extend, make_problem, start_chains
 from smcdecode.samplers.result import Result, Trace
+from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
 
 
@@ -24,8 +25,10 @@ class Ancestral(Sampler):
         self.n = check_int("n", n, 1)
         self.target = target  # optional: only to report log_target of each sample
 
-    def _run(self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool) -> Result:
-        problem = make_problem(engine, prompts, self.target, self.proposal, self.n, max_new_tokens, seed)
+    def _run(
+        self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+    ) -> Result:
+        problem = make_problem(engine, prompts, self.target, self.proposal, self.n, max_new_tokens, seed, stop)
         decoder, chains = start_chains(problem)
         extend(problem, decoder, chains, max_new_tokens)
         problem.update_psi(chains, torch.ones_like(chains.ended), partial_ok=False)

@@ -14,15 +14,27 @@ from tqdm.auto import tqdm
 from smcdecode.engine import Engine
 from smcdecode.samplers.core import Chains, Problem
 from smcdecode.samplers.result import Result, Sample, Trace
+from smcdecode.stopping import StopSet, StopSpec, stop_set
 
 
 class Sampler:
     name = "sampler"
 
     def run(
-        self, engine: Engine, prompts: Any, *, max_new_tokens: int, seed: int = 0, progress: bool | None = None
+        self,
+        engine: Engine,
+        prompts: Any,
+        *,
+        max_new_tokens: int,
+        seed: int = 0,
+        progress: bool | None = None,
+        stop: StopSpec | StopSet | None = None,
     ) -> Result:
-        """Draw samples for every prompt. ``progress=None`` shows bars only on a terminal."""
+        """Draw samples for every prompt. ``progress=None`` shows bars only on a terminal.
+
+        ``stop``: a list of strings (need a tokenizer) and/or token-id lists; a sample ends at the
+        token whose text first completes one of them (that token included), at EOS, or at
+        ``max_new_tokens``. The target and the proposal are both taken on that stopped space."""
         if not isinstance(engine, Engine):
             from smcdecode.errors import ArgumentTypeError
 
@@ -30,14 +42,17 @@ class Sampler:
         t0 = time.perf_counter()
         before = engine.counters
         with torch.no_grad():
-            result = self._run(engine, prompts, max_new_tokens, seed, _show(progress))
+            stops = stop if isinstance(stop, StopSet) or stop is None else stop_set(engine, stop)
+            result = self._run(engine, prompts, max_new_tokens, seed, _show(progress), stops)
         after = engine.counters
         result.wall_time = time.perf_counter() - t0
         result.counters = {k: after[k] - before[k] for k in after}
         result.method = repr(self)
         return result
 
-    def _run(self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool) -> Result:
+    def _run(
+        self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+    ) -> Result:
         raise NotImplementedError  # abstract
 
 

@@ -7,7 +7,14 @@ sequence potential. The per-token scalars kept for every generated position are 
 log φ, the proposal's log q and the model's log p; nothing of vocabulary size is kept per
 position, only the next-token readout of each row (``Chains.view``).
 
-Invariant: for every row that has not produced EOS and has fewer than ``max_new_tokens``
+Sequence space. A continuation ends at EOS, at ``max_new_tokens``, or at the token that first
+completes a stop pattern (``Problem.stop``, a :class:`~smcdecode.stopping.StopSet`): ``Chains.ended``
+covers EOS and stops alike, so π and q are both defined on the stopped space and every ratio below
+(MH index term, reverse proposal, SMC weights) is taken on it. The stop automaton's state after
+each generated token is kept per position (``Chains.stop_state``), so a move that regenerates from
+position i resumes the automaton where x_<i left it.
+
+Invariant: for every row that has not ended and has fewer than ``max_new_tokens``
 tokens, every stream's KV cache holds prompt + all generated tokens, and ``view`` holds the
 next-token readouts. Finished rows keep a stale view that is never read.
 """
@@ -25,6 +32,7 @@ from torch import Tensor
 from smcdecode.engine import Engine, Readout
 from smcdecode.errors import ArgumentError
 from smcdecode.proposals.base import Proposal, sample
+from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential, Requirements, Sequences, StepView
 
 CHECK_EVERY = 8  # decode steps between host checks of "are all rows finished?"
@@ -46,11 +54,12 @@ class Chains:
 
     tokens: Tensor  # [B, T] long
     length: Tensor  # [B] long, generated tokens
-    ended: Tensor  # [B] bool, produced EOS
+    ended: Tensor  # [B] bool, produced EOS or completed a stop pattern
     log_phi: Tensor  # [B, T] base token factor of each generated token
     log_q: Tensor  # [B, T] proposal log-prob of each generated token (exact, stored at sampling)
     log_p: Tensor  # [B, T] model log-prob of each generated token
     log_psi: Tensor  # [B] base sequence potential (twist while partial, final at completion)
+    stop_state: Tensor  # [B, T] long: stop-automaton state after each generated token (0 without stops)
     view: StepView  # next-token readouts per row
 
     def index_select(self, idx: Tensor) -> Chains:
@@ -81,8 +90,14 @@ class Chains:
     def sum_log_p(self) -> Tensor:
         return (self.log_p * self.positions()).sum(1)
 
-    def append(self, active: Tensor, step: Drawn, eos: Tensor) -> None:
-        """Write the drawn token of every ``active`` row at its next position, in place."""
+    def last_stop_state(self) -> Tensor:
+        """[B] stop-automaton state after each row's last generated token (0 for an empty row)."""
+        prev = self.stop_state.gather(1, (self.length - 1).clamp_min(0)[:, None])[:, 0]
+        return torch.where(self.length > 0, prev, torch.zeros_like(prev))
+
+    def append(self, active: Tensor, step: Drawn, ends: Tensor, stop_state: Tensor) -> None:
+        """Write the drawn token of every ``active`` row at its next position, in place; ``ends``
+        [B]: the token ends the sequence (EOS or a stop completion, see :meth:`Problem.ends`)."""
         rows = torch.arange(self.length.shape[0], device=self.length.device)
         col = self.length.clamp(max=self.tokens.shape[1] - 1)
         for name, val in (
@@ -90,11 +105,12 @@ class Chains:
             ("log_q", step.log_q),
             ("log_phi", step.log_phi),
             ("log_p", step.log_p),
+            ("stop_state", stop_state),
         ):
             arr = getattr(self, name)
             arr[rows, col] = torch.where(active, val, arr[rows, col])
         self.length = self.length + active.long()
-        self.ended = self.ended | (active & eos)
+        self.ended = self.ended | (active & ends)
 
     def put(self, ids: Tensor, other: Chains) -> None:
         """Rows ``ids`` of self become ``other``'s rows, in place (the view is left as it is)."""
@@ -229,7 +245,8 @@ class Problem:
     generator: torch.Generator
     base: Potential | None = None
     alpha: float = 1.0
-    stop_tokens: Tensor | None = None  # [V] bool: a block ends after one of these (delimiter)
+    stop_tokens: Tensor | None = None  # [V] bool: an SMC block ends after one of these (delimiter)
+    stop: StopSet | None = None  # the sequence ends at a token that completes one of these patterns
     requirements: Requirements = field(default_factory=Requirements)
 
     def __post_init__(self) -> None:
@@ -253,6 +270,15 @@ class Problem:
         tok, lq = sample(log_q_all, self.generator, exclude)  # [B], [B]
         lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
         return Drawn(tok, lq, lphi, view.log_p.gather(1, tok[:, None])[:, 0])
+
+    def ends(self, chains: Chains, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Does appending ``tokens`` [B] end each row (EOS, or the first completion of a stop
+        pattern)? Returns that [B] bool and the stop automaton's state after the token [B]."""
+        eos = self.engine.is_eos(tokens)
+        if self.stop is None:
+            return eos, torch.zeros_like(tokens)
+        state, hit = self.stop.step(chains.last_stop_state(), tokens)
+        return eos | hit, state
 
     def sequences(self, chains: Chains, rows: list[int] | None = None, ids: list[int] | None = None) -> Sequences:
         """``rows`` of ``chains`` as sequences; ``ids`` maps each batch row to its original row
@@ -309,6 +335,7 @@ def start_chains(problem: Problem) -> tuple[Decoder, Chains]:
         log_q=z.clone(),
         log_p=z.clone(),
         log_psi=torch.zeros(b, device=eng.device),
+        stop_state=torch.zeros(b, t, dtype=torch.long, device=eng.device),
         view=view,
     )
     return decoder, chains
@@ -340,8 +367,9 @@ def extend(
     exclude: Tensor | None = None,
     q_schedule: Anneal | None = None,
 ) -> None:
-    """Extend every unfinished row with q up to ``horizon`` generated tokens (or EOS, or a stop
-    token), in place. With ``log_w`` given, add the SMC incremental weight of every token:
+    """Extend every unfinished row with q up to ``horizon`` generated tokens (or its end: EOS, a
+    stop pattern; or an SMC delimiter token), in place. With ``log_w`` given, add the SMC
+    incremental weight of every token:
 
         log w += α_t · log φ_t(x_t) − log q_t(x_t) + (α_t − α_{t−1}) · Σ_{s<t} log φ_s(x_s)
 
@@ -371,7 +399,7 @@ def extend(
                 log_w += (a_t - anneal.current) * chains.sum_log_phi()  # before this token is counted
                 anneal.current = a_t
             log_w += torch.where(active, a_t * drawn.log_phi - drawn.log_q, torch.zeros_like(drawn.log_q))
-        chains.append(active, drawn, problem.engine.is_eos(tok))
+        chains.append(active, drawn, *problem.ends(chains, tok))
         if problem.stop_tokens is not None:
             stopped = stopped | (active & problem.stop_tokens[tok])
         feed = active & ~chains.ended & (chains.length < t_max)
@@ -529,6 +557,7 @@ def make_problem(
     rows_per_prompt: int,
     max_new_tokens: int,
     seed: int,
+    stop: StopSet | None = None,
 ) -> Problem:
     check_run_args(max_new_tokens, seed)
     ids = engine.encode(prompts)
@@ -539,7 +568,9 @@ def make_problem(
                 f"prompt {k} ({len(p)} tokens) + {max_new_tokens} exceeds the context ({engine.max_positions})",
             )
     gen = torch.Generator(device=engine.device).manual_seed(seed)
-    return Problem(engine, target, proposal, list(prompts), ids, rows_per_prompt, max_new_tokens, gen)
+    problem = Problem(engine, target, proposal, list(prompts), ids, rows_per_prompt, max_new_tokens, gen)
+    problem.stop = stop
+    return problem
 
 
 def logmeanexp(x: Tensor, dim: int = -1) -> Tensor:

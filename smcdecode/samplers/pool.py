@@ -20,6 +20,7 @@ from smcdecode.proposals.tempered import Tempered
 from smcdecode.samplers.ancestral import Ancestral
 from smcdecode.samplers.base import Sampler
 from smcdecode.samplers.result import Result, Sample, Trace
+from smcdecode.stopping import StopSet
 
 
 class RolloutPool(Sampler):
@@ -44,12 +45,14 @@ class RolloutPool(Sampler):
             return Tempered(temperature)
         return EGLR(span, self.max_iters, self.entropy_threshold, self.tol, temperature)
 
-    def _run(self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool) -> Result:
+    def _run(
+        self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+    ) -> Result:
         pooled: list[list[Sample]] | None = None
         trace = Trace()
         for c, (span, temp) in enumerate((s, t) for s in self.spans for t in self.temperatures):
             res = Ancestral(self.cell_proposal(span, temp), n=self.per_cell).run(
-                engine, prompts, max_new_tokens=max_new_tokens, seed=seed + 7919 * c, progress=progress
+                engine, prompts, max_new_tokens=max_new_tokens, seed=seed + 7919 * c, progress=progress, stop=stop
             )
             for per in res.samples:
                 for s in per:

@@ -29,6 +29,7 @@ from smcdecode.samplers.base import Sampler, bar, collect
 from smcdecode.samplers.core import Anneal, extend, logmeanexp, make_problem, mh_move, start_chains
 from smcdecode.samplers.resampling import SCHEMES
 from smcdecode.samplers.result import Result, Trace
+from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
 
 
@@ -83,9 +84,11 @@ class SMC(Sampler):
         mask[engine.token_ids_containing(self.delimiter)] = True
         return mask
 
-    def _run(self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool) -> Result:
+    def _run(
+        self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+    ) -> Result:
         n = self.particles
-        problem = make_problem(engine, prompts, self.target, self.proposal, n, max_new_tokens, seed)
+        problem = make_problem(engine, prompts, self.target, self.proposal, n, max_new_tokens, seed, stop)
         problem.stop_tokens = self._stop_tokens(engine)
         if self.anneal is not None and problem.alpha == 1.0:
             raise ArgumentError("anneal", "annealing needs a target of the form base ** alpha with alpha != 1")

@@ -47,6 +47,7 @@ from smcdecode.samplers.core import (
     suffix_log_q,
 )
 from smcdecode.samplers.result import Result, Trace
+from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
 
 COMPACT_EVERY = 32  # iterations between compaction checks
@@ -77,8 +78,10 @@ class SuffixMH(Sampler):
             raise ArgumentTypeError("reuse_suffix", f"expected a bool, got {type(reuse_suffix).__name__}")
         self.reuse_suffix = reuse_suffix
 
-    def _run(self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool) -> Result:
-        problem = make_problem(engine, prompts, self.target, self.proposal, self.chains, max_new_tokens, seed)
+    def _run(
+        self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+    ) -> Result:
+        problem = make_problem(engine, prompts, self.target, self.proposal, self.chains, max_new_tokens, seed, stop)
         decoder, cur = start_chains(problem)
         t_max, n_steps = max_new_tokens, self.steps
         n_blocks = math.ceil(t_max / self.block_size)
@@ -101,7 +104,7 @@ class SuffixMH(Sampler):
                 drawn = problem.draw(decoder.bind(prop.view), problem.alpha, torch.where(live, sch.exclude, -1))
                 sch.exclude = torch.where(live, -1, sch.exclude)
                 tok = drawn.tokens
-                prop.append(live, drawn, engine.is_eos(tok))
+                prop.append(live, drawn, *problem.ends(prop, tok))
                 # 2. one forward: sampled tokens of unfinished rows, refed tokens of rows starting a move
                 feed = (live & ~prop.ended & (prop.length < t_max)) | sch.refeed
                 prop.view = decoder.decode(tok, feed, sch.refeed).where(feed, prop.view)

@@ -155,3 +155,13 @@ def test_a_driver_killed_with_sigkill_resumes_without_duplicates(cluster, refere
     recs = records(path)
     assert_once_each(recs)
     assert_same_as(recs, reference)
+
+
+def test_cli_ray_options_need_ray_and_gpus_need_gpus_per_worker(capsys):
+    from smcdecode.cli import main
+
+    base = ["eval", "humaneval", "--method", "ancestral:n=1", "--out", "unused"]
+    assert main([*base, "--workers", "2"]) == 2
+    assert "--workers needs --ray" in capsys.readouterr().err
+    assert main([*base, "--ray", "--device", "cuda"]) == 2
+    assert "--gpus-per-worker" in capsys.readouterr().err

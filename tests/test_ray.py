@@ -1,7 +1,7 @@
 """Ray executor on a local 2-CPU Ray instance (one per module): every record exactly once with two
-workers, after a worker's process is killed mid-run, after the driver is killed with SIGKILL and
-restarted; a problem that keeps killing workers becomes an error record; and the records of a
-2-worker run equal those of a single-process run, sample by sample."""
+workers, after a worker's process is killed mid-run, and after the driver is stopped (Ctrl-C, then
+SIGKILL) and restarted; a problem that keeps killing workers becomes an error record; the records
+of a 2-worker run equal those of a single-process run, sample by sample."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_two_workers_record_every_problem_once_equal_to_a_single_process_run(clu
 
 def test_a_killed_worker_loses_nothing(cluster, reference, tmp_path):
     task, _, _ = toy_eval()
-    ex = RayExecutor(functools.partial(toy_eval, delay=0.3), workers=2)
+    ex = RayExecutor(functools.partial(toy_eval, delay=0.2), workers=2)
     path = str(tmp_path / "results.jsonl")
     killed: list[int] = []
 
@@ -126,7 +126,8 @@ def test_a_recipe_that_raises_aborts_the_run_with_a_typed_error(cluster, tmp_pat
 
 DRIVER = textwrap.dedent(
     """
-    import functools, sys
+    import functools, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background child inherits SIGINT ignored
     from smcdecode.evaluate import run_eval
     from smcdecode.executors import RayExecutor
     from smcdecode.testing import toy_eval
@@ -138,20 +139,30 @@ DRIVER = textwrap.dedent(
 )
 
 
-def test_a_driver_killed_with_sigkill_resumes_without_duplicates(cluster, reference, tmp_path):
+def test_a_driver_stopped_by_ctrl_c_or_sigkill_resumes_without_duplicates(cluster, reference, tmp_path):
     out = str(tmp_path)
     path = os.path.join(out, "results.jsonl")
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, out, cluster, str(TOKENS)])
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(path) and len(records(path)) >= 3:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = records(path)
-    assert 3 <= len(partial) < 12
-    subprocess.run([sys.executable, "-c", DRIVER, out, cluster, str(TOKENS)], check=True, timeout=180)
+    driver = [sys.executable, "-c", DRIVER, out, cluster, str(TOKENS)]
+
+    def stop_after(n: int, sig: int) -> list[dict]:
+        proc = subprocess.Popen(driver, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(path) and len(records(path)) >= n:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0, "the driver finished before it was stopped"
+        if sig == signal.SIGINT:
+            assert b"KeyboardInterrupt" in err
+        return records(path)
+
+    after_ctrl_c = stop_after(2, signal.SIGINT)
+    assert 2 <= len(after_ctrl_c) < 12
+    after_kill = stop_after(len(after_ctrl_c) + 2, signal.SIGKILL)
+    assert len(after_ctrl_c) + 2 <= len(after_kill) < 12
+    subprocess.run(driver, check=True, timeout=180)
     recs = records(path)
     assert_once_each(recs)
     assert_same_as(recs, reference)

@@ -176,3 +176,22 @@ def test_cli_ray_options_need_ray_and_gpus_need_gpus_per_worker(capsys):
     assert "--workers needs --ray" in capsys.readouterr().err
     assert main([*base, "--ray", "--device", "cuda"]) == 2
     assert "--gpus-per-worker" in capsys.readouterr().err
+
+
+def test_a_problems_samples_do_not_depend_on_its_position_or_on_resumes(reference, tmp_path):
+    """In one process too: a run over a reordered subset (what a resume sees) reproduces the
+    samples of the full run, problem by problem."""
+    task, engine, sampler = toy_eval()
+    task.problems = [task.problems[7], task.problems[2], task.problems[11]]
+    path = run_eval(task, engine, sampler, "smc", str(tmp_path), max_new_tokens=TOKENS, progress=False)
+    recs = records(path)
+    assert [r["uid"] for r in recs] == ["toy-7", "toy-2", "toy-11"]
+    assert_same_as(recs, reference)
+
+
+def test_in_process_runs_need_an_engine_and_batch_size_is_checked(tmp_path):
+    task, engine, sampler = toy_eval(problems=2)
+    with pytest.raises(ValueError, match="engine"):
+        run_eval(task, None, None, "smc", str(tmp_path), max_new_tokens=TOKENS, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        run_eval(task, engine, sampler, "smc", str(tmp_path), max_new_tokens=TOKENS, batch_size=0, progress=False)

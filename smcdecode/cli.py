@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -61,7 +62,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def _task(args: argparse.Namespace, engine: Any) -> tuple[TaskAdapter, dict[str, Any]]:
     from smcdecode.evaluate import parse_shard, shard
 
-    style, tok = args.prompt, engine.tokenizer
+    style, tok = args.prompt, getattr(engine, "tokenizer", None)  # no engine: a Ray driver needs only the problems
     if args.task == "math500":
         from smcdecode.tasks import math500 as m
 
@@ -89,21 +90,61 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from smcdecode.evaluate import run_eval
     from smcdecode.spec import method_name, parse_method
 
+    executor = _ray_executor(args)
+    engine = _engine(args) if executor is None else None  # Ray workers load their own
+    adapter, rewards = _task(args, engine)
+    method = parse_method(args.method, rewards)  # on the driver too: a bad spec fails before Ray starts
+    try:
+        path = run_eval(
+            adapter,
+            engine,
+            method.sampler if executor is None else None,
+            method_name(args.method),
+            args.out,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            select=args.select,
+            batch_size=args.batch_size,
+            executor=executor,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: the records so far are in {args.out}; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(f"records: {path}")
+
+
+def _ray_executor(args: argparse.Namespace) -> Any:
+    if not args.ray:
+        extra = [f for f in ("address", "workers", "gpus_per_worker") if getattr(args, f)]
+        if extra:
+            raise SmcdecodeError(f"--{extra[0].replace('_', '-')} needs --ray")
+        return None
+    from smcdecode.executors import RayExecutor
+
+    if args.device.startswith("cuda") and not args.gpus_per_worker:
+        raise SmcdecodeError("--ray on GPUs: give --gpus-per-worker G (Ray assigns each worker its GPUs)")
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    for key in ("data", "model"):  # workers may start in another directory: local paths absolute
+        if isinstance(options.get(key), str) and os.path.exists(options[key]):
+            options[key] = os.path.abspath(options[key])
+    return RayExecutor(
+        functools.partial(_worker_parts, options),
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker or 0.0,
+        device="cuda" if args.gpus_per_worker else args.device,
+        address=args.address,
+    )
+
+
+def _worker_parts(options: dict[str, Any], device: str) -> tuple[TaskAdapter, Any, Any]:
+    """Inside a Ray worker: engine, task adapter and sampler from the command's options."""
+    from smcdecode.spec import parse_method
+
+    args = argparse.Namespace(**dict(options, device=device))
     engine = _engine(args)
     adapter, rewards = _task(args, engine)
-    method = parse_method(args.method, rewards)
-    path = run_eval(
-        adapter,
-        engine,
-        method.sampler,
-        method_name(args.method),
-        args.out,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        select=args.select,
-        batch_size=args.batch_size,
-    )
-    print(f"records: {path}")
+    return adapter, engine, parse_method(args.method, rewards).sampler
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -177,10 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--shard", default=None, help="I/N: this process takes problems I, I+N, I+2N, ...")
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--select", choices=["sample", "majority", "weight"], default="sample")
-        t.add_argument("--batch-size", type=int, default=4, help="problems per sampler call")
+        t.add_argument(
+            "--batch-size",
+            type=int,
+            default=1,
+            help="problems per sampler call (default 1: a problem's samples depend only on seed, problem id and "
+            "method; above 1 they also depend on which problems share the call)",
+        )
         t.add_argument("--model", default="embedded")
         t.add_argument("--device", default="cpu")
         t.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+        r = t.add_argument_group("distributed (Ray; pip install 'smcdecode[ray]')")
+        r.add_argument("--ray", action="store_true", help="run the problems on Ray workers, one engine per worker")
+        r.add_argument(
+            "--address", default=None, help="join a running Ray cluster ('auto' or HOST:PORT); default: start one here"
+        )
+        r.add_argument(
+            "--workers", type=int, default=None, help="default: one per --gpus-per-worker GPUs, else one per CPU"
+        )
+        r.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker (default 1)")
+        r.add_argument(
+            "--gpus-per-worker", type=float, default=None, help="GPUs per worker (fractions share a GPU); uses cuda"
+        )
         t.set_defaults(func=cmd_eval)
 
     rp = sub.add_parser("report", help="table and plot from eval directories (shards merge)")

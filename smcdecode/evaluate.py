@@ -5,6 +5,12 @@
 and appends one durable record per problem to ``DIR/results.jsonl``. A run killed at any moment
 and restarted with the same arguments skips the problems already recorded for (method, seed);
 ``--shard I/N`` takes every N-th problem starting at I, so N shards partition the problems.
+
+Where the sampler calls run is an executor's business (``smcdecode.executors``: this process by
+default, or Ray actors on a cluster); the records are always written here, by the driver alone.
+Each sampler call is seeded with ``problem_seed(seed, uid)`` of its first problem, so with one
+problem per call (``batch_size=1``, the default) a problem's samples depend only on (seed,
+problem id, method): not on its position in the run, on resumes, or on the worker that ran it.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import time
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -26,6 +33,9 @@ from smcdecode.errors import ArgumentError, RewardError
 from smcdecode.records import RecordWriter, read_jsonl
 from smcdecode.samplers.base import Sampler
 from smcdecode.samplers.result import Sample
+
+if TYPE_CHECKING:
+    from smcdecode.executors import Executor
 
 SELECTIONS = ("sample", "majority", "weight")
 
@@ -60,6 +70,11 @@ def shard(problems: Sequence[dict[str, Any]], index: int, count: int) -> list[di
     return [p for k, p in enumerate(problems) if k % count == index]
 
 
+def problem_seed(seed: int, uid: Any) -> int:
+    """The sampler seed of a problem: a function of (run seed, problem id) only."""
+    return zlib.crc32(f"sample:{seed}:{uid}".encode())
+
+
 def choose(samples: list[Sample], answers: list[Any], how: str, rng: random.Random) -> int:
     """Index of the chosen sample."""
     weights = [math.exp(s.log_weight) for s in samples]
@@ -81,34 +96,69 @@ def choose(samples: list[Sample], answers: list[Any], how: str, rng: random.Rand
 
 def run_eval(
     task: TaskAdapter,
-    engine: Engine,
-    sampler: Sampler,
+    engine: Engine | None,
+    sampler: Sampler | None,
     method: str,
     out_dir: str,
     *,
     seed: int = 0,
     max_new_tokens: int = 512,
     select: str = "sample",
-    batch_size: int = 4,
+    batch_size: int = 1,
     progress: bool | None = None,
+    executor: Executor | None = None,
 ) -> str:
-    """Evaluate and append records to ``out_dir/results.jsonl``; returns that path."""
+    """Evaluate and append records to ``out_dir/results.jsonl``; returns that path.
+
+    ``batch_size`` problems share one sampler call; above 1 a problem's samples also depend on
+    which problems share its call. ``executor`` runs the calls (default: in this process with
+    ``engine`` and ``sampler``; a ``RayExecutor`` builds its own in each worker, so they may be None).
+    """
     if select not in SELECTIONS:
         raise ArgumentError("select", f"unknown selection {select!r}; use one of {SELECTIONS}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ArgumentError("batch_size", f"must be an int >= 1, got {batch_size!r}")
     path = os.path.join(out_dir, "results.jsonl")
     done = {(r.get("uid"), r.get("method"), r.get("seed")) for r in read_jsonl(path)}
     todo = [p for p in task.problems if (p["unique_id"], method, seed) not in done]
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    job = BatchJob(task.name, method, seed, max_new_tokens, select)
+    if executor is None:
+        from smcdecode.executors import InProcess
+
+        executor = InProcess()
+    local = (task, engine, sampler) if engine is not None and sampler is not None else None
     show = progress if progress is not None else None
     with (
         RecordWriter(path) as writer,
         tqdm(total=len(todo), desc=f"{task.name} {method}", disable=show is False, leave=False) as bar,
+        closing(executor.map(job, batches, local)) as results,
     ):
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            for rec in _evaluate_batch(task, engine, sampler, method, batch, seed, max_new_tokens, select):
+        for records in results:
+            for rec in records:
                 writer.append(rec)
                 bar.update(1)
     return path
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """Turns a batch of problems into records given live (task, engine, sampler); the settings
+    only, so it pickles small (an executor sends it to each worker once)."""
+
+    task: str
+    method: str
+    seed: int
+    max_new_tokens: int
+    select: str
+
+    def __call__(self, parts: tuple[TaskAdapter, Engine, Sampler], batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        task, engine, sampler = parts
+        return _evaluate_batch(task, engine, sampler, self.method, batch, self.seed, self.max_new_tokens, self.select)
+
+    def failed(self, p: dict[str, Any], message: str) -> dict[str, Any]:
+        """The record of a problem that could not be evaluated."""
+        return _record(self.task, p, self.method, self.seed, self.max_new_tokens, error=message)
 
 
 def _evaluate_batch(
@@ -123,18 +173,14 @@ def _evaluate_batch(
 ) -> list[dict[str, Any]]:
     prompts = [task.prompt(p) for p in batch]
     try:
-        result = sampler.run(engine, prompts, max_new_tokens=max_new_tokens, seed=seed, progress=False)
-    except RewardError:
+        call_seed = problem_seed(seed, batch[0]["unique_id"])
+        result = sampler.run(engine, prompts, max_new_tokens=max_new_tokens, seed=call_seed, progress=False)
+    except RewardError as e:
         if len(batch) == 1:
-            raise
+            return [_record(task.name, batch[0], method, seed, max_new_tokens, error=f"RewardError: {e}")]
         # find the failing problem(s): run one at a time, recording errors, losing nothing else
-        out = []
-        for p in batch:
-            try:
-                out.extend(_evaluate_batch(task, engine, sampler, method, [p], seed, max_new_tokens, select))
-            except RewardError as e:
-                out.append(_record(task, p, method, seed, max_new_tokens, error=f"RewardError: {e}"))
-        return out
+        one = [_evaluate_batch(task, engine, sampler, method, [p], seed, max_new_tokens, select) for p in batch]
+        return [r for records in one for r in records]
     records = []
     per_problem_time = result.wall_time / len(batch)
     for p, samples, log_z in zip(batch, result.samples, result.log_evidence):
@@ -143,10 +189,10 @@ def _evaluate_batch(
 
 
 def _record(
-    task: TaskAdapter, p: dict[str, Any], method: str, seed: int, max_new_tokens: int, **extra: Any
+    task: str, p: dict[str, Any], method: str, seed: int, max_new_tokens: int, **extra: Any
 ) -> dict[str, Any]:
     base = {
-        "task": task.name,
+        "task": task,
         "uid": p["unique_id"],
         "method": method,
         "seed": seed,
@@ -175,7 +221,7 @@ def _grade(
     correct = bool(task.grade(p, answers[i]))
     n_correct = sum(bool(task.grade(p, a)) for a in answers) if task.grade_all else None
     return _record(
-        task,
+        task.name,
         p,
         method,
         seed,

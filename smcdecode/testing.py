@@ -349,3 +349,33 @@ class CharTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(self.alphabet[i - 1] for i in ids if 0 < i <= len(self.alphabet))
+
+
+# ------------------------------------------------------------------- a toy evaluation recipe
+
+
+def toy_eval(device: str = "cpu", *, problems: int = 12, delay: float = 0.0, poison: str | None = None) -> Any:
+    """``(task, engine, sampler)`` of a toy evaluation, built from plain values so that an
+    executor can build it inside a worker (``functools.partial(toy_eval, problems=12)``).
+
+    Problems ``toy-0 ..`` have two-character prompts; the sampler is SMC on p^2 with 4 particles.
+    ``delay`` seconds of sleep per prompt make a run last long enough to kill a worker mid-run;
+    the ``poison`` problem's prompt kills the process that evaluates it (for fault tests).
+    """
+    import os
+    import time
+
+    from smcdecode import proposals, samplers, targets
+    from smcdecode.evaluate import TaskAdapter
+
+    def prompt(p: dict[str, Any]) -> str:
+        if p["unique_id"] == poison:
+            os._exit(13)
+        time.sleep(delay)
+        return str(p["prompt"])
+
+    items = [{"unique_id": f"toy-{i}", "prompt": "abcd"[i % 4] + "abcd"[(i // 4) % 4]} for i in range(problems)]
+    task = TaskAdapter("toy", items, prompt, lambda text: (text or "")[:1], lambda p, a: a == "a")
+    engine = Engine(tiny_llama(vocab=5).to(device), tokenizer=CharTokenizer("abcd"), eos_token_ids=[0])
+    sampler = samplers.SMC(targets.Power(2.0), proposals.Tempered(1.0), particles=4)
+    return task, engine, sampler

@@ -28,6 +28,30 @@ def _engine(args: argparse.Namespace):
     return Engine.from_pretrained(resolve(args.model), device=args.device, dtype=dtype)
 
 
+STOP_HELP = (
+    "stop pattern (repeatable): a string with Python escapes ('\\ndef'), or ids:198,750 for token ids; "
+    "'none' for no stops"
+)
+
+
+def parse_stop(values: list[str] | None, default: tuple[str, ...] | None = None) -> list[Any] | None:
+    """``--stop`` values -> the ``stop`` argument of ``Sampler.run`` (the default when not given)."""
+    if values is None:
+        return list(default) if default else None
+    if values == ["none"]:
+        return None
+    out: list[Any] = []
+    for v in values:
+        if v.startswith("ids:"):
+            try:
+                out.append([int(x) for x in v[4:].split(",")])
+            except ValueError:
+                raise SmcdecodeError(f"--stop {v!r}: ids: takes comma-separated integers") from None
+        else:
+            out.append(v.encode("latin-1", "backslashreplace").decode("unicode_escape"))
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from smcdecode.demo import main_demo
 
@@ -41,7 +65,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     proposal = parse_proposal(args.proposal)
     sampler = build_sampler(args.sampler, target, proposal)
     engine = _engine(args)
-    res = sampler.run(engine, [args.prompt], max_new_tokens=args.max_new_tokens, seed=args.seed)
+    res = sampler.run(
+        engine, [args.prompt], max_new_tokens=args.max_new_tokens, seed=args.seed, stop=parse_stop(args.stop)
+    )
     for s in sorted(res.samples[0], key=lambda s: -s.log_weight):
         print(
             json.dumps(
@@ -106,11 +132,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
             select=args.select,
             batch_size=args.batch_size,
             executor=executor,
+            stop=parse_stop(args.stop, _default_stop(args)),
         )
     except KeyboardInterrupt:
         print(f"interrupted: the records so far are in {args.out}; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
     print(f"records: {path}")
+
+
+def _default_stop(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """HumanEval: the extractor's own stop sequences (plus a closing fence for chat prompts), so
+    generation ends where grading would cut; MATH-500: EOS only."""
+    if args.task != "humaneval":
+        return None
+    from smcdecode.tasks import humaneval as h
+
+    return h.STOP_SEQUENCES + (("\n```",) if args.prompt == "chat" else ())
 
 
 def _ray_executor(args: argparse.Namespace) -> Any:
@@ -196,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     s.add_argument("--out", default=None, help="save the Result as JSON (for smcdecode plot)")
+    s.add_argument("--stop", action="append", default=None, help=STOP_HELP + " (default: none)")
     s.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("eval", help="evaluate a method on MATH-500 or HumanEval (resumable, shardable)")
@@ -218,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--shard", default=None, help="I/N: this process takes problems I, I+N, I+2N, ...")
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--select", choices=["sample", "majority", "weight"], default="sample")
+        default_stop = "the harness's: \\ndef, \\nclass, ..." if task == "humaneval" else "none: EOS only"
+        t.add_argument("--stop", action="append", default=None, help=f"{STOP_HELP} (default: {default_stop})")
         t.add_argument(
             "--batch-size",
             type=int,

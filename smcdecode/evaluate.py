@@ -107,8 +107,12 @@ def run_eval(
     batch_size: int = 1,
     progress: bool | None = None,
     executor: Executor | None = None,
+    stop: Sequence[str | Sequence[int]] | None = None,
 ) -> str:
     """Evaluate and append records to ``out_dir/results.jsonl``; returns that path.
+
+    ``stop``: stop patterns of every sample (see ``Sampler.run``); recorded with each record, and
+    a directory already holding records of this (method, seed) with other stops is refused.
 
     ``batch_size`` problems share one sampler call; above 1 a problem's samples also depend on
     which problems share its call. ``executor`` runs the calls (default: in this process with
@@ -119,10 +123,19 @@ def run_eval(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ArgumentError("batch_size", f"must be an int >= 1, got {batch_size!r}")
     path = os.path.join(out_dir, "results.jsonl")
-    done = {(r.get("uid"), r.get("method"), r.get("seed")) for r in read_jsonl(path)}
+    stops = _stop_key(stop)
+    previous = list(read_jsonl(path))
+    for r in previous:
+        if (r.get("method"), r.get("seed")) == (method, seed) and _stop_key(r.get("stop")) != stops:
+            raise ArgumentError(
+                "stop",
+                f"{path} holds records of {method!r} (seed {seed}) made with stop={r.get('stop')!r}, not "
+                f"{stop!r}: resuming would mix two sequence spaces; use another output directory",
+            )
+    done = {(r.get("uid"), r.get("method"), r.get("seed")) for r in previous}
     todo = [p for p in task.problems if (p["unique_id"], method, seed) not in done]
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-    job = BatchJob(task.name, method, seed, max_new_tokens, select)
+    job = BatchJob(task.name, method, seed, max_new_tokens, select, stops)
     if executor is None:
         from smcdecode.executors import InProcess
 
@@ -151,10 +164,16 @@ class BatchJob:
     seed: int
     max_new_tokens: int
     select: str
+    stop: tuple[Any, ...] | None = None  # stop patterns (strings, or tuples of token ids)
 
     def __call__(self, parts: tuple[TaskAdapter, Engine, Sampler], batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         task, engine, sampler = parts
-        return _evaluate_batch(task, engine, sampler, self.method, batch, self.seed, self.max_new_tokens, self.select)
+        records = _evaluate_batch(
+            task, engine, sampler, self.method, batch, self.seed, self.max_new_tokens, self.select, self.stop
+        )
+        for r in records:
+            r["stop"] = None if self.stop is None else [s if isinstance(s, str) else list(s) for s in self.stop]
+        return records
 
     def failed(self, p: dict[str, Any], message: str) -> dict[str, Any]:
         """The record of a problem that could not be evaluated."""
@@ -170,27 +189,40 @@ def _evaluate_batch(
     seed: int,
     max_new_tokens: int,
     select: str,
+    stop: tuple[Any, ...] | None = None,
 ) -> list[dict[str, Any]]:
     prompts = [task.prompt(p) for p in batch]
     try:
         call_seed = problem_seed(seed, batch[0]["unique_id"])
-        result = sampler.run(engine, prompts, max_new_tokens=max_new_tokens, seed=call_seed, progress=False)
+        stops = None if stop is None else [s if isinstance(s, str) else list(s) for s in stop]
+        result = sampler.run(engine, prompts, max_new_tokens=max_new_tokens, seed=call_seed, progress=False, stop=stops)
     except RewardError as e:
         if len(batch) == 1:
             return [_record(task.name, batch[0], method, seed, max_new_tokens, error=f"RewardError: {e}")]
         # find the failing problem(s): run one at a time, recording errors, losing nothing else
-        one = [_evaluate_batch(task, engine, sampler, method, [p], seed, max_new_tokens, select) for p in batch]
+        one = [_evaluate_batch(task, engine, sampler, method, [p], seed, max_new_tokens, select, stop) for p in batch]
         return [r for records in one for r in records]
     records = []
     per_problem_time = result.wall_time / len(batch)
     for p, samples, log_z in zip(batch, result.samples, result.log_evidence):
-        records.append(_grade(task, p, samples, log_z, method, seed, max_new_tokens, select, per_problem_time))
+        rec = _grade(task, p, samples, log_z, method, seed, max_new_tokens, select, per_problem_time)
+        rec["decode_tokens"] = result.counters.get("decode_tokens", 0) / len(batch)  # engine work, shared evenly
+        records.append(rec)
     return records
 
 
-def _record(
-    task: str, p: dict[str, Any], method: str, seed: int, max_new_tokens: int, **extra: Any
-) -> dict[str, Any]:
+def _stop_key(stop: Any) -> tuple[Any, ...] | None:
+    """Stop patterns as a hashable, JSON-round-trip-stable tuple (None for none)."""
+    if not stop:
+        return None
+    if isinstance(stop, str):
+        from smcdecode.errors import ArgumentTypeError
+
+        raise ArgumentTypeError("stop", "expected a list of strings or token-id lists, not one string")
+    return tuple(s if isinstance(s, str) else tuple(int(i) for i in s) for s in stop)
+
+
+def _record(task: str, p: dict[str, Any], method: str, seed: int, max_new_tokens: int, **extra: Any) -> dict[str, Any]:
     base = {
         "task": task,
         "uid": p["unique_id"],

@@ -105,6 +105,8 @@ def token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
     through ``▁`` → space and ``<0xNN>`` byte fallback; special tokens and ids past the tokenizer's
     vocabulary have no text (b"").
     """
+    if not hasattr(tokenizer, "convert_ids_to_tokens"):  # a minimal tokenizer: decode ids one by one
+        return [tokenizer.decode([i]).encode("utf-8") for i in range(vocab_size)]
     inverse = {c: b for b, c in _bytes_to_unicode().items()}
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}

@@ -101,3 +101,26 @@ def test_real_tokenizer_bytes_decode_and_a_stop_string_across_two_tokens(model):
     assert t is not None and pieces[t].startswith(b"def")  # completed by the token after the newline(s)
     assert b"\n" in pieces[t - 1] and b"def" not in pieces[t - 1]  # the string spans two tokens
     assert stop.first_stop(tok.encode("    return x\n", add_special_tokens=False)) is None
+
+
+@pytest.mark.integration
+def test_samplers_on_the_embedded_model_end_at_the_first_stop_completion():
+    import smcdecode as sd
+    from smcdecode import proposals as Q
+    from smcdecode import samplers as S
+    from smcdecode import targets as T
+
+    torch.set_num_threads(2)
+    engine = sd.Engine.embedded()
+    prompts = ["def add(a, b):\n    return", "Q: What is 2 + 3?\nA:"]
+    stop = ["\n", "5"]
+    stopped = 0
+    for sampler in (S.Ancestral(Q.Tempered(1.0), n=3), S.SuffixMH(T.Power(2), Q.Tempered(0.5), block_size=4, steps=2)):
+        res = sampler.run(engine, prompts, max_new_tokens=12, seed=0, stop=stop)
+        for s in (s for per in res.samples for s in per):
+            text, before = engine.decode_text(s.tokens), engine.decode_text(s.tokens[:-1])
+            assert not any(p in before for p in stop)  # nothing completed a stop before the last token
+            ended = any(p in text for p in stop) or s.tokens[-1] in engine.eos_token_ids
+            assert ended or len(s.tokens) == 12
+            stopped += any(p in text for p in stop)
+    assert stopped >= 3  # the stops did end samples

@@ -1,7 +1,7 @@
 """smcdecode: exact Monte Carlo sampling from sequence-level targets defined by a language model
 (power p^α, layer-contrast-tempered, reward-augmented) over a batched, cache-reusing engine."""
 
-from smcdecode import proposals, samplers, targets
+from smcdecode import models, proposals, samplers, targets
 from smcdecode.engine import Batch, Engine, Readout
 from smcdecode.errors import ArgumentError, ArgumentTypeError, RewardError, SmcdecodeError
 from smcdecode.samplers.result import Result, Sample
@@ -17,6 +17,7 @@ __all__ = [
     "targets",
     "proposals",
     "samplers",
+    "models",
     "SmcdecodeError",
     "ArgumentError",
     "ArgumentTypeError",

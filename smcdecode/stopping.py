@@ -234,11 +234,30 @@ class StopSet:
 
 
 _BYTES: weakref.WeakKeyDictionary[Any, list[bytes]] = weakref.WeakKeyDictionary()
+_BUILT: weakref.WeakKeyDictionary[Any, dict[Any, StopSet | None]] = weakref.WeakKeyDictionary()
 
 
 def stop_set(engine: Any, stop: StopSpec | None) -> StopSet | None:
-    """``StopSet.build`` for an engine (its vocabulary, tokenizer and device); the token byte table
-    is computed once per tokenizer."""
+    """``StopSet.build`` for an engine (its vocabulary, tokenizer and device), built once per
+    engine and pattern list (an evaluation calls the sampler once per problem with the same stops);
+    the token byte table is computed once per tokenizer."""
+    key = _key(stop)
+    try:
+        built = _BUILT.setdefault(engine, {})
+    except TypeError:  # not weak-referenceable: no cache
+        built = {}
+    if key not in built:
+        built[key] = _build_for(engine, stop)
+    return built[key]
+
+
+def _key(stop: Any) -> Any:
+    if stop is None or isinstance(stop, (str, bytes)) or not isinstance(stop, Sequence):
+        return ("uncached", id(stop))  # invalid or empty input: let build() raise or return None
+    return tuple(e if isinstance(e, str) else ("ids", *map(repr, e)) for e in stop)
+
+
+def _build_for(engine: Any, stop: StopSpec | None) -> StopSet | None:
     vocab_bytes = None
     if stop is not None and engine.tokenizer is not None and any(isinstance(e, str) for e in stop):
         try:

@@ -82,10 +82,11 @@ def test_a_killed_worker_loses_nothing(cluster, reference, tmp_path):
     ex = RayExecutor(functools.partial(toy_eval, delay=0.2), workers=2)
     path = str(tmp_path / "results.jsonl")
     killed: list[int] = []
+    finished = threading.Event()
 
     def kill_one_worker_mid_run() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
+        # no wall-clock deadline: on a loaded machine the workers' start-up alone can take minutes
+        while not finished.is_set() and not killed:
             n = len(records(path)) if os.path.exists(path) else 0
             if ex.pids and 1 <= n <= 8:
                 pid = next(iter(ex.pids.values()))
@@ -95,8 +96,11 @@ def test_a_killed_worker_loses_nothing(cluster, reference, tmp_path):
 
     killer = threading.Thread(target=kill_one_worker_mid_run)
     killer.start()
-    run_eval(task, None, None, "smc", str(tmp_path), max_new_tokens=TOKENS, progress=False, executor=ex)
-    killer.join()
+    try:
+        run_eval(task, None, None, "smc", str(tmp_path), max_new_tokens=TOKENS, progress=False, executor=ex)
+    finally:
+        finished.set()
+        killer.join()
     assert killed, "the run ended before a worker could be killed"
     recs = records(path)
     assert_once_each(recs)
@@ -146,7 +150,7 @@ def test_a_driver_stopped_by_ctrl_c_or_sigkill_resumes_without_duplicates(cluste
 
     def stop_after(n: int, sig: int) -> list[dict]:
         proc = subprocess.Popen(driver, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
+        deadline = time.time() + 900  # generous: on a loaded machine Ray's start-up alone takes minutes
         while time.time() < deadline and proc.poll() is None:
             if os.path.exists(path) and len(records(path)) >= n:
                 break

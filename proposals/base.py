@@ -15,13 +15,13 @@ from smcdecode.targets.base import Requirements, StepView
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from smcdecode.engine import Engine
+    from smcdecode.backends import Backend
 
 TargetFactor = Callable[[StepView], "Tensor | None"]
 
 
 class Proposal:
-    def requirements(self, engine: Engine) -> Requirements:
+    def requirements(self, engine: Backend) -> Requirements:
         return Requirements()
 
     def log_q(self, view: StepView, target_factor: TargetFactor) -> Tensor:

@@ -26,7 +26,7 @@ from smcdecode.distributions import entropy, kl
 from smcdecode.errors import ArgumentError, check_finite, check_finite_positive, check_int
 
 if TYPE_CHECKING:
-    from smcdecode.engine import Engine
+    from smcdecode.backends import Backend
 
 
 class EGLR(Proposal):
@@ -39,7 +39,7 @@ class EGLR(Proposal):
         self.tol = check_finite_positive("tol", tol)
         self.temperature = check_finite_positive("temperature", temperature)
 
-    def requirements(self, engine: Engine) -> Requirements:
+    def requirements(self, engine: Backend) -> Requirements:
         if self.span > engine.num_layers:
             raise ArgumentError("span", f"must lie in 1..{engine.num_layers}, got {self.span}")
         return Requirements(hidden=self.max_iters > 0)

@@ -1,8 +1,8 @@
 """smcdecode: exact Monte Carlo sampling from sequence-level targets defined by a language model
 (power p^α, layer-contrast-tempered, reward-augmented) over a batched, cache-reusing engine."""
 
-from smcdecode import models, proposals, samplers, targets
-from smcdecode.engine import Batch, Engine, Readout
+from smcdecode import backends, models, proposals, samplers, targets
+from smcdecode.backends import Backend, Batch, Engine, Readout, ReferenceBackend
 from smcdecode.errors import ArgumentError, ArgumentTypeError, RewardError, SmcdecodeError
 from smcdecode.samplers.result import Result, Sample
 
@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Engine",
+    "Backend",
+    "ReferenceBackend",
+    "backends",
     "Batch",
     "Readout",
     "Result",

@@ -18,7 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _engine(args: argparse.Namespace):
-    from smcdecode.engine import Engine
+    from smcdecode.backends import Engine
 
     dtype = DTYPES[args.dtype]
     if args.model == "embedded":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smcdecode import proposals, samplers, targets
-from smcdecode.engine import Engine
+from smcdecode.backends import Backend, Engine
 from smcdecode.samplers.result import Result, Sample
 from smcdecode.tasks import arithmetic
 
@@ -81,7 +81,7 @@ def format_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
 
 
 def run_demo(
-    engine: Engine | None = None,
+    engine: Backend | None = None,
     *,
     limit: int = 150,
     out: str = "runs/demo",

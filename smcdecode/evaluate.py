@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from smcdecode.engine import Engine
+from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentError, RewardError
 from smcdecode.records import RecordWriter, read_jsonl
 from smcdecode.samplers.base import Sampler
@@ -96,7 +96,7 @@ def choose(samples: list[Sample], answers: list[Any], how: str, rng: random.Rand
 
 def run_eval(
     task: TaskAdapter,
-    engine: Engine | None,
+    engine: Backend | None,
     sampler: Sampler | None,
     method: str,
     out_dir: str,
@@ -166,7 +166,9 @@ class BatchJob:
     select: str
     stop: tuple[Any, ...] | None = None  # stop patterns (strings, or tuples of token ids)
 
-    def __call__(self, parts: tuple[TaskAdapter, Engine, Sampler], batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def __call__(
+        self, parts: tuple[TaskAdapter, Backend, Sampler], batch: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         task, engine, sampler = parts
         records = _evaluate_batch(
             task, engine, sampler, self.method, batch, self.seed, self.max_new_tokens, self.select, self.stop
@@ -182,7 +184,7 @@ class BatchJob:
 
 def _evaluate_batch(
     task: TaskAdapter,
-    engine: Engine,
+    engine: Backend,
     sampler: Sampler,
     method: str,
     batch: list[dict[str, Any]],

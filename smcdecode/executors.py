@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from smcdecode.errors import ArgumentError, SmcdecodeError, check_int
 
 if TYPE_CHECKING:
-    from smcdecode.engine import Engine
+    from smcdecode.backends import Backend
     from smcdecode.evaluate import BatchJob, TaskAdapter
     from smcdecode.samplers.base import Sampler
 
-    Parts = tuple[TaskAdapter, Engine, Sampler]
+    Parts = tuple[TaskAdapter, Backend, Sampler]
 
 Problem = dict[str, Any]
 Record = dict[str, Any]

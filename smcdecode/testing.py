@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcdecode.engine import Engine
+from smcdecode.backends import Backend, Engine, Readout
 from smcdecode.proposals.base import Proposal
 from smcdecode.stopping import StopSet, StopSpec, stop_set
 from smcdecode.targets.base import Potential, Sequences, StepView
@@ -95,7 +95,7 @@ def tiny_gpt2(vocab: int = 6, layers: int = 2, seed: int = 0):
 # ---------------------------------------------------------------------------------- enumeration
 
 
-def continuations(engine: Engine, max_new_tokens: int, stop: StopSet | None = None) -> list[tuple[int, ...]]:
+def continuations(engine: Backend, max_new_tokens: int, stop: StopSet | None = None) -> list[tuple[int, ...]]:
     """Every complete continuation: ends in an EOS id, at the token that first completes a stop
     pattern of ``stop``, or has exactly max_new_tokens tokens."""
     eos = set(engine.eos_token_ids)
@@ -145,7 +145,7 @@ class Exact:
 
 
 def _views(
-    engine: Engine, target: Potential | None, proposal: Proposal | None, prompt: list[int], seqs: list[tuple[int, ...]]
+    engine: Backend, target: Potential | None, proposal: Proposal | None, prompt: list[int], seqs: list[tuple[int, ...]]
 ) -> list[tuple[int, StepView, list[int]]]:
     """Per generated position t: the StepView of the rows that have a token t (from one
     uncached forward over prompt + x per engine/stream), and which rows those are."""
@@ -188,7 +188,7 @@ def _views(
 
 
 def exact(
-    engine: Engine,
+    engine: Backend,
     target: Potential | None,
     prompt: Sequence[int] | str,
     max_new_tokens: int,
@@ -232,7 +232,7 @@ def exact(
 
 
 def check_potential(
-    engine: Engine,
+    engine: Backend,
     potential: Potential,
     prompt: Sequence[int],
     max_new_tokens: int,
@@ -260,7 +260,7 @@ def check_potential(
 
 
 def check_algebra(
-    engine: Engine,
+    engine: Backend,
     a: Potential,
     b: Potential,
     prompt: Sequence[int],
@@ -276,7 +276,7 @@ def check_algebra(
 
 
 def check_proposal(
-    engine: Engine,
+    engine: Backend,
     proposal: Proposal,
     target: Potential | None,
     prompt: Sequence[int],
@@ -303,6 +303,126 @@ def check_proposal(
         )
     p = chi2_pvalue(counts, ex.q_probs)
     assert p > 1e-3, f"{proposal!r}: samples do not follow q (chi-square p = {p:.2g})"
+
+
+# ---------------------------------------------------------------------------------- backends
+
+
+def check_backend(backend: Backend, atol: float = 1e-4) -> None:
+    """The conformance suite of the backend seam: drive ``backend`` through every operation a
+    sampler uses and check, after each, that every row's readout equals the readout of a fresh
+    prefill of the context the row should hold (the backend's own uncached answer), and that the
+    counters count the real tokens. Raises ``AssertionError`` naming the operation that broke.
+
+    Needs a vocabulary of at least 7 ids. Operations: ``start`` over ragged prompts (several
+    prefill groups), ``decode`` with inactive rows, ``save_rows`` / ``truncate`` (down to the
+    prompt itself) / the re-feeding decode / ``restore_rows``, ``select`` within prompt groups
+    with repeats and across groups with a new size, ``compact``, and ``score`` against
+    step-by-step decoding; layer readouts too when the backend has the ``layers`` capability."""
+    assert backend.vocab_size >= 7, "check_backend needs a vocabulary of at least 7 ids"
+    layers = (0, 1, backend.num_layers) if "layers" in backend.capabilities else ()
+    prompts = [[1, 2, 3], [4, 2], [2, 2, 5, 6, 1, 3, 4, 5, 6, 2]]  # ragged: prefilled in two groups
+    n = 2
+    batch, out = backend.start(prompts, n, layers=layers)
+    seqs = [list(p) for p in prompts for _ in range(n)]
+    gen = torch.Generator().manual_seed(0)
+
+    def check(op: str, readout: Any, rows: Sequence[int] | None = None) -> None:
+        for r in range(len(seqs)) if rows is None else rows:
+            want = backend.prefill([seqs[r]], layers=layers)[1]
+            got_p = readout.log_p[r].float().cpu()
+            if not torch.allclose(got_p, want.log_p[0].float().cpu(), atol=atol, rtol=0):
+                raise AssertionError(f"{op}: row {r} (context {seqs[r]}) reads a different next-token distribution")
+            for layer in layers:
+                if not torch.allclose(readout.layers[layer][r].cpu(), want.layers[layer][0].cpu(), atol=atol, rtol=0):
+                    raise AssertionError(f"{op}: row {r}, layer {layer} readout differs")
+
+    def draw(readout: Any) -> Tensor:
+        return torch.multinomial(readout.log_p.float().exp().cpu(), 1, generator=gen).view(-1).to(backend.device)
+
+    check("start", out)
+    before = backend.counters["decode_tokens"]
+    fed = 0
+    for step in range(3):  # decode, some rows inactive
+        tok = draw(out)
+        active = torch.tensor([(r + step) % 3 != 0 for r in range(len(seqs))], device=backend.device)
+        new = backend.decode(batch, tok, active)
+        for r, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
+            if a:
+                seqs[r].append(t)
+                fed += 1
+        out = new.where(active, out)
+        check(f"decode step {step}", out)
+    # an MH move: checkpoint, truncate (row 0 to its prompt, row 3 by one token), re-read, extend, restore
+    rows = torch.tensor([r in (0, 3) for r in range(len(seqs))], device=backend.device)
+    old = {r: list(seqs[r]) for r in (0, 3)}
+    plen = torch.tensor([len(p) for p in prompts for _ in range(n)], device=backend.device)
+    keep = torch.tensor([len(seqs[r]) - plen[r].item() - (r == 3) if r in (0, 3) else 0 for r in range(len(seqs))])
+    keep[0] = 0
+    backend.save_rows(batch, rows)
+    backend.truncate(batch, rows, plen + keep.to(backend.device))
+    for r in (0, 3):
+        seqs[r] = seqs[r][: int(plen[r]) + int(keep[r])]
+    reread = backend.decode(batch, torch.zeros_like(plen), rows)
+    fed += 2
+    check("truncate + decode (re-feed)", reread, rows=[0, 3])
+    out = reread.where(rows, out)
+    tok = draw(out)
+    out = backend.decode(batch, tok, rows).where(rows, out)
+    fed += 2
+    for r in (0, 3):
+        seqs[r].append(int(tok[r]))
+    check("decode after truncate", out, rows=[0, 3])
+    backend.restore_rows(batch, torch.tensor([r == 3 for r in range(len(seqs))], device=backend.device))
+    seqs[3] = old[3]
+    tok = draw(out)
+    out3 = backend.decode(batch, tok, torch.tensor([r == 3 for r in range(len(seqs))], device=backend.device))
+    seqs[3].append(int(tok[3]))
+    fed += 1
+    check("restore_rows + decode", out3, rows=[3])
+    out = out3.where(torch.tensor([r == 3 for r in range(len(seqs))], device=backend.device), out)
+    # resample within prompt groups (row 0 re-fed its prompt's last token: its columns must travel)
+    idx = torch.tensor([0, 0, 3, 3, 5, 4], device=backend.device)
+    backend.select(batch, idx, within_groups=True)
+    seqs, out = [list(seqs[i]) for i in idx.tolist()], out.index_select(idx)
+    tok = draw(out)
+    out = backend.decode(batch, tok)
+    fed += len(seqs)
+    seqs = [s + [t] for s, t in zip(seqs, tok.tolist())]
+    check("select within groups + decode", out)
+    backend.compact(batch, force=True)
+    tok = draw(out)
+    out = backend.decode(batch, tok)
+    fed += len(seqs)
+    seqs = [s + [t] for s, t in zip(seqs, tok.tolist())]
+    check("compact + decode", out)
+    # a new batch size (finished rows leave), then teacher-forced scoring of 3 tokens
+    keep_rows = torch.tensor([5, 1, 2], device=backend.device)
+    backend.select(batch, keep_rows)
+    seqs, out = [seqs[i] for i in keep_rows.tolist()], out.index_select(keep_rows)
+    block = torch.tensor([[3, 4, 5], [0, 6, 1], [2, 5, 5]], device=backend.device)
+    n_tok = torch.tensor([3, 2, 3], device=backend.device)  # row 1's real tokens are its last 2
+    scored = backend.score(batch, block, n_tok)
+    fed += 8
+    for j in range(3):
+        step_seqs = seqs
+        seqs = [
+            s + block[r, 3 - int(n_tok[r]) :][: j + 1 - (3 - int(n_tok[r]))].tolist() for r, s in enumerate(step_seqs)
+        ]
+        rows_j = [r for r in range(3) if j >= 3 - int(n_tok[r])]
+        check(
+            f"score position {j}", Readout(scored.log_p[:, j], {k: v[:, j] for k, v in scored.layers.items()}), rows_j
+        )
+        seqs = step_seqs
+    seqs = [s + block[r, 3 - int(n_tok[r]) :].tolist() for r, s in enumerate(seqs)]
+    tok = draw(Readout(scored.log_p[:, -1]))
+    out = backend.decode(batch, tok)
+    fed += 3
+    seqs = [s + [t] for s, t in zip(seqs, tok.tolist())]
+    check("decode after score", out)
+    counted = backend.counters["decode_tokens"] - before
+    if counted != fed:
+        raise AssertionError(f"counters: decode_tokens grew by {counted}, but {fed} real tokens were fed")
 
 
 def chi2_pvalue(counts: Tensor, probs: Tensor, min_expected: float = 5.0) -> float:

@@ -23,7 +23,7 @@ from torch import Tensor
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite
 
 if TYPE_CHECKING:
-    from smcdecode.engine import Engine
+    from smcdecode.backends import Backend
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class Requirements:
     def __or__(self, other: Requirements) -> Requirements:
         aux = tuple({a.key: a for a in (*self.aux, *other.aux)}.values())
         return Requirements(self.layers | other.layers, aux, self.hidden or other.hidden)
+
+    def capabilities(self) -> tuple[str, ...]:
+        """The optional backend capabilities these requirements need (see ``Backend.require``)."""
+        return (("layers",) if self.layers else ()) + (("hidden", "reapply") if self.hidden else ())
 
 
 @dataclass
@@ -124,7 +128,7 @@ class Potential:
     #: as an SMC twist at block boundaries.
     prefix: bool = False
 
-    def requirements(self, engine: Engine) -> Requirements:
+    def requirements(self, engine: Backend) -> Requirements:
         return Requirements()
 
     def token_log_factor(self, view: StepView) -> Tensor | None:
@@ -163,7 +167,7 @@ class Product(Potential):
         self.factors: tuple[Potential, ...] = tuple(flat)
         self.prefix = any(f.prefix for f in self.factors)
 
-    def requirements(self, engine: Engine) -> Requirements:
+    def requirements(self, engine: Backend) -> Requirements:
         req = Requirements()
         for f in self.factors:
             req = req | f.requirements(engine)
@@ -201,7 +205,7 @@ class Scaled(Potential):
         self.exponent: float = k
         self.prefix = base.prefix
 
-    def requirements(self, engine: Engine) -> Requirements:
+    def requirements(self, engine: Backend) -> Requirements:
         return self.base.requirements(engine)
 
     def token_log_factor(self, view: StepView) -> Tensor | None:

@@ -33,7 +33,7 @@ from smcdecode.distributions import entropy, js_divergence
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, check_finite_positive
 
 if TYPE_CHECKING:
-    from smcdecode.engine import Engine
+    from smcdecode.backends import Backend
 
 
 class LM(Potential):
@@ -134,7 +134,7 @@ class LayerContrast(Potential):
         self.candidates = candidates
         self._resolved: tuple[int, ...] | None = None
 
-    def _layers(self, engine: Engine) -> tuple[int, ...]:
+    def _layers(self, engine: Backend) -> tuple[int, ...]:
         if self.layer == "dynamic":
             cands = (
                 dola_candidates(engine.num_layers, self.candidates)
@@ -152,7 +152,7 @@ class LayerContrast(Potential):
             )
         return layers
 
-    def requirements(self, engine: Engine) -> Requirements:
+    def requirements(self, engine: Backend) -> Requirements:
         self._resolved = self._layers(engine)
         return Requirements(layers=frozenset(self._resolved))
 
@@ -194,7 +194,7 @@ class Contrast(Potential):
                 raise ArgumentTypeError("prompt", "expected a string or a list of token ids")
         self.stream = AuxStream(engine=amateur, prompt=prompt)
 
-    def requirements(self, engine: Engine) -> Requirements:
+    def requirements(self, engine: Backend) -> Requirements:
         amateur = self.stream.engine
         if amateur is not None and amateur.vocab_size != engine.vocab_size:
             raise ArgumentError(

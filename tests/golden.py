@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from smcdecode import proposals, samplers, targets
-from smcdecode.engine import Engine
+from smcdecode.backends import Backend, Engine
 from smcdecode.stopping import StopSet
 from smcdecode.testing import tiny_llama
 
@@ -20,8 +20,12 @@ VOCAB_BYTES = [b"", b"a", b"b", b"ab", b"c", b"d", b"e", b"f"]
 PROMPTS = [[1, 2, 3], [4, 1], [2, 2, 5, 6, 1]]
 
 
-def _engine() -> Engine:
-    return Engine(tiny_llama(vocab=8, layers=3, seed=3, scale=8.0), eos_token_ids=[0])
+def _model() -> Any:
+    return tiny_llama(vocab=8, layers=3, seed=3, scale=8.0)
+
+
+def _engine() -> Backend:
+    return Engine(_model(), eos_token_ids=[0])
 
 
 def _stop() -> StopSet:

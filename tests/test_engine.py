@@ -152,7 +152,7 @@ def test_bad_input_errors_name_the_argument():
     model.generation_config.eos_token_id = None
     with pytest.raises(ArgumentError, match="eos_token_ids"):
         Engine(model)
-    from smcdecode.engine import _check_dtype
+    from smcdecode.backends.hf import _check_dtype
 
     with pytest.raises(ArgumentError, match="dtype"):
         _check_dtype(torch.float16, torch.device("cpu"))
@@ -181,7 +181,7 @@ def test_select_within_groups_copies_only_after_the_shared_prompt():
     batch, r = engine.prefill([[1, 2, 3], [4, 2]])
     rep = torch.tensor([0, 0, 0, 1, 1, 1])
     engine.select(batch, rep)
-    batch.shared = batch.valid.shape[1]
+    batch.rows.shared = batch.rows.width
     seqs = [[1, 2, 3]] * 3 + [[4, 2]] * 3
     gen = torch.Generator().manual_seed(0)
     out = r.index_select(rep)

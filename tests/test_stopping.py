@@ -80,7 +80,7 @@ TEXTS = ["    return x\n\ndef foo():\n    pass", "Déjà vu: 中文 😀 \t\n\n 
 @pytest.mark.parametrize("model", ["embedded", "qwen2.5-coder-0.5b-instruct"])
 def test_real_tokenizer_bytes_decode_and_a_stop_string_across_two_tokens(model):
     from smcdecode import models
-    from smcdecode.engine import embedded_model_path
+    from smcdecode.backends import embedded_model_path
     from smcdecode.stopping import token_bytes
 
     if model == "embedded":

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from smcdecode.engine import Engine
+from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler, collect
@@ -26,7 +26,7 @@ class Ancestral(Sampler):
         self.target = target  # optional: only to report log_target of each sample
 
     def _run(
-        self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+        self, engine: Backend, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
     ) -> Result:
         problem = make_problem(engine, prompts, self.target, self.proposal, self.n, max_new_tokens, seed, stop)
         decoder, chains = start_chains(problem)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from smcdecode.engine import Engine
+from smcdecode.backends import Backend
 from smcdecode.samplers.core import Chains, Problem
 from smcdecode.samplers.result import Result, Sample, Trace
 from smcdecode.stopping import StopSet, StopSpec, stop_set
@@ -22,7 +22,7 @@ class Sampler:
 
     def run(
         self,
-        engine: Engine,
+        engine: Backend,
         prompts: Any,
         *,
         max_new_tokens: int,
@@ -35,10 +35,11 @@ class Sampler:
         ``stop``: a list of strings (need a tokenizer) and/or token-id lists; a sample ends at the
         token whose text first completes one of them (that token included), at EOS, or at
         ``max_new_tokens``. The target and the proposal are both taken on that stopped space."""
-        if not isinstance(engine, Engine):
+        if not isinstance(engine, Backend):
             from smcdecode.errors import ArgumentTypeError
 
-            raise ArgumentTypeError("engine", f"expected a smcdecode.Engine, got {type(engine).__name__}")
+            got = type(engine).__name__
+            raise ArgumentTypeError("engine", f"expected a smcdecode backend (e.g. smcdecode.Engine), got {got}")
         t0 = time.perf_counter()
         before = engine.counters
         with torch.no_grad():
@@ -51,7 +52,7 @@ class Sampler:
         return result
 
     def _run(
-        self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+        self, engine: Backend, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
     ) -> Result:
         raise NotImplementedError  # abstract
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcdecode.engine import Engine, Readout
+from smcdecode.backends import Backend, Batch, Readout
 from smcdecode.errors import ArgumentError
 from smcdecode.proposals.base import Proposal, sample
 from smcdecode.stopping import StopSet
@@ -125,22 +125,20 @@ class Chains:
 
 @dataclass
 class Stream:
-    engine: Engine
+    engine: Backend
     key: str | None  # None for the main stream
-    batch: Any
+    batch: Batch
     prompt_len: Tensor  # [B]
-    last_prompt_token: Tensor  # [B]
-    refeed_token: Tensor | None = None  # [B] token each row feeds again when its move starts
 
 
 class Decoder:
-    """The main engine plus the auxiliary streams a target needs, driven in lockstep."""
+    """The main backend plus the auxiliary streams a target needs, driven in lockstep."""
 
-    def __init__(self, engine: Engine, req: Requirements, prompt_ids: list[list[int]], rows_per_prompt: int):
+    def __init__(self, engine: Backend, req: Requirements, prompt_ids: list[list[int]], rows_per_prompt: int):
         self.engine = engine
         self.rows_per_prompt = rows_per_prompt
         self.hidden = req.hidden
-        specs: list[tuple[Engine, str | None, list[list[int]], tuple[int, ...]]] = [
+        specs: list[tuple[Backend, str | None, list[list[int]], tuple[int, ...]]] = [
             (engine, None, prompt_ids, tuple(sorted(req.layers)))
         ]
         for aux in req.aux:
@@ -158,39 +156,27 @@ class Decoder:
         n = self.rows_per_prompt
         readouts: dict[str | None, Any] = {}
         for eng, key, ids, layers in self.specs:
-            batch, r = eng.prefill(ids, layers=layers, hidden=self.hidden and key is None)
-            rep = torch.arange(len(ids), device=eng.device).repeat_interleave(n)
-            eng.select(batch, rep)
-            batch.shared = batch.valid.shape[1]  # a prompt's rows share the whole prefilled cache
-            plen = torch.tensor([len(p) for p in ids], device=eng.device)[rep]
-            last = torch.tensor([p[-1] for p in ids], device=eng.device)[rep]
-            self.streams.append(Stream(eng, key, batch, plen, last))
-            readouts[key] = r.index_select(rep)
+            batch, r = eng.start(ids, n, layers=layers, hidden=self.hidden and key is None)
+            plen = torch.tensor([len(p) for p in ids], device=eng.device).repeat_interleave(n)
+            self.streams.append(Stream(eng, key, batch, plen))
+            readouts[key] = r
         return _view(readouts)
 
-    def decode(self, tokens: Tensor, active: Tensor, refeed: Tensor | None = None) -> StepView:
-        """One token per row (rows with ``active`` False are not added). Rows in ``refeed`` feed
-        their stream's pending refeed token instead (set by :meth:`start_moves`)."""
+    def decode(self, tokens: Tensor, active: Tensor) -> StepView:
+        """One token per row (rows with ``active`` False are not added). Rows truncated by
+        :meth:`start_moves` feed their last kept token again instead (see ``Backend.truncate``)."""
         outs: dict[str | None, Readout] = {}
         for s in self.streams:
-            tok = tokens.to(s.engine.device)
-            if refeed is not None and s.refeed_token is not None:
-                tok = torch.where(refeed.to(s.engine.device), s.refeed_token, tok)
-            outs[s.key] = s.engine.decode(s.batch, tok, active.to(s.engine.device))
+            outs[s.key] = s.engine.decode(s.batch, tokens.to(s.engine.device), active.to(s.engine.device))
         return _view(outs)
 
-    def start_moves(self, rows: Tensor, keep: Tensor, tokens: Tensor) -> None:
-        """For ``rows``: snapshot the context (for :meth:`restore_rows`), roll back to prompt +
-        the first ``keep`` generated tokens minus one, and queue the last kept token (or the last
-        prompt token when keep = 0) to be fed again by the next :meth:`decode` with ``refeed``."""
-        prev = tokens.gather(1, (keep - 1).clamp_min(0)[:, None])[:, 0]
+    def start_moves(self, rows: Tensor, keep: Tensor) -> None:
+        """For ``rows``: snapshot the context (for :meth:`restore_rows`) and truncate it to prompt +
+        the first ``keep`` generated tokens; the next :meth:`decode` returns the distribution there."""
         for s in self.streams:
             r, k = rows.to(s.engine.device), keep.to(s.engine.device)
             s.engine.save_rows(s.batch, r)
-            big = torch.full_like(s.prompt_len, 1 << 40)
-            s.engine.rollback(s.batch, torch.where(r, s.prompt_len + k - 1, big))
-            tok = torch.where(k > 0, prev.to(s.engine.device), s.last_prompt_token)
-            s.refeed_token = tok if s.refeed_token is None else torch.where(r, tok, s.refeed_token)
+            s.engine.truncate(s.batch, r, s.prompt_len + k)
 
     def bind(self, view: StepView) -> StepView:
         """Attach ``recur`` for the main stream's current cache (every row at its last position)."""
@@ -204,9 +190,7 @@ class Decoder:
         for s in self.streams:
             i = idx.to(s.engine.device)
             s.engine.select(s.batch, i)
-            s.prompt_len, s.last_prompt_token = s.prompt_len[i], s.last_prompt_token[i]
-            if s.refeed_token is not None:
-                s.refeed_token = s.refeed_token[i]
+            s.prompt_len = s.prompt_len[i]
 
     def restore_rows(self, rows: Tensor) -> None:
         for s in self.streams:
@@ -217,7 +201,7 @@ class Decoder:
         for s in self.streams:
             i = idx.to(s.engine.device)
             s.engine.select(s.batch, i, within_groups=True)
-            s.prompt_len, s.last_prompt_token = s.prompt_len[i], s.last_prompt_token[i]
+            s.prompt_len = s.prompt_len[i]
 
     def compact(self) -> None:
         for s in self.streams:
@@ -235,7 +219,7 @@ def _view(outs: dict[str | None, Readout]) -> StepView:
 class Problem:
     """Everything fixed during one run: engine, target split into base ** alpha, proposal."""
 
-    engine: Engine
+    engine: Backend
     target: Potential | None
     proposal: Proposal
     prompts: Sequence[Any]
@@ -253,8 +237,11 @@ class Problem:
         if self.target is not None:
             self.base, self.alpha = self.target.exponent_split()
         req = self.proposal.requirements(self.engine)
+        self.engine.require(req.capabilities(), repr(self.proposal))
         if self.target is not None:
-            req = req | self.target.requirements(self.engine)
+            t_req = self.target.requirements(self.engine)
+            self.engine.require(t_req.capabilities(), repr(self.target))
+            req = req | t_req
         self.requirements = req
 
     def base_factor(self, view: StepView) -> Tensor | None:
@@ -463,15 +450,15 @@ def start_proposals(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Start a move from ``index`` on ``rows`` (bool [B]): find where each proposal leaves x
     (:func:`divergence`; at i itself without ``reuse``), and roll the rows that leave it back to
-    that point, x_{j−1} queued to be fed again (:meth:`Decoder.start_moves`, which also saves the
-    old context). Returns ``keep`` (j), ``exclude`` (x_j or −1) and ``diverged`` (rows with
+    that point (:meth:`Decoder.start_moves`, which also saves the old context; the next decode
+    returns the distribution at j). Returns ``keep`` (j), ``exclude`` (x_j or −1) and ``diverged`` (rows with
     j < |x|; the others propose x itself), all [B]."""
     if reuse:
         keep, exclude = divergence(chains, index, generator)
     else:
         keep, exclude = index, torch.full_like(index, -1)
     diverged = rows & (keep < chains.length)
-    decoder.start_moves(diverged, keep, chains.tokens)
+    decoder.start_moves(diverged, keep)
     return keep, exclude, diverged
 
 
@@ -485,7 +472,7 @@ def propose(
     everyone = torch.ones_like(chains.ended)
     keep, exclude, diverged = start_proposals(decoder, chains, everyone, index, problem.generator)
     prop = chains.clone()
-    prop.view = decoder.decode(torch.zeros_like(index), diverged, refeed=diverged).where(diverged, chains.view)
+    prop.view = decoder.decode(torch.zeros_like(index), diverged).where(diverged, chains.view)
     prop.length = keep
     prop.ended = chains.ended & ~diverged
     extend(problem, decoder, prop, horizon, exclude=exclude, q_schedule=q_schedule)
@@ -550,7 +537,7 @@ def check_run_args(max_new_tokens: int, seed: int) -> None:
 
 
 def make_problem(
-    engine: Engine,
+    engine: Backend,
     prompts: Any,
     target: Potential | None,
     proposal: Proposal,

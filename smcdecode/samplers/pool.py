@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from smcdecode.engine import Engine
+from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentError, check_finite_positive, check_int
 from smcdecode.proposals.base import Proposal
 from smcdecode.proposals.eglr import EGLR
@@ -46,7 +46,7 @@ class RolloutPool(Sampler):
         return EGLR(span, self.max_iters, self.entropy_threshold, self.tol, temperature)
 
     def _run(
-        self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+        self, engine: Backend, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
     ) -> Result:
         pooled: list[list[Sample]] | None = None
         trace = Trace()

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from smcdecode.backends import Backend
 from smcdecode.diagnostics import weight_ess
-from smcdecode.engine import Engine
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler, bar, collect
@@ -74,7 +74,7 @@ class SMC(Sampler):
         self.anneal = anneal
         self.delimiter = delimiter
 
-    def _stop_tokens(self, engine: Engine) -> torch.Tensor | None:
+    def _stop_tokens(self, engine: Backend) -> torch.Tensor | None:
         """Vocabulary mask of tokens whose text contains the delimiter (a block ends after one)."""
         if self.delimiter is None:
             return None
@@ -85,7 +85,7 @@ class SMC(Sampler):
         return mask
 
     def _run(
-        self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+        self, engine: Backend, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
     ) -> Result:
         n = self.particles
         problem = make_problem(engine, prompts, self.target, self.proposal, n, max_new_tokens, seed, stop)

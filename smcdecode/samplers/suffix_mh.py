@@ -19,7 +19,7 @@ until the first j where it does not, and that j is known before any forward. The
 the distribution at j by feeding x_{j−1} again (one token) over the kept prefix's KV, draws
 y_j ≠ x_j, and goes on with q; so it costs |x'| − j decode tokens (the last token of x' is never
 fed) and no prefill, and nothing at all when y = x_≥i (then log A = 0: accepted). A rejected proposal
-returns to its old cache columns (:meth:`Engine.restore_rows`). Every row follows the same
+returns to its old cache columns (:meth:`Backend.restore_rows`). Every row follows the same
 sequence of operations as a chain run alone, so the law of each chain is unchanged; the coupling
 changes which random numbers are drawn, not the law of y given (x, i).
 """
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcdecode.engine import Engine
+from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler, bar, collect
@@ -79,7 +79,7 @@ class SuffixMH(Sampler):
         self.reuse_suffix = reuse_suffix
 
     def _run(
-        self, engine: Engine, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+        self, engine: Backend, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
     ) -> Result:
         problem = make_problem(engine, prompts, self.target, self.proposal, self.chains, max_new_tokens, seed, stop)
         decoder, cur = start_chains(problem)
@@ -107,7 +107,7 @@ class SuffixMH(Sampler):
                 prop.append(live, drawn, *problem.ends(prop, tok))
                 # 2. one forward: sampled tokens of unfinished rows, refed tokens of rows starting a move
                 feed = (live & ~prop.ended & (prop.length < t_max)) | sch.refeed
-                prop.view = decoder.decode(tok, feed, sch.refeed).where(feed, prop.view)
+                prop.view = decoder.decode(tok, feed).where(feed, prop.view)
                 was_refeed, sch.refeed = sch.refeed, torch.zeros_like(sch.refeed)
                 # 3. finished proposals: accept (extensions always), reject -> old cache columns
                 complete = ~sch.done & ~was_refeed & (prop.ended | (prop.length >= horizon))

@@ -1,0 +1,408 @@
+"""The backend seam: what a sampler needs from a language-model runtime.
+
+A :class:`Backend` runs batches of rows (one row = one chain or particle: prompt + generated
+tokens) and returns next-token readouts. Its operations, all on a :class:`Batch`:
+
+* ``start(prompt_ids, rows_per_prompt)``: prefill each prompt once, repeat its rows; the rows of
+  one prompt share the prompt's columns (``Rows.shared``);
+* ``decode(batch, tokens [B], active [B])``: append one token per active row, return the readout
+  after it, [B, V];
+* ``score(batch, tokens [B, Q])``: teacher-forced, readouts at every appended position, [B, Q, V];
+* ``select(batch, idx)``: row b becomes row idx[b] (resampling; repeats allowed);
+* ``truncate(batch, rows, lengths)``: keep each row's first ``lengths`` tokens; the next decode
+  returns the distribution after them (the backend re-feeds whatever it must);
+* ``save_rows`` / ``restore_rows``: a per-row checkpoint (an MH move's old context);
+* ``compact``: drop dead cache columns; ``counters``: tokens and forwards so far.
+
+Row bookkeeping is backend-agnostic (:class:`~smcdecode.backends.rows.Rows`); a backend supplies
+the forward and what it does to its cache on select and compaction. Optional capabilities —
+``"layers"`` (intermediate-layer readouts), ``"hidden"`` (the last layer's output) and
+``"reapply"`` (running the top layers again on a latent, EGLR) — are declared in
+:attr:`Backend.capabilities` and checked once per run against what the target and the proposal
+require (:meth:`Backend.require`).
+
+Readouts are float32 log-softmax tensors: ``log_p`` of the final logits and ``layers[L]`` of
+layer L's logit-lens readout (0 = embeddings, N = final layer, equal to ``log_p``).
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from smcdecode.backends.rows import Rows
+from smcdecode.errors import ArgumentError, ArgumentTypeError, SmcdecodeError
+
+Prompts = Sequence[str] | Sequence[Sequence[int]]
+
+CAPABILITIES = ("layers", "hidden", "reapply")
+
+
+class CapabilityError(SmcdecodeError, TypeError):
+    """A target or proposal needs something this backend cannot provide."""
+
+    def __init__(self, backend: str, capability: str, who: str):
+        self.backend, self.capability, self.who = backend, capability, who
+        super().__init__(f"{who} needs the capability {capability!r}, which the backend {backend} does not provide")
+
+
+@dataclass
+class Readout:
+    """Next-token distributions at one position per row ([B, V]), or at every scored position
+    ([B, Q, V]). ``log_p``: log softmax of the final logits; ``layers[L]``: of layer L's readout;
+    ``hidden``: output of the last decoder layer (before the final norm), when asked for."""
+
+    log_p: Tensor
+    layers: dict[int, Tensor] = field(default_factory=dict)
+    hidden: Tensor | None = None
+
+    def index_select(self, indices: Tensor) -> Readout:
+        h = None if self.hidden is None else self.hidden[indices]
+        return Readout(self.log_p[indices], {k: v[indices] for k, v in self.layers.items()}, h)
+
+    def where(self, mask: Tensor, other: Readout) -> Readout:
+        """Rows where ``mask`` is True from ``self``, the others from ``other``."""
+        m = mask.view(-1, *([1] * (self.log_p.dim() - 1)))
+        h = None
+        if self.hidden is not None and other.hidden is not None:
+            h = torch.where(mask.view(-1, *([1] * (self.hidden.dim() - 1))), self.hidden, other.hidden)
+        return Readout(
+            torch.where(m, self.log_p, other.log_p),
+            {k: torch.where(m, v, other.layers[k]) for k, v in self.layers.items()},
+            h,
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[Readout]) -> Readout:
+        hs = [r.hidden for r in parts]
+        return Readout(
+            torch.cat([r.log_p for r in parts]),
+            {k: torch.cat([r.layers[k] for r in parts]) for k in parts[0].layers},
+            torch.cat([h for h in hs if h is not None]) if all(h is not None for h in hs) else None,
+        )
+
+
+@dataclass
+class Batch:
+    """A backend's state for B rows: its cache (backend-specific) and the row bookkeeping."""
+
+    cache: Any
+    rows: Rows
+    layers: tuple[int, ...]  # layer readouts produced by every forward on this batch
+    hidden: bool = False  # also return the last decoder layer's output
+
+    @property
+    def size(self) -> int:
+        return self.rows.size
+
+    @property
+    def valid(self) -> Tensor:
+        return self.rows.valid
+
+    @property
+    def pos(self) -> Tensor:
+        return self.rows.pos
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.rows.lengths
+
+    @property
+    def shared(self) -> int:
+        return self.rows.shared
+
+
+class Backend(ABC):
+    """Subclasses set ``device``, ``dtype``, ``tokenizer`` (or None), ``vocab_size``,
+    ``eos_token_ids``, ``num_layers``, ``max_positions`` and implement the forward."""
+
+    capabilities: frozenset[str] = frozenset()
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any
+    vocab_size: int
+    eos_token_ids: list[int]
+    num_layers: int
+    max_positions: int
+    _eos: Tensor
+
+    def _init_counters(self) -> None:
+        self._counters = {
+            "prefill_tokens": torch.zeros((), dtype=torch.long, device=self.device),
+            "decode_tokens": torch.zeros((), dtype=torch.long, device=self.device),
+        }
+        self._positions_computed = 0
+        self._forwards = 0
+
+    # ------------------------------------------------------------------ what subclasses implement
+    @abstractmethod
+    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readout:
+        """Append ``tokens`` [B, Q] (row b's real tokens are its last ``n_real[b]``) to the batch
+        — cache and rows (``batch.rows.append``) — count them under ``kind``, and return the
+        readouts after every position ([B, Q, V], ``keep_all``) or after the last one ([B, V])."""
+
+    @abstractmethod
+    def _empty_batch(self, size: int, layers: tuple[int, ...], hidden: bool) -> Batch: ...
+
+    def _select_cache(self, batch: Batch, idx: Tensor, start: int) -> None:
+        """Reorder the cache's rows (columns from ``start`` on when the batch size is kept).
+        A backend without a cache has nothing to do."""
+        return None
+
+    def _gather_cache(self, batch: Batch, order: Tensor) -> None:
+        """Keep the cache columns ``order`` [B, S'] of each row (compaction)."""
+        return None
+
+    def _concat_caches(self, parts: list[Batch], width: int) -> Any:
+        """One cache holding the rows of ``parts``, each left-padded to ``width`` columns."""
+        return None
+
+    # ------------------------------------------------------------------ capabilities
+    def require(self, needs: Iterable[str], who: str) -> None:
+        """Raise :class:`CapabilityError` naming the first capability in ``needs`` we lack."""
+        for cap in needs:
+            if cap not in self.capabilities:
+                raise CapabilityError(type(self).__name__, cap, who)
+
+    # ------------------------------------------------------------------ vocabulary
+    def encode(self, prompts: Prompts) -> list[list[int]]:
+        """Token ids of each prompt; strings need a tokenizer."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise ArgumentTypeError("prompts", "expected a list of strings or of token-id lists")
+        if len(prompts) == 0:
+            raise ArgumentError("prompts", "no prompts given")
+        out: list[list[int]] = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ArgumentTypeError("prompts", "string prompts need a tokenizer; pass token-id lists instead")
+                ids = list(self.tokenizer.encode(p))
+            elif isinstance(p, torch.Tensor):
+                ids = [int(t) for t in p.reshape(-1).tolist()]
+            elif isinstance(p, Sequence):
+                ids = [int(t) for t in p]  # type: ignore[call-overload]
+            else:
+                raise ArgumentTypeError("prompts", f"prompt {i} is a {type(p).__name__}")
+            if not ids:
+                raise ArgumentError("prompts", f"prompt {i} is empty")
+            if any(t < 0 or t >= self.vocab_size for t in ids):
+                raise ArgumentError("prompts", f"prompt {i} has token ids outside [0, {self.vocab_size})")
+            if len(ids) > self.max_positions:
+                raise ArgumentError(
+                    "prompts", f"prompt {i} has {len(ids)} tokens, longer than the context ({self.max_positions})"
+                )
+            out.append(ids)
+        return out
+
+    def decode_text(self, tokens: Sequence[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        ids = [t for t in tokens if t not in self.eos_token_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_ids_containing(self, text: str) -> list[int]:
+        """Ids whose decoded piece contains ``text`` (needs a tokenizer)."""
+        if self.tokenizer is None:
+            raise ArgumentTypeError("text", "needs an engine with a tokenizer")
+        return [i for i in range(self.vocab_size) if text in self.tokenizer.decode([i])]
+
+    def is_eos(self, tokens: Tensor) -> Tensor:
+        return torch.isin(tokens, self._eos)
+
+    def with_eos_tokens(self, extra: Iterable[int]) -> Backend:
+        """A view of this backend (same model, tokenizer and counters) in which ``extra`` ids also
+        end a sequence: e.g. a task whose answers end at a newline."""
+        other = copy.copy(self)
+        other.eos_token_ids = sorted(set(self.eos_token_ids) | {int(i) for i in extra})
+        other._eos = torch.tensor(other.eos_token_ids, device=self.device)
+        return other
+
+    def check_layers(self, layers: Iterable[int]) -> tuple[int, ...]:
+        out = []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise ArgumentTypeError("layer", f"expected an int layer index, got {layer!r}")
+            if not 0 <= layer <= self.num_layers:
+                raise ArgumentError("layer", f"{layer} is outside 0..{self.num_layers} for this model")
+            out.append(layer)
+        return tuple(sorted(set(out)))
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def counters(self) -> dict[str, int]:
+        """Forward tokens so far: real prompt tokens prefilled, real tokens decoded (or scored),
+        positions computed including padding, and forward calls. Reading it synchronises."""
+        return {
+            "prefill_tokens": int(self._counters["prefill_tokens"]),
+            "decode_tokens": int(self._counters["decode_tokens"]),
+            "positions_computed": self._positions_computed,
+            "forwards": self._forwards,
+        }
+
+    def reset_counters(self) -> None:
+        for v in self._counters.values():
+            v.zero_()
+        self._positions_computed = 0
+        self._forwards = 0
+
+    def _count(self, kind: str, n_real: Tensor, positions: int) -> None:
+        self._counters[kind] += n_real.sum()
+        self._positions_computed += positions
+        self._forwards += 1
+
+    # ------------------------------------------------------------------ operations
+    def _left_padded(
+        self, prompts: Prompts, layers: Iterable[int], hidden: bool = False
+    ) -> tuple[Batch, Tensor, Tensor]:
+        ids = self.encode(prompts)
+        batch = self._empty_batch(len(ids), self.check_layers(layers), hidden)
+        q = max(len(p) for p in ids)
+        tokens = torch.zeros(len(ids), q, dtype=torch.long)
+        for b, p in enumerate(ids):
+            tokens[b, q - len(p) :] = torch.tensor(p)
+        n_real = torch.tensor([len(p) for p in ids], device=self.device)
+        return batch, tokens.to(self.device), n_real
+
+    @torch.no_grad()
+    def prefill(
+        self, prompts: Prompts, layers: Iterable[int] = (), max_padding: float = 0.25, hidden: bool = False
+    ) -> tuple[Batch, Readout]:
+        """Run the prompts (ragged lengths) and return the batch and the readout of the
+        next-token distribution after each prompt.
+
+        One left-padded forward when padding would add at most ``max_padding`` of the real
+        tokens; otherwise prompts are prefilled in groups of similar length and the caches are
+        merged (padding columns are dead), so long and short prompts do not waste compute."""
+        ids = self.encode(prompts)
+        groups = _length_groups([len(p) for p in ids], max_padding)
+        if len(groups) == 1:
+            groups = [list(range(len(ids)))]  # one forward, in the given order
+        parts = []
+        for g in groups:
+            batch, tokens, n_real = self._left_padded([ids[i] for i in g], layers, hidden)
+            parts.append((batch, self._forward(batch, tokens, n_real, keep_all=False, kind="prefill_tokens")))
+        if len(parts) == 1:
+            return parts[0]
+        batches = [b for b, _ in parts]
+        rows = Rows.stack([b.rows for b in batches])
+        batch = Batch(self._concat_caches(batches, rows.width), rows, batches[0].layers, batches[0].hidden)
+        readout = Readout.cat([r for _, r in parts])
+        order = torch.empty(len(ids), dtype=torch.long)
+        order[torch.tensor([i for g in groups for i in g])] = torch.arange(len(ids))
+        self.select(batch, order.to(self.device))
+        return batch, readout.index_select(order.to(self.device))
+
+    @torch.no_grad()
+    def start(
+        self, prompt_ids: list[list[int]], rows_per_prompt: int, layers: Iterable[int] = (), hidden: bool = False
+    ) -> tuple[Batch, Readout]:
+        """Prefill each prompt once and repeat it into ``rows_per_prompt`` rows (prompt-major);
+        the rows of a prompt share its columns, so resampling within a prompt copies only what
+        follows them."""
+        batch, readout = self.prefill(prompt_ids, layers=layers, hidden=hidden)
+        rep = torch.arange(len(prompt_ids), device=self.device).repeat_interleave(rows_per_prompt)
+        self.select(batch, rep)
+        batch.rows.shared = batch.rows.width
+        return batch, readout.index_select(rep)
+
+    @torch.no_grad()
+    def forward(self, sequences: Prompts, layers: Iterable[int] = ()) -> Readout:
+        """One uncached forward over whole sequences (left-padded to Q): readouts at every
+        position, [B, Q, V]. Row b's sequence occupies its last len(sequences[b]) positions."""
+        return self.forward_batch(sequences, layers)[1]
+
+    @torch.no_grad()
+    def forward_batch(
+        self, sequences: Prompts, layers: Iterable[int] = (), hidden: bool = False
+    ) -> tuple[Batch, Readout]:
+        """:meth:`forward`, also returning the batch whose cache holds the sequences."""
+        batch, tokens, n_real = self._left_padded(sequences, layers, hidden)
+        return batch, self._forward(batch, tokens, n_real, keep_all=True, kind="prefill_tokens")
+
+    @torch.no_grad()
+    def decode(self, batch: Batch, tokens: Tensor, active: Tensor | None = None) -> Readout:
+        """Append one token per row (``tokens``: [B]) and return the next-token readout [B, V].
+
+        Rows with ``active`` False are computed but their column is dead (never attended to).
+        Rows left pending by :meth:`truncate` feed their pending token instead (and are active)."""
+        act = torch.ones_like(batch.lengths, dtype=torch.bool) if active is None else active
+        tok, act = batch.rows.take_pending(tokens.to(self.device), act.to(self.device))
+        return self._forward(batch, tok.view(-1, 1), act.long(), keep_all=False, kind="decode_tokens")
+
+    @torch.no_grad()
+    def score(self, batch: Batch, tokens: Tensor, n_tokens: Tensor | None = None) -> Readout:
+        """Teacher-forced: append ``tokens`` [B, Q] (row b's real tokens are its *last*
+        ``n_tokens[b]``) in one forward and return readouts at every position, [B, Q, V]:
+        position j is the distribution of the token that follows ``tokens[:, :j+1]``."""
+        n_real = torch.full_like(batch.lengths, tokens.shape[1]) if n_tokens is None else n_tokens
+        return self._forward(batch, tokens, n_real, keep_all=True, kind="decode_tokens")
+
+    def select(self, batch: Batch, indices: Tensor, within_groups: bool = False) -> None:
+        """Row b becomes old row ``indices[b]``; repeats allowed (SMC resampling).
+
+        With ``within_groups`` (every index stays inside its row's group, so rows agree on the
+        first ``batch.shared`` columns: the prompt) only the columns after the shared prefix are
+        copied, in place; otherwise whole rows are gathered."""
+        idx = indices.to(self.device)
+        start = batch.rows.shared if within_groups else 0
+        self._select_cache(batch, idx, start)
+        batch.rows.select(idx)
+
+    def truncate(self, batch: Batch, rows: Tensor, lengths: Tensor) -> None:
+        """For ``rows`` (bool [B]): keep the first ``lengths[b]`` ≥ 1 tokens of the context. The
+        next :meth:`decode` returns the distribution after them for these rows (whatever token
+        is passed for them), re-feeding the last kept token."""
+        batch.rows.truncate(rows.to(self.device), lengths.to(self.device))
+
+    def save_rows(self, batch: Batch, rows: Tensor) -> None:
+        """Snapshot the context of ``rows`` (bool [B]) so :meth:`restore_rows` can return to it
+        later, whatever is appended or rolled back in between (compaction keeps its columns)."""
+        batch.rows.save(rows.to(self.device))
+
+    def restore_rows(self, batch: Batch, rows: Tensor) -> None:
+        """Return ``rows`` to their last :meth:`save_rows` snapshot."""
+        batch.rows.restore(rows.to(self.device))
+
+    def rollback(self, batch: Batch, lengths: Tensor) -> None:
+        """Truncate row b's context to its first ``lengths[b]`` tokens (values above the current
+        length change nothing). O(B·S); the dropped columns stay until :meth:`compact`."""
+        batch.rows.rollback(lengths.to(self.device))
+
+    compact_ratio: float = 0.75
+
+    def compact(self, batch: Batch, force: bool = False) -> bool:
+        """Drop dead columns when fewer than ``compact_ratio`` of them are live. Synchronises once."""
+        order = batch.rows.compact_order(self.compact_ratio, force)
+        if order is None:
+            return False
+        self._gather_cache(batch, order)
+        return True
+
+    def reapply(
+        self, batch: Batch, hidden: Tensor, span: int, positions: Tensor, rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Run the top ``span`` decoder layers again on a latent (capability ``"reapply"``)."""
+        raise CapabilityError(type(self).__name__, "reapply", "latent re-application")
+
+
+def _length_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Indices grouped (sorted by length) so each group's padded size is at most
+    (1 + max_padding) × its real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            padded = lengths[i] * (len(g) + 1)
+            real = sum(lengths[j] for j in g) + lengths[i]
+            if padded <= (1 + max_padding) * real:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups

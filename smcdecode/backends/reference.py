@@ -1,0 +1,72 @@
+"""A cache-free reference backend: every forward recomputes each row's whole sequence.
+
+For row b the context is ``rows.tok[b, rows.valid[b]]`` (prompt + generated tokens, in position
+order); appending tokens y runs the model once, uncached and unpadded, on context ⊕ y and reads
+the distributions after each token of y:
+
+    log_p[b, j]     = log softmax(logits(context ⊕ y)[|context| + j])
+    layers[L][b, j] = log softmax(readout(h_L(context ⊕ y)[|context| + j]))   (L < N; L = N is log_p)
+
+No cache means select, rollback, checkpoints and compaction act on the row bookkeeping alone, so
+the backend is obviously correct and slow (O(T²) per sequence). It exists to prove the backend
+seam: :func:`smcdecode.testing.check_backend` runs on it and on the HF backend, and every sampler
+must give the same samples on both. It offers intermediate-layer readouts but not the last
+layer's pre-norm output nor latent re-application (EGLR).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from smcdecode.backends.base import Backend, Batch, Readout
+from smcdecode.backends.hf import HFBackend
+from smcdecode.backends.rows import Rows
+
+
+class ReferenceBackend(Backend):
+    capabilities = frozenset({"layers"})
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, eos_token_ids: Iterable[int] | None = None):
+        self._hf = HFBackend(model, tokenizer, eos_token_ids)  # module discovery and the logit-lens readout
+        self.model = self._hf.model
+        for name in ("device", "dtype", "tokenizer", "vocab_size", "eos_token_ids", "num_layers", "max_positions"):
+            setattr(self, name, getattr(self._hf, name))
+        self._eos = self._hf._eos
+        self._init_counters()
+
+    def _empty_batch(self, size: int, layers: tuple[int, ...], hidden: bool) -> Batch:
+        return Batch(cache=None, rows=Rows(size, self.device), layers=layers, hidden=hidden)
+
+    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readout:
+        b, q = tokens.shape
+        contexts = batch.rows.contexts()
+        counts = n_real.tolist()
+        uniform = torch.full((b, q, self.vocab_size), -math.log(self.vocab_size), device=self.device)
+        log_p = uniform.clone()  # positions without a real token keep a uniform placeholder
+        layers = {layer: uniform.clone() for layer in batch.layers}
+        for r in range(b):
+            n = counts[r]
+            if n == 0:
+                continue
+            seq = torch.tensor([contexts[r] + tokens[r, q - n :].tolist()], device=self.device)
+            out = self.model(input_ids=seq, output_hidden_states=bool(batch.layers), use_cache=False)
+            log_p[r, q - n :] = torch.log_softmax(out.logits[0, -n:].float(), dim=-1)
+            for layer in batch.layers:
+                if layer == self.num_layers:
+                    layers[layer][r, q - n :] = log_p[r, q - n :]
+                else:
+                    h = out.hidden_states[layer][0, -n:]
+                    layers[layer][r, q - n :] = torch.log_softmax(self._hf._readout(h), dim=-1)
+        j = torch.arange(q, device=self.device)
+        real = j[None, :] >= (q - n_real)[:, None]  # [B, Q]
+        pos = (batch.rows.lengths[:, None] + j[None, :] - (q - n_real)[:, None]).clamp_min(0)
+        batch.rows.append(tokens, real, pos)
+        self._count(kind, n_real, sum(len(c) for c in contexts) + int(n_real.sum()))
+        if keep_all:
+            return Readout(log_p, layers)
+        return Readout(log_p[:, -1], {k: v[:, -1] for k, v in layers.items()})

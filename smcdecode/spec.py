@@ -3,7 +3,8 @@
     --target   power:alpha=4 | lm:temperature=0.7 | contrast:layer=20,beta=-0.5,alpha=2[,plausibility=0.1]
                | contrast:layer=dynamic,beta=-0.5,candidates=high
     --proposal tempered:temperature=0.25[,top_k=50,top_p=0.95] | optimal
-    --sampler  ancestral:n=8 | mh:chains=1,block_size=192,steps=10 | smc:particles=16,block_size=1,
+    --sampler  ancestral:n=8 | mh:chains=1,block_size=192,steps=10[,reuse_suffix=false]
+               | smc:particles=16,block_size=1,
                ess_threshold=0.5,resampling=systematic,rejuvenate=0[,anneal=32]
 
 A method spec joins them with spaces or semicolons, e.g. ``"smc:particles=16 target=power:alpha=4
@@ -12,6 +13,7 @@ proposal=tempered:temperature=0.25"``; see :func:`parse_method`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,10 +58,17 @@ def _call(kind: str, name: str, factory: Callable[..., Any], kwargs: dict[str, A
     return factory(**kwargs)
 
 
+def _params(cls: type, skip: tuple[str, ...] = ()) -> list[str]:
+    """The keyword arguments a spec may give ``cls``: its constructor's, less ``skip``."""
+    params = inspect.signature(cls).parameters.values()
+    named = (p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return [n for n in named if n not in ("self", *skip)]
+
+
 TARGETS = {
-    "lm": ["temperature"],
-    "power": ["alpha"],
-    "contrast": ["layer", "beta", "alpha", "plausibility", "candidates"],
+    "lm": _params(targets.LM),
+    "power": _params(targets.Power),
+    "contrast": _params(targets.LayerContrast) + ["alpha"],
     "reward": ["name", "weight", "prefix"],
 }
 
@@ -89,7 +98,7 @@ def parse_target(spec: str, rewards: Rewards | None = None) -> targets.Potential
         alpha = kw.pop("alpha", 1.0)
         if "candidates" in kw and isinstance(kw["candidates"], str) and "/" in kw["candidates"]:
             kw["candidates"] = [int(x) for x in kw["candidates"].split("/")]
-        base = _call("target", name, targets.LayerContrast, kw, TARGETS[name])
+        base = _call("target", name, targets.LayerContrast, kw, TARGETS[name][:-1])
         return base if alpha == 1.0 else base**alpha
     raise SpecError("target", f"unknown target {name!r}; accepted: {', '.join(TARGETS)} (e.g. power:alpha=4)")
 
@@ -99,7 +108,7 @@ def method_name(spec: str) -> str:
     return " ".join(p for p in spec.replace(";", " ").split() if p)
 
 
-PROPOSALS = {"tempered": ["temperature", "top_k", "top_p"], "optimal": []}
+PROPOSALS = {"tempered": _params(proposals.Tempered), "optimal": _params(proposals.LocallyOptimal)}
 
 
 def parse_proposal(spec: str) -> proposals.Proposal:
@@ -114,9 +123,9 @@ def parse_proposal(spec: str) -> proposals.Proposal:
 
 
 SAMPLERS = {
-    "ancestral": ["n"],
-    "mh": ["chains", "block_size", "steps"],
-    "smc": ["particles", "ess_threshold", "resampling", "block_size", "rejuvenate", "anneal", "delimiter"],
+    "ancestral": _params(samplers.Ancestral, ("proposal", "target")),
+    "mh": _params(samplers.SuffixMH, ("target", "proposal")),
+    "smc": _params(samplers.SMC, ("target", "proposal")),
 }
 
 

@@ -29,6 +29,16 @@ def test_spec_strings_build_the_named_objects():
     assert isinstance(m.sampler.proposal, Q.LocallyOptimal)
 
 
+def test_every_sampler_argument_is_reachable_from_a_spec():
+    """The spec registry reads constructor signatures, so a new argument cannot be forgotten."""
+    m = parse_method("mh:chains=2,steps=3,reuse_suffix=false target=power:alpha=2")
+    assert isinstance(m.sampler, S.SuffixMH) and m.sampler.reuse_suffix is False and m.sampler.steps == 3
+    m = parse_method("smc:particles=4,anneal=8,rejuvenate=1 target=power:alpha=2")
+    assert m.sampler.anneal == 8 and m.sampler.rejuvenate == 1
+    with pytest.raises(ArgumentError, match="reuse_suffix"):  # the error lists what is accepted
+        parse_method("mh:colour=red target=power:alpha=2")
+
+
 @pytest.mark.parametrize(
     "spec,needle",
     [

@@ -156,7 +156,8 @@ def test_ancestral_samples_follow_the_proposal(engine):
 def test_coupled_proposal_follows_q(engine):
     """A move's proposal, drawn coupled with the current suffix (keep x_j with probability
     q(x_j | x_<j), then draw y_j ≠ x_j), has exactly the law q(· | x_<i) for a fixed x and i."""
-    from smcdecode.samplers.core import extend, make_problem, propose, start_chains
+    from smcdecode.samplers.core import extend, make_problem, start_chains
+    from smcdecode.samplers.kernels import propose
 
     n, proposal = 4000, Q.Tempered(1.0)
     problem = make_problem(engine, [PROMPT], None, proposal, n, MAX_NEW, seed=11)
@@ -169,7 +170,8 @@ def test_coupled_proposal_follows_q(engine):
     x = tuple(chains.tokens[0].tolist())
     ex = exact(engine, None, PROMPT, MAX_NEW, proposal=proposal)
     for i in (0, 1):
-        prop, keep = propose(problem, decoder, chains, torch.full((n,), i), MAX_NEW)
+        prop, move = propose(problem, decoder, chains, MAX_NEW, index=torch.full((n,), i))
+        keep = move.j
         decoder.restore_rows(torch.ones(n, dtype=torch.bool))
         assert bool((keep > i).any()) and bool((keep < MAX_NEW).any())  # both paths were taken
         cond = torch.tensor([float(q) if s[:i] == x[:i] else 0.0 for s, q in zip(ex.sequences, ex.q_probs)])
@@ -276,7 +278,7 @@ def test_sampler_argument_errors(engine):
 def suffix_mh_kernel(ex, drop_length_term: bool = False) -> torch.Tensor:
     """The exact one-move transition matrix K[x, x'] of suffix MH at horizon = max_new_tokens,
     built by enumeration with the sampler's own acceptance function."""
-    from smcdecode.samplers.core import mh_log_accept
+    from smcdecode.samplers.kernels import mh_log_accept
 
     seqs, tq = ex.sequences, ex.token_log_q
     m = len(seqs)

@@ -18,8 +18,6 @@ from smcdecode.stopping import StopSet, StopSpec, stop_set
 
 
 class Sampler:
-    name = "sampler"
-
     def run(
         self,
         engine: Backend,

@@ -1,5 +1,5 @@
 """Shared machinery of every sampler: the batch of partial sequences, the multi-stream decoder,
-the token-extension loop and the suffix Metropolis–Hastings move.
+and the token-extension loop (the Metropolis–Hastings move is :mod:`~smcdecode.samplers.kernels`).
 
 Target decomposition. A target is written π = base ** α (α = 1 when it is not a power):
 log π(x) = α_t · [Σ_t log φ_t(x_t) + log ψ(x)], where φ and ψ are the base's token factors and
@@ -250,7 +250,8 @@ class Problem:
     def draw(self, view: StepView, alpha: float | Tensor, exclude: Tensor | None = None) -> Drawn:
         """Draw x_t ~ q_t for every row; q may use the target's factor α·φ (LocallyOptimal;
         ``alpha`` a float or one per row, [B]). Rows with ``exclude[b]`` ≥ 0 draw from q
-        conditioned on x_t ≠ exclude[b] (see :func:`divergence`); log q is always q's own."""
+        conditioned on x_t ≠ exclude[b] (see :func:`~smcdecode.samplers.kernels.divergence`); log q
+        is always q's own."""
         phi = self.base_factor(view)  # [B, V] or None
         a = alpha[:, None] if isinstance(alpha, Tensor) else alpha
         log_q_all = self.proposal.log_q(view, lambda _v: None if phi is None else a * phi)
@@ -328,13 +329,12 @@ def start_chains(problem: Problem) -> tuple[Decoder, Chains]:
     return decoder, chains
 
 
-@dataclass
+@dataclass(frozen=True)
 class Anneal:
-    """α_t = 1 + (α − 1) · min(t / steps, 1); ``current`` is the α already in the weights."""
+    """The schedule α_t = 1 + (α − 1) · min(t / steps, 1)."""
 
     alpha: float
     steps: int
-    current: float = 1.0
 
     def at(self, t: int) -> float:
         return 1.0 + (self.alpha - 1.0) * min(t / self.steps, 1.0)
@@ -353,7 +353,8 @@ def extend(
     log_w: Tensor | None = None,
     exclude: Tensor | None = None,
     q_schedule: Anneal | None = None,
-) -> None:
+    alpha_w: float = 1.0,
+) -> float:
     """Extend every unfinished row with q up to ``horizon`` generated tokens (or its end: EOS, a
     stop pattern; or an SMC delimiter token), in place. With ``log_w`` given, add the SMC
     incremental weight of every token:
@@ -361,15 +362,17 @@ def extend(
         log w += α_t · log φ_t(x_t) − log q_t(x_t) + (α_t − α_{t−1}) · Σ_{s<t} log φ_s(x_s)
 
     where α_t = ``anneal.at(t)`` (t = 1-based step; rows are token-synchronous) or the constant
-    α; the last term (annealing) applies to every row, finished ones included.
+    α; the last term (annealing) applies to every row, finished ones included. ``alpha_w`` is the
+    α already in ``log_w``; returns the α in it afterwards.
 
-    ``exclude`` conditions each row's *first* draw on x ≠ exclude[b] (see :func:`divergence`).
+    ``exclude`` conditions each row's *first* draw on x ≠ exclude[b] (see
+    :func:`~smcdecode.samplers.kernels.divergence`).
     ``q_schedule`` draws each row's token t with α_t of its own position (the q an annealed
     extension used), so a move's forward and reverse proposals are the same kernel."""
     t_max = problem.max_new_tokens
     todo = ~chains.ended & (chains.length < horizon)
     if not bool(todo.any()):  # one sync per extension
-        return
+        return alpha_w
     start = int(chains.length[todo].min())
     stopped = torch.zeros_like(chains.ended)
     for step in range(start, horizon):
@@ -383,8 +386,8 @@ def extend(
         tok = drawn.tokens
         if log_w is not None:
             if anneal is not None:
-                log_w += (a_t - anneal.current) * chains.sum_log_phi()  # before this token is counted
-                anneal.current = a_t
+                log_w += (a_t - alpha_w) * chains.sum_log_phi()  # before this token is counted
+                alpha_w = a_t
             log_w += torch.where(active, a_t * drawn.log_phi - drawn.log_q, torch.zeros_like(drawn.log_q))
         chains.append(active, drawn, *problem.ends(chains, tok))
         if problem.stop_tokens is not None:
@@ -393,140 +396,7 @@ def extend(
         if step + 1 == horizon == t_max:
             break  # nothing left to feed
         chains.view = decoder.decode(tok, feed).where(feed, view)
-
-
-def mh_log_accept(
-    log_target_new: Tensor,
-    log_target_old: Tensor,
-    log_q_old_suffix: Tensor,
-    log_q_new_suffix: Tensor,
-    length_old: Tensor,
-    length_new: Tensor,
-) -> Tensor:
-    """Suffix-MH log acceptance ratio (all arguments [B]):
-
-    [log π(x') − log π(x)] + [log q(x_≥i | x_<i) − log q(y | x_<i)] + [log|x| − log|x'|]."""
-    return (
-        log_target_new
-        - log_target_old
-        + log_q_old_suffix
-        - log_q_new_suffix
-        + torch.log(length_old.clamp_min(1).double()).to(log_target_new.dtype)
-        - torch.log(length_new.clamp_min(1).double()).to(log_target_new.dtype)
-    )
-
-
-def divergence(chains: Chains, index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Where a move's proposal leaves the current suffix, drawn before any forward.
-
-    The proposal y ~ q(· | x_<i) is drawn *coupled* with the current suffix x_≥i: for
-    j = i, i+1, … keep y_j = x_j with probability q(x_j | x_<j) (stored per token); at the first
-    j where it is not kept, draw y_j from q(· | x_<j) conditioned on y_j ≠ x_j, and go on with
-    plain q after. Each y_j still has law q(· | x_<j):
-
-        P(y_j = x_j) = q(x_j),    P(y_j = v ≠ x_j) = (1 − q(x_j)) · q(v) / (1 − q(x_j)) = q(v),
-
-    so the MH kernel is unchanged, but the kept tokens x_i..x_{j−1} are already in the KV cache:
-    the move costs |y| − (j − i) decode tokens, and none when nothing diverges (then x' = x and
-    log A = 0). Returns ``keep`` = j ([B], = |x| when nothing diverges) and ``exclude`` = x_j for
-    the first draw ([B], −1 when nothing diverges)."""
-    b, t_max = chains.tokens.shape
-    t = torch.arange(t_max, device=index.device)
-    u = torch.rand(b, t_max, generator=generator, device=index.device, dtype=torch.float64)
-    leave = (u >= chains.log_q.double().exp()) & (t[None] >= index[:, None]) & chains.positions()  # [B, T]
-    keep = torch.where(leave.any(1), leave.long().argmax(1), chains.length)  # first True
-    exclude = torch.where(keep < chains.length, chains.tokens.gather(1, keep.clamp(max=t_max - 1)[:, None])[:, 0], -1)
-    return keep, exclude
-
-
-def suffix_log_q(chains: Chains, index: Tensor) -> Tensor:
-    """Σ_{t ≥ i} log q of each row's generated tokens, [B]."""
-    t = torch.arange(chains.tokens.shape[1], device=index.device)
-    return (chains.log_q * ((t[None] >= index[:, None]) & chains.positions())).sum(1)
-
-
-def start_proposals(
-    decoder: Decoder, chains: Chains, rows: Tensor, index: Tensor, generator: torch.Generator, reuse: bool = True
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Start a move from ``index`` on ``rows`` (bool [B]): find where each proposal leaves x
-    (:func:`divergence`; at i itself without ``reuse``), and roll the rows that leave it back to
-    that point (:meth:`Decoder.start_moves`, which also saves the old context; the next decode
-    returns the distribution at j). Returns ``keep`` (j), ``exclude`` (x_j or −1) and ``diverged`` (rows with
-    j < |x|; the others propose x itself), all [B]."""
-    if reuse:
-        keep, exclude = divergence(chains, index, generator)
-    else:
-        keep, exclude = index, torch.full_like(index, -1)
-    diverged = rows & (keep < chains.length)
-    decoder.start_moves(diverged, keep)
-    return keep, exclude, diverged
-
-
-def propose(
-    problem: Problem, decoder: Decoder, chains: Chains, index: Tensor, horizon: int, q_schedule: Anneal | None = None
-) -> tuple[Chains, Tensor]:
-    """x' = x_<i ⊕ y with y ~ q(· | x_<i) to EOS or ``horizon``, drawn coupled with x_≥i
-    (:func:`divergence`); every stream's cache holds x' afterwards, and the old context of every
-    row whose x' differs from x is saved for :meth:`Decoder.restore_rows`. Returns x' and where it
-    left x (``keep``, [B]; = |x| where x' = x)."""
-    everyone = torch.ones_like(chains.ended)
-    keep, exclude, diverged = start_proposals(decoder, chains, everyone, index, problem.generator)
-    prop = chains.clone()
-    prop.view = decoder.decode(torch.zeros_like(index), diverged).where(diverged, chains.view)
-    prop.length = keep
-    prop.ended = chains.ended & ~diverged
-    extend(problem, decoder, prop, horizon, exclude=exclude, q_schedule=q_schedule)
-    return prop, keep
-
-
-@dataclass
-class MoveInfo:
-    accepted: Tensor  # [B] bool
-    index: Tensor  # [B] regeneration point i
-    reused: Tensor  # [B] tokens of x_≥i the proposal kept (see divergence)
-    log_accept: Tensor  # [B]
-    old_length: Tensor
-    new_length: Tensor
-
-
-def mh_move(
-    problem: Problem,
-    decoder: Decoder,
-    chains: Chains,
-    horizon: int,
-    alpha: float | None = None,
-    q_schedule: Anneal | None = None,
-) -> tuple[Chains, MoveInfo]:
-    """One suffix-MH move on every row for π restricted to the first ``horizon`` tokens:
-
-        i ~ U{0..|x|−1};  y ~ q(· | x_<i) to EOS or horizon;  x' = x_<i ⊕ y
-        log A = [log π(x') − log π(x)] + [log q(x_≥i | x_<i) − log q(y | x_<i)] + [log|x| − log|x'|]
-
-    y is drawn coupled with x_≥i (:func:`divergence`), and the KV of everything kept is reused:
-    the move costs the diverged part of y in decode tokens (plus one to re-read the distribution
-    where it diverges) and no prefill; a rejected row returns to its old cache columns.
-    ``q_schedule``: the annealing schedule the stored log q were drawn with (see :func:`extend`)."""
-    decoder.compact()
-    old = chains  # not modified below: the proposal grows in its own copy
-    n = chains.length
-    u = torch.rand(n.shape, generator=problem.generator, device=n.device)
-    i = (u * n).long().clamp(max=n - 1)  # [B]
-    prop, keep = propose(problem, decoder, chains, i, horizon, q_schedule)
-    everyone = torch.ones_like(chains.ended)
-    problem.update_psi(prop, everyone, partial_ok=False)
-    log_a = mh_log_accept(
-        problem.log_target(prop, alpha),
-        problem.log_target(old, alpha),
-        suffix_log_q(old, i),
-        suffix_log_q(prop, i),
-        old.length,
-        prop.length,
-    )
-    v = torch.rand(n.shape, generator=problem.generator, device=n.device)
-    accept = (torch.log(v) < log_a) | (keep == n)  # x' = x where nothing diverged (log A = 0)
-    decoder.restore_rows(~accept)
-    info = MoveInfo(accept, i, keep - i, log_a, old.length, prop.length)
-    return prop.where(accept, old), info
+    return alpha_w
 
 
 def check_run_args(max_new_tokens: int, seed: int) -> None:

@@ -10,8 +10,9 @@ sequence potential adds α·(log ψ(x_≤t) − log ψ(x_≤s)) (always at the f
 completion, and the twist on partial sequences when the target is ``Reward(..., prefix=True)``.
 Finished particles keep their weight. When ESS = 1/Σ W² < κ·N for a prompt its particles are
 resampled with the chosen scheme and their log weights all set to the group's log-mean, so
-log Ẑ = logmeanexp(log w) stays unbiased. ``rejuvenate=k`` then runs k suffix-MH moves on the
-current intermediate target.
+log Ẑ = logmeanexp(log w) stays unbiased (:class:`~smcdecode.samplers.weights.Weights`).
+``rejuvenate=k`` then runs k suffix-MH moves (:func:`~smcdecode.samplers.kernels.mh_move`) on the
+current intermediate target, whose exponent α_t is part of the loop's state.
 With ``LocallyOptimal`` q the token term equals logsumexp_v α·log φ(v) (Power-SMC).
 """
 
@@ -22,13 +23,14 @@ from typing import Any
 import torch
 
 from smcdecode.backends import Backend
-from smcdecode.diagnostics import weight_ess
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler, bar, collect
-from smcdecode.samplers.core import Anneal, extend, logmeanexp, make_problem, mh_move, start_chains
+from smcdecode.samplers.core import Anneal, extend, make_problem, start_chains
+from smcdecode.samplers.kernels import MoveInfo, mh_move
 from smcdecode.samplers.resampling import SCHEMES
 from smcdecode.samplers.result import Result, Trace
+from smcdecode.samplers.weights import Weights
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
 
@@ -96,71 +98,64 @@ class SMC(Sampler):
         decoder, chains = start_chains(problem)
         scheme = SCHEMES[self.resampling]
         trace = Trace()
-        b = chains.length.shape[0]
-        log_w = torch.zeros(b, device=engine.device)
+        n_prompts, dev = len(problem.prompt_ids), engine.device
+        weights = Weights.zeros(n_prompts, n, dev)
+        alpha_t = 1.0 if anneal is not None else problem.alpha  # the α of φ in the weights
         block = self.block_size or max_new_tokens
         step = 0
         with bar(max_new_tokens, "SMC", progress) as pbar:
             while True:
                 done = problem.complete(chains)
-                lengths = chains.length
                 if bool(done.all()):  # one sync per block
                     break
-                horizon = min(int(lengths[~done].max()) + block, max_new_tokens)
+                horizon = min(int(chains.length[~done].max()) + block, max_new_tokens)
                 if self.delimiter is not None:
                     horizon = max_new_tokens
                 psi_before = chains.log_psi.clone()
-                incr = torch.zeros_like(log_w)
-                extend(problem, decoder, chains, horizon, anneal=anneal, log_w=incr)
+                incr = torch.zeros_like(weights.flat)  # [P·N]
+                alpha_t = extend(problem, decoder, chains, horizon, anneal=anneal, log_w=incr, alpha_w=alpha_t)
                 problem.update_psi(chains, ~done, partial_ok=True)
                 incr += torch.where(~done, problem.alpha * (chains.log_psi - psi_before), torch.zeros_like(incr))
-                log_w += incr
-                group = log_w.view(-1, n)
-                ess_g = weight_ess(group)  # [P]
-                resample = ess_g < self.ess_threshold * n  # [P]
+                weights = weights.add(incr)
+                ess = weights.ess  # [P]
+                resample = ess < self.ess_threshold * n  # [P]
                 any_resample = bool(resample.any())  # one sync per block: skip the KV copy when possible
-                idx = torch.arange(n, device=engine.device).expand(group.shape[0], n)
+                idx = torch.arange(n, device=dev).expand(n_prompts, n)
                 if any_resample:
-                    drawn = scheme(problem.generator, torch.softmax(group, dim=1), n)  # [P, N]
+                    drawn = scheme(problem.generator, weights.normalized, n)  # [P, N]
                     idx = torch.where(resample[:, None], drawn, idx)
-                    rows = (idx + n * torch.arange(group.shape[0], device=engine.device)[:, None]).view(-1)
-                    log_w = torch.where(resample[:, None], logmeanexp(group, 1)[:, None], group).view(-1)
+                    rows = (idx + n * torch.arange(n_prompts, device=dev)[:, None]).view(-1)  # [P·N]
+                    weights = weights.resampled(resample)
                     decoder.select(rows)
                     chains = chains.index_select(rows)
                 trace.log(
                     "step",
                     step=step,
                     horizon=horizon,
-                    ess=ess_g,
+                    ess=ess,
                     resampled=resample,
-                    log_z_increment=logmeanexp(incr.view(-1, n), 1),
+                    log_z_increment=Weights(incr.view(n_prompts, n)).log_mean,
                     unique=_unique_counts(idx),
                 )
                 if self.rejuvenate and any_resample:
-                    current = anneal.current if anneal is not None else None
                     for s in range(self.rejuvenate):
                         chains, info = mh_move(
-                            problem, decoder, chains, int(chains.length.max()), alpha=current, q_schedule=anneal
+                            problem,
+                            decoder,
+                            chains,
+                            int(chains.length.max()),
+                            alpha=alpha_t if anneal is not None else None,
+                            q_schedule=anneal,
                         )
-                        trace.log(
-                            "move",
-                            step=step,
-                            rejuvenation=s,
-                            accepted=info.accepted,
-                            index=info.index,
-                            reused=info.reused,
-                            old_length=info.old_length,
-                            new_length=info.new_length,
-                        )
+                        trace.log("move", step=step, rejuvenation=s, **_move_record(info))
                 decoder.compact()
                 pbar.update(max(0, min(horizon, max_new_tokens) - pbar.n))
                 step += 1
-        if anneal is not None and anneal.current != problem.alpha:
+        if anneal is not None and alpha_t != problem.alpha:
             # bring every particle to the final exponent (an exact importance correction)
-            log_w += (problem.alpha - anneal.current) * chains.sum_log_phi()
-            anneal.current = problem.alpha
-        log_z = logmeanexp(log_w.view(-1, n), 1).tolist()
-        return collect(problem, chains, log_w, trace, log_evidence=log_z)
+            weights = weights.add((problem.alpha - alpha_t) * chains.sum_log_phi())
+        log_z = weights.log_mean.tolist()
+        return collect(problem, chains, weights.flat, trace, log_evidence=log_z)
 
     def __repr__(self) -> str:
         how = f"delimiter={self.delimiter!r}" if self.delimiter is not None else f"block_size={self.block_size}"
@@ -170,6 +165,16 @@ class SMC(Sampler):
             f"ess_threshold={self.ess_threshold:g}, resampling={self.resampling!r}, {how}, "
             f"rejuvenate={self.rejuvenate}{extra})"
         )
+
+
+def _move_record(info: MoveInfo) -> dict[str, torch.Tensor]:
+    return {
+        "accepted": info.accepted,
+        "index": info.i,
+        "reused": info.reused,
+        "old_length": info.old_length,
+        "new_length": info.new_length,
+    }
 
 
 def _unique_counts(idx: torch.Tensor) -> torch.Tensor:

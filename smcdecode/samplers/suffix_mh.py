@@ -14,14 +14,16 @@ Execution: every chain of every prompt is one row of one batch, and each row run
 schedule (extension, moves, next block) *asynchronously*: a row whose proposal ends early starts
 its next move at the next forward instead of idling until the longest regeneration in the batch
 ends, and chains that have finished every block leave the batch. The proposal is drawn coupled
-with the current suffix (:func:`core.divergence`): y keeps x_j with probability q(x_j | x_<j)
+with the current suffix (:func:`kernels.divergence`): y keeps x_j with probability q(x_j | x_<j)
 until the first j where it does not, and that j is known before any forward. The move re-reads
 the distribution at j by feeding x_{j−1} again (one token) over the kept prefix's KV, draws
 y_j ≠ x_j, and goes on with q; so it costs |x'| − j decode tokens (the last token of x' is never
 fed) and no prefill, and nothing at all when y = x_≥i (then log A = 0: accepted). A rejected proposal
 returns to its old cache columns (:meth:`Backend.restore_rows`). Every row follows the same
 sequence of operations as a chain run alone, so the law of each chain is unchanged; the coupling
-changes which random numbers are drawn, not the law of y given (x, i).
+changes which random numbers are drawn, not the law of y given (x, i). The move itself (start,
+acceptance, the rule for a proposal equal to x) is :mod:`~smcdecode.samplers.kernels`'s; this
+module only schedules it.
 """
 
 from __future__ import annotations
@@ -37,15 +39,9 @@ from torch import Tensor
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
+from smcdecode.samplers import kernels
 from smcdecode.samplers.base import Sampler, bar, collect
-from smcdecode.samplers.core import (
-    CHECK_EVERY,
-    make_problem,
-    mh_log_accept,
-    start_chains,
-    start_proposals,
-    suffix_log_q,
-)
+from smcdecode.samplers.core import CHECK_EVERY, make_problem, start_chains
 from smcdecode.samplers.result import Result, Trace
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
@@ -86,7 +82,7 @@ class SuffixMH(Sampler):
         t_max, n_steps = max_new_tokens, self.steps
         n_blocks = math.ceil(t_max / self.block_size)
         n_moves = n_blocks * n_steps
-        b0, dev, gen = cur.length.shape[0], engine.device, problem.generator
+        b0, dev = cur.length.shape[0], engine.device
         sch = Schedule.start(b0, dev)
         hist = {
             k: torch.zeros(b0, max(1, n_moves), device=dev) for k in ("accepted", "index", "reused", "old", "new", "lt")
@@ -111,30 +107,19 @@ class SuffixMH(Sampler):
                 was_refeed, sch.refeed = sch.refeed, torch.zeros_like(sch.refeed)
                 # 3. finished proposals: accept (extensions always), reject -> old cache columns
                 complete = ~sch.done & ~was_refeed & (prop.ended | (prop.length >= horizon))
-                problem.update_psi(prop, complete, partial_ok=False, ids=sch.ids)
-                log_a = mh_log_accept(
-                    problem.log_target(prop),
-                    problem.log_target(cur),
-                    suffix_log_q(cur, sch.index),
-                    suffix_log_q(prop, sch.index),
-                    cur.length,
-                    prop.length,
+                old_len = cur.length.float()
+                cur, info = kernels.decide(
+                    problem, decoder, cur, prop, sch.index, sch.keep, complete, sch.moving, ids=sch.ids
                 )
-                u = torch.rand(log_a.shape, generator=gen, device=dev)
-                same = sch.keep == cur.length  # a move whose proposal is x itself (log A = 0)
-                accept = complete & (~sch.moving | same | (torch.log(u) < log_a))
-                decoder.restore_rows(complete & sch.moving & ~accept)
                 m = ((sch.block - 1) * n_steps + sch.step - 1).clamp(0, max(0, n_moves - 1))
                 rec_move, rec_ext = complete & sch.moving, complete & ~sch.moving
                 kb = (sch.block - 1).clamp(0, n_blocks - 1)
-                old_len = cur.length.float()
-                cur = prop.where(accept, cur)
                 for key, val in (
-                    ("accepted", accept.float()),
-                    ("index", sch.index.float()),
-                    ("reused", (sch.keep - sch.index).float()),
+                    ("accepted", info.accepted.float()),
+                    ("index", info.i.float()),
+                    ("reused", info.reused.float()),
                     ("old", old_len),
-                    ("new", prop.length.float()),
+                    ("new", info.new_length.float()),
                     ("lt", problem.log_target(cur)),
                 ):
                     hist[key][sch.ids, m] = torch.where(rec_move, val, hist[key][sch.ids, m])
@@ -142,18 +127,13 @@ class SuffixMH(Sampler):
                 ext["new"][sch.ids, kb] = torch.where(rec_ext, cur.length.float(), ext["new"][sch.ids, kb])
                 # 4. advance each finished row's schedule and start its next proposal
                 start_ext, start_move = sch.advance(complete, n_steps, n_blocks)
-                i = (torch.rand(log_a.shape, generator=gen, device=dev) * cur.length).long().clamp(min=0)
-                sch.index = torch.where(start_move, torch.minimum(i, (cur.length - 1).clamp_min(0)), sch.index)
-                j, x_j, diverged = start_proposals(decoder, cur, start_move, sch.index, gen, self.reuse_suffix)
-                sch.keep = torch.where(start_move, j, sch.keep)
-                sch.exclude = torch.where(diverged, x_j, sch.exclude)
-                # `where` builds new tensors, so sharing cur's other fields here aliases nothing
-                fresh = dataclasses.replace(
-                    cur, length=torch.where(diverged, sch.keep, cur.length), ended=cur.ended & ~diverged
-                )
+                fresh, move = kernels.begin(problem, decoder, cur, start_move, self.reuse_suffix)
+                sch.index = torch.where(start_move, move.i, sch.index)
+                sch.keep = torch.where(start_move, move.j, sch.keep)
+                sch.exclude = torch.where(move.diverged, move.exclude, sch.exclude)
                 prop = fresh.where(start_ext | start_move, prop)
                 sch.moving = torch.where(start_move, True, torch.where(start_ext, False, sch.moving))
-                sch.refeed = diverged
+                sch.refeed = move.diverged
                 iteration += 1
                 if iteration % check_every == 0:  # host sync
                     pbar.update(int(ext["new"].gt(0).sum() + hist["new"].gt(0).sum()) - pbar.n)

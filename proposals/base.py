@@ -29,7 +29,9 @@ class Proposal:
         raise NotImplementedError  # abstract
 
 
-def sample(log_q: Tensor, generator: torch.Generator, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def sample(
+    log_q: Tensor, generator: torch.Generator | None, exclude: Tensor | None = None, u: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Draw one token per row from exp(log_q) [B, V]; return (tokens [B], log q of them [B]).
 
     With ``exclude`` ([B] long, −1 for none) row b draws from q conditioned on x ≠ exclude[b]
@@ -37,12 +39,14 @@ def sample(log_q: Tensor, generator: torch.Generator, exclude: Tensor | None = N
     unconditioned q. Inverse-CDF sampling with a float64 cumulative sum: exact (a token of
     probability 0 has an empty interval and is never drawn) and ~4x cheaper than
     ``torch.multinomial``, whose exponential draws over the whole vocabulary dominate a small
-    model's decode step."""
+    model's decode step. ``u``: the uniforms to use ([B, 1] float64) instead of drawing them from
+    ``generator``."""
     prob = log_q.double().exp()  # [B, V]; exp in float64: float32 underflows to slow denormals
     if exclude is not None:
         drop = torch.zeros_like(prob, dtype=torch.bool).scatter_(1, exclude.clamp_min(0)[:, None], True)
         prob = prob.masked_fill(drop & (exclude[:, None] >= 0), 0.0)
     cdf = prob.cumsum(-1)  # [B, V]
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # [B, 1]
+    if u is None:
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)  # [B, 1]
     return tokens[:, 0], log_q.gather(1, tokens)[:, 0]

@@ -32,6 +32,7 @@ from torch import Tensor
 from smcdecode.backends import Backend, Batch, Readout
 from smcdecode.errors import ArgumentError
 from smcdecode.proposals.base import Proposal, sample
+from smcdecode.samplers.rng import OneStream, Rng
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential, Requirements, Sequences, StepView
 
@@ -226,7 +227,7 @@ class Problem:
     prompt_ids: list[list[int]]
     rows_per_prompt: int
     max_new_tokens: int
-    generator: torch.Generator
+    rng: Rng
     base: Potential | None = None
     alpha: float = 1.0
     stop_tokens: Tensor | None = None  # [V] bool: an SMC block ends after one of these (delimiter)
@@ -255,7 +256,8 @@ class Problem:
         phi = self.base_factor(view)  # [B, V] or None
         a = alpha[:, None] if isinstance(alpha, Tensor) else alpha
         log_q_all = self.proposal.log_q(view, lambda _v: None if phi is None else a * phi)
-        tok, lq = sample(log_q_all, self.generator, exclude)  # [B], [B]
+        u = self.rng.rand(log_q_all.shape[0], 1, dtype=torch.float64)  # [B, 1]
+        tok, lq = sample(log_q_all, None, exclude, u)  # [B], [B]
         lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
         return Drawn(tok, lq, lphi, view.log_p.gather(1, tok[:, None])[:, 0])
 
@@ -424,8 +426,8 @@ def make_problem(
                 "max_new_tokens",
                 f"prompt {k} ({len(p)} tokens) + {max_new_tokens} exceeds the context ({engine.max_positions})",
             )
-    gen = torch.Generator(device=engine.device).manual_seed(seed)
-    problem = Problem(engine, target, proposal, list(prompts), ids, rows_per_prompt, max_new_tokens, gen)
+    rng = OneStream(torch.Generator(device=engine.device).manual_seed(seed))
+    problem = Problem(engine, target, proposal, list(prompts), ids, rows_per_prompt, max_new_tokens, rng)
     problem.stop = stop
     return problem
 

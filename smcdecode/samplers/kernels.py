@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from smcdecode.samplers.core import Anneal, Chains, Decoder, Problem, extend
+from smcdecode.samplers.rng import Rng
 
 
 class Move(NamedTuple):
@@ -78,7 +79,7 @@ def mh_log_accept(
     )
 
 
-def divergence(chains: Chains, index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def divergence(chains: Chains, index: Tensor, rng: Rng) -> tuple[Tensor, Tensor]:
     """Where a move's proposal leaves the current suffix, drawn before any forward.
 
     The proposal y ~ q(· | x_<i) is drawn *coupled* with the current suffix x_≥i: for
@@ -94,7 +95,7 @@ def divergence(chains: Chains, index: Tensor, generator: torch.Generator) -> tup
     the first draw ([B], −1 when nothing diverges)."""
     b, t_max = chains.tokens.shape
     t = torch.arange(t_max, device=index.device)
-    u = torch.rand(b, t_max, generator=generator, device=index.device, dtype=torch.float64)
+    u = rng.rand(b, t_max, dtype=torch.float64).to(index.device)  # [B, T]
     leave = (u >= chains.log_q.double().exp()) & (t[None] >= index[:, None]) & chains.positions()  # [B, T]
     keep = torch.where(leave.any(1), leave.long().argmax(1), chains.length)  # first True
     exclude = torch.where(keep < chains.length, chains.tokens.gather(1, keep.clamp(max=t_max - 1)[:, None])[:, 0], -1)
@@ -115,12 +116,12 @@ def begin(
     the rows that diverge to x_<j (:meth:`Decoder.start_moves`, which saves their old context;
     their next decode feeds x_{j−1} again and returns the distribution at j). Returns the
     proposal's starting chains (x_<j on diverged rows, ``cur`` elsewhere) and the move."""
-    gen, n = problem.generator, cur.length  # [B]
+    rng, n = problem.rng, cur.length  # [B]
     if index is None:
-        u = torch.rand(n.shape, generator=gen, device=n.device)
+        u = rng.rand(n.shape[0]).to(n.device)
         index = torch.minimum((u * n).long(), (n - 1).clamp_min(0))  # [B]
     if reuse:
-        keep, exclude = divergence(cur, index, gen)
+        keep, exclude = divergence(cur, index, rng)
     else:
         keep, exclude = index, torch.full_like(index, -1)
     diverged = rows & (keep < n)
@@ -156,7 +157,7 @@ def decide(
         cur.length,
         prop.length,
     )
-    u = torch.rand(log_a.shape, generator=problem.generator, device=log_a.device)
+    u = problem.rng.rand(log_a.shape[0]).to(log_a.device)
     same = keep == cur.length  # the proposal is x itself: log A = 0
     accept = complete & (~moving | same | (torch.log(u) < log_a))
     decoder.restore_rows(complete & moving & ~accept)

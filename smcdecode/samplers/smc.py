@@ -122,7 +122,8 @@ class SMC(Sampler):
                 any_resample = bool(resample.any())  # one sync per block: skip the KV copy when possible
                 idx = torch.arange(n, device=dev).expand(n_prompts, n)
                 if any_resample:
-                    drawn = scheme(problem.generator, weights.normalized, n)  # [P, N]
+                    w = weights.normalized  # [P, N]
+                    drawn = torch.cat([scheme(g, w[s], n) for s, g in problem.rng.groups(n_prompts)])  # [P, N]
                     idx = torch.where(resample[:, None], drawn, idx)
                     rows = (idx + n * torch.arange(n_prompts, device=dev)[:, None]).view(-1)  # [P·N]
                     weights = weights.resampled(resample)

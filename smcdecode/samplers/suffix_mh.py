@@ -41,7 +41,8 @@ from smcdecode.errors import ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
 from smcdecode.samplers import kernels
 from smcdecode.samplers.base import Sampler, bar, collect
-from smcdecode.samplers.core import CHECK_EVERY, make_problem, start_chains
+from smcdecode.samplers.core import CHECK_EVERY, Chains, Decoder, Problem, make_problem, start_chains
+from smcdecode.samplers.kernels import MoveInfo
 from smcdecode.samplers.result import Result, Trace
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
@@ -89,31 +90,19 @@ class SuffixMH(Sampler):
         }
         ext = {k: torch.zeros(b0, n_blocks, device=dev) for k in ("old", "new")}
         out = cur.clone()  # final states, by original row
-        prop = cur.clone()
         iteration, check_every = 0, CHECK_EVERY
         trace = Trace()
+        rows = Rows(cur, cur.clone(), sch)
         with bar(b0 * (n_moves + n_blocks), "SuffixMH", progress) as pbar:
             while True:
-                horizon = (sch.block * self.block_size).clamp(max=t_max)  # [B]
-                # 1. generating rows draw one token from q (the first one after a divergence ≠ x_j)
-                live = ~sch.done & ~sch.refeed & ~prop.ended & (prop.length < horizon)
-                drawn = problem.draw(decoder.bind(prop.view), problem.alpha, torch.where(live, sch.exclude, -1))
-                sch.exclude = torch.where(live, -1, sch.exclude)
-                tok = drawn.tokens
-                prop.append(live, drawn, *problem.ends(prop, tok))
-                # 2. one forward: sampled tokens of unfinished rows, refed tokens of rows starting a move
-                feed = (live & ~prop.ended & (prop.length < t_max)) | sch.refeed
-                prop.view = decoder.decode(tok, feed).where(feed, prop.view)
-                was_refeed, sch.refeed = sch.refeed, torch.zeros_like(sch.refeed)
-                # 3. finished proposals: accept (extensions always), reject -> old cache columns
-                complete = ~sch.done & ~was_refeed & (prop.ended | (prop.length >= horizon))
-                old_len = cur.length.float()
-                cur, info = kernels.decide(
-                    problem, decoder, cur, prop, sch.index, sch.keep, complete, sch.moving, ids=sch.ids
-                )
+                old_len = rows.cur.length.float()
+                sch = rows.sch
                 m = ((sch.block - 1) * n_steps + sch.step - 1).clamp(0, max(0, n_moves - 1))
-                rec_move, rec_ext = complete & sch.moving, complete & ~sch.moving
                 kb = (sch.block - 1).clamp(0, n_blocks - 1)
+                rec_ids, moving = sch.ids, sch.moving
+                rows, info, complete = self.step(problem, decoder, rows)
+                cur, prop, sch = rows.cur, rows.prop, rows.sch
+                rec_move, rec_ext = complete & moving, complete & ~moving
                 for key, val in (
                     ("accepted", info.accepted.float()),
                     ("index", info.i.float()),
@@ -122,18 +111,9 @@ class SuffixMH(Sampler):
                     ("new", info.new_length.float()),
                     ("lt", problem.log_target(cur)),
                 ):
-                    hist[key][sch.ids, m] = torch.where(rec_move, val, hist[key][sch.ids, m])
-                ext["old"][sch.ids, kb] = torch.where(rec_ext, old_len, ext["old"][sch.ids, kb])
-                ext["new"][sch.ids, kb] = torch.where(rec_ext, cur.length.float(), ext["new"][sch.ids, kb])
-                # 4. advance each finished row's schedule and start its next proposal
-                start_ext, start_move = sch.advance(complete, n_steps, n_blocks)
-                fresh, move = kernels.begin(problem, decoder, cur, start_move, self.reuse_suffix)
-                sch.index = torch.where(start_move, move.i, sch.index)
-                sch.keep = torch.where(start_move, move.j, sch.keep)
-                sch.exclude = torch.where(move.diverged, move.exclude, sch.exclude)
-                prop = fresh.where(start_ext | start_move, prop)
-                sch.moving = torch.where(start_move, True, torch.where(start_ext, False, sch.moving))
-                sch.refeed = move.diverged
+                    hist[key][rec_ids, m] = torch.where(rec_move, val, hist[key][rec_ids, m])
+                ext["old"][rec_ids, kb] = torch.where(rec_ext, old_len, ext["old"][rec_ids, kb])
+                ext["new"][rec_ids, kb] = torch.where(rec_ext, cur.length.float(), ext["new"][rec_ids, kb])
                 iteration += 1
                 if iteration % check_every == 0:  # host sync
                     pbar.update(int(ext["new"].gt(0).sum() + hist["new"].gt(0).sum()) - pbar.n)
@@ -146,7 +126,9 @@ class SuffixMH(Sampler):
                         left = torch.nonzero(~sch.done).view(-1)
                         decoder.keep_rows(left)
                         trace.log("shrink", iteration=iteration, rows=int(left.shape[0]))
-                        cur, prop, sch = cur.index_select(left), prop.index_select(left), sch.index_select(left)
+                        problem.rng.select(left)
+                        rows = Rows(cur.index_select(left), prop.index_select(left), sch.index_select(left))
+                        sch = rows.sch
                     if 4 * sch.done.shape[0] <= b0:
                         check_every = 1  # the tail: stop as soon as the last chains finish
                 if iteration % COMPACT_EVERY == 0:
@@ -169,11 +151,55 @@ class SuffixMH(Sampler):
                 )
         return collect(problem, out, None, trace)
 
+    def step(self, problem: Problem, decoder: Decoder, rows: Rows) -> tuple[Rows, MoveInfo, Tensor]:
+        """One forward for every row, each at its own phase: rows that generate draw a token from
+        q (the first one after a divergence ≠ x_j), rows starting a move re-feed x_{j−1}; then the
+        rows whose proposal completed are decided (extensions always accepted, a rejected move
+        returns to its old cache columns), advance their schedule and begin their next proposal.
+        Returns the new rows, the decided moves' info and which rows completed (bool [B])."""
+        cur, prop, sch, t_max = rows.cur, rows.prop, rows.sch, problem.max_new_tokens
+        horizon = (sch.block * self.block_size).clamp(max=t_max)  # [B]
+        live = ~sch.done & ~sch.refeed & ~prop.ended & (prop.length < horizon)
+        drawn = problem.draw(decoder.bind(prop.view), problem.alpha, torch.where(live, sch.exclude, -1))
+        sch.exclude = torch.where(live, -1, sch.exclude)
+        tok = drawn.tokens
+        prop.append(live, drawn, *problem.ends(prop, tok))
+        feed = (live & ~prop.ended & (prop.length < t_max)) | sch.refeed  # [B]
+        prop.view = decoder.decode(tok, feed).where(feed, prop.view)
+        rows.fed += feed.long()
+        was_refeed, sch.refeed = sch.refeed, torch.zeros_like(sch.refeed)
+        complete = ~sch.done & ~was_refeed & (prop.ended | (prop.length >= horizon))
+        cur, info = kernels.decide(problem, decoder, cur, prop, sch.index, sch.keep, complete, sch.moving, ids=sch.ids)
+        n_blocks = math.ceil(t_max / self.block_size)
+        start_ext, start_move = sch.advance(complete, self.steps, n_blocks)
+        fresh, move = kernels.begin(problem, decoder, cur, start_move, self.reuse_suffix)
+        sch.index = torch.where(start_move, move.i, sch.index)
+        sch.keep = torch.where(start_move, move.j, sch.keep)
+        sch.exclude = torch.where(move.diverged, move.exclude, sch.exclude)
+        prop = fresh.where(start_ext | start_move, prop)
+        sch.moving = torch.where(start_move, True, torch.where(start_ext, False, sch.moving))
+        sch.refeed = move.diverged
+        return Rows(cur, prop, sch, rows.fed), info, complete
+
     def __repr__(self) -> str:
         return (
             f"SuffixMH({self.target!r}, {self.proposal!r}, chains={self.chains}, "
             f"block_size={self.block_size}, steps={self.steps})"
         )
+
+
+@dataclass
+class Rows:
+    """The batch of a run: each row's current chain, its proposal in progress and its schedule."""
+
+    cur: Chains
+    prop: Chains
+    sch: Schedule
+    fed: Tensor = None  # type: ignore[assignment]  # [B] long: tokens fed for the row (its decode work)
+
+    def __post_init__(self) -> None:
+        if self.fed is None:
+            self.fed = torch.zeros_like(self.cur.length)
 
 
 @dataclass

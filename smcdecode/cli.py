@@ -262,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--batch-size",
             type=int,
             default=1,
-            help="problems per sampler call (default 1: a problem's samples depend only on seed, problem id and "
-            "method; above 1 they also depend on which problems share the call)",
+            help="problems in the batch (default 1). Ancestral and mh keep it full, admitting a waiting problem as "
+            "one finishes, and a problem's samples depend only on seed, problem id and method; smc takes problems "
+            "this many at a time, and above 1 its samples also depend on which problems share the call",
         )
         t.add_argument("--model", default="embedded")
         t.add_argument("--device", default="cpu")

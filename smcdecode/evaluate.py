@@ -8,9 +8,14 @@ and restarted with the same arguments skips the problems already recorded for (m
 
 Where the sampler calls run is an executor's business (``smcdecode.executors``: this process by
 default, or Ray actors on a cluster); the records are always written here, by the driver alone.
-Each sampler call is seeded with ``problem_seed(seed, uid)`` of its first problem, so with one
-problem per call (``batch_size=1``, the default) a problem's samples depend only on (seed,
-problem id, method): not on its position in the run, on resumes, or on the worker that ran it.
+Ancestral and SuffixMH run in this process by continuous batching: ``batch_size`` problems share
+the batch, a problem is graded and recorded the moment its samples are done, and a waiting
+problem is prefilled into the rows it frees; each problem draws from its own random stream
+seeded by ``problem_seed(seed, uid)``, so its samples depend only on (seed, problem id, method):
+not on the problems sharing the batch, its position in the run, or resumes. Other samplers (SMC,
+whose particles move in lockstep) and Ray executors take problems ``batch_size`` at a time, each
+sampler call seeded with ``problem_seed`` of its first problem: with ``batch_size=1`` (the
+default) the same guarantee holds; above 1 a problem's samples also depend on its batch.
 """
 
 from __future__ import annotations
@@ -108,8 +113,13 @@ def run_eval(
     progress: bool | None = None,
     executor: Executor | None = None,
     stop: Sequence[str | Sequence[int]] | None = None,
+    continuous: bool = True,
 ) -> str:
     """Evaluate and append records to ``out_dir/results.jsonl``; returns that path.
+
+    ``continuous``: Ancestral and SuffixMH keep ``batch_size`` problems in one batch and admit a
+    waiting problem as soon as one finishes (see the module docstring); False takes problems
+    ``batch_size`` at a time, the batch running until its last problem ends (for comparison).
 
     ``stop``: stop patterns of every sample (see ``Sampler.run``); recorded with each record, and
     a directory already holding records of this (method, seed) with other stops is refused.
@@ -136,6 +146,9 @@ def run_eval(
     todo = [p for p in task.problems if (p["unique_id"], method, seed) not in done]
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
     job = BatchJob(task.name, method, seed, max_new_tokens, select, stops)
+    if continuous and executor is None and engine is not None and sampler is not None and _streams(sampler):
+        _run_streaming(task, engine, sampler, job, todo, path, batch_size, progress)
+        return path
     if executor is None:
         from smcdecode.executors import InProcess
 
@@ -152,6 +165,57 @@ def run_eval(
                 writer.append(rec)
                 bar.update(1)
     return path
+
+
+def _streams(sampler: Sampler) -> bool:
+    """Does the sampler keep a batch full by admitting problems as others finish?"""
+    return type(sampler).stream is not Sampler.stream
+
+
+def _run_streaming(
+    task: TaskAdapter,
+    engine: Backend,
+    sampler: Sampler,
+    job: BatchJob,
+    todo: list[dict[str, Any]],
+    path: str,
+    in_flight: int,
+    progress: bool | None,
+) -> None:
+    """Continuous batching in this process: ``in_flight`` problems share the batch, each graded
+    and recorded the moment its samples are done, a waiting problem admitted into its rows. Each
+    problem draws from its own stream seeded by ``problem_seed(seed, uid)``, so its samples do
+    not depend on the batch. A reward that fails stops the stream; the problems not yet recorded
+    then run one at a time, recording the failing one's error and losing nothing else."""
+    by_uid = {p["unique_id"]: p for p in todo}
+    queue = ((p["unique_id"], task.prompt(p), problem_seed(job.seed, p["unique_id"])) for p in todo)
+    stops = None if job.stop is None else [s if isinstance(s, str) else list(s) for s in job.stop]
+    written: set[Any] = set()
+    t0, tokens = time.perf_counter(), 0
+    with (
+        RecordWriter(path) as writer,
+        tqdm(total=len(todo), desc=f"{task.name} {job.method}", disable=progress is False, leave=False) as bar,
+    ):
+        try:
+            finished = sampler.stream(engine, queue, in_flight=in_flight, max_new_tokens=job.max_new_tokens, stop=stops)
+            for fin in finished:
+                p = by_uid[fin.key]
+                rec = _grade(
+                    task, p, fin.samples, None, job.method, job.seed, job.max_new_tokens, job.select, fin.wall_time
+                )
+                rec["decode_tokens"] = fin.decode_tokens
+                rec["stop"] = stops
+                writer.append(rec)
+                written.add(fin.key)
+                tokens += fin.decode_tokens
+                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
+                bar.update(1)
+        except RewardError:
+            for p in todo:
+                if p["unique_id"] not in written:
+                    for rec in job((task, engine, sampler), [p]):
+                        writer.append(rec)
+                    bar.update(1)
 
 
 @dataclass(frozen=True)

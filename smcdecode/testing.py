@@ -316,7 +316,8 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
 
     Needs a vocabulary of at least 7 ids. Operations: ``start`` over ragged prompts (several
     prefill groups), ``decode`` with inactive rows, ``save_rows`` / ``truncate`` (down to the
-    prompt itself) / the re-feeding decode / ``restore_rows``, ``select`` within prompt groups
+    prompt itself) / the re-feeding decode / ``restore_rows``, ``admit`` (new prompts into some
+    rows while another holds a snapshot and a pending re-feed), ``select`` within prompt groups
     with repeats and across groups with a new size, ``compact``, and ``score`` against
     step-by-step decoding; layer readouts too when the backend has the ``layers`` capability."""
     assert backend.vocab_size >= 7, "check_backend needs a vocabulary of at least 7 ids"
@@ -396,6 +397,44 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     fed += len(seqs)
     seqs = [s + [t] for s, t in zip(seqs, tok.tolist())]
     check("compact + decode", out)
+    # admission (continuous batching): rows 4 and 5 take a new prompt, row 1 a longer one, while
+    # row 2 holds a snapshot and a pending re-feed; then row 2 re-reads and returns to its snapshot
+    dev = backend.device
+    r2 = torch.tensor([r == 2 for r in range(len(seqs))], device=dev)
+    old2 = list(seqs[2])
+    backend.save_rows(batch, r2)
+    backend.truncate(batch, r2, torch.full_like(plen, len(seqs[2]) - 1))
+    seqs[2] = seqs[2][:-1]
+    new_prompts = [[6, 5], [6, 5], [3, 1, 4, 1, 5, 2, 6, 2, 3, 4, 5, 1, 2]]
+    prefilled = backend.counters["prefill_tokens"]
+    first = backend.admit(batch, torch.tensor([4, 5, 1], device=dev), new_prompts)
+    assert backend.counters["prefill_tokens"] - prefilled == sum(map(len, new_prompts)), "admit: prefill counter"
+    for r, p in zip((4, 5, 1), new_prompts):
+        seqs[r] = list(p)
+    admitted = torch.tensor([r in (1, 4, 5) for r in range(len(seqs))], device=dev)
+    out = first.index_select(torch.tensor([0, 2, 0, 0, 0, 1], device=dev)).where(admitted, out)
+    check("admit", out, rows=[1, 4, 5])
+    active = admitted | r2
+    tok = draw(out)
+    new = backend.decode(batch, tok, active)
+    for r in (1, 4, 5):
+        seqs[r].append(int(tok[r]))
+    fed += 4
+    out = new.where(active, out)
+    check("decode after admit (row 2 re-feeds)", out, rows=[1, 2, 4, 5])
+    backend.restore_rows(batch, r2)
+    seqs[2] = old2
+    tok = draw(out)
+    out = backend.decode(batch, tok, r2).where(r2, out)
+    seqs[2].append(int(tok[2]))
+    fed += 1
+    check("restore_rows after admit", out, rows=[2])
+    backend.compact(batch, force=True)
+    tok = draw(out)
+    out = backend.decode(batch, tok)
+    fed += len(seqs)
+    seqs = [s + [t] for s, t in zip(seqs, tok.tolist())]
+    check("admit + compact + decode", out)
     # a new batch size (finished rows leave), then teacher-forced scoring of 3 tokens
     keep_rows = torch.tensor([5, 1, 2], device=backend.device)
     backend.select(batch, keep_rows)

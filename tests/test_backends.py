@@ -81,3 +81,18 @@ def test_samplers_give_the_same_samples_on_the_reference_backend(monkeypatch, na
     with open(golden.PATH) as f:
         want = json.load(f)[name]
     assert golden.record(name)["tokens"] == want["tokens"]
+
+
+def test_admit_rejects_bad_rows_and_prompts():
+    from smcdecode import ArgumentError
+
+    backend = Engine(tiny_llama(vocab=8, layers=2, seed=0), eos_token_ids=[0])
+    batch, _ = backend.start([[1, 2], [3]], 2)
+    for rows, prompts, name in (
+        (torch.tensor([4]), [[1]], "rows"),  # out of range
+        (torch.tensor([1, 1]), [[1], [2]], "rows"),  # repeated
+        (torch.tensor([0, 1]), [[1]], "prompt_ids"),  # one prompt for two rows
+        (torch.tensor([0]), [[]], "prompt_ids"),  # empty
+    ):
+        with pytest.raises(ArgumentError, match=name):
+            backend.admit(batch, rows, prompts)

@@ -159,6 +159,11 @@ class Backend(ABC):
         """Keep the cache columns ``order`` [B, S'] of each row (compaction)."""
         return None
 
+    def _splice_cache(self, batch: Batch, part: Batch, rows: Tensor) -> None:
+        """Widen the cache by ``part``'s width Q and write ``part``'s KV into the new columns of
+        ``rows`` (the other rows' new columns are never read: their ``valid`` bits are off)."""
+        return None
+
     def _concat_caches(self, parts: list[Batch], width: int) -> Any:
         """One cache holding the rows of ``parts``, each left-padded to ``width`` columns."""
         return None
@@ -334,6 +339,28 @@ class Backend(ABC):
         act = torch.ones_like(batch.lengths, dtype=torch.bool) if active is None else active
         tok, act = batch.rows.take_pending(tokens.to(self.device), act.to(self.device))
         return self._forward(batch, tok.view(-1, 1), act.long(), keep_all=False, kind="decode_tokens")
+
+    @torch.no_grad()
+    def admit(self, batch: Batch, rows: Tensor, prompt_ids: list[list[int]]) -> Readout:
+        """Rows ``rows`` (long [k], distinct) start afresh on ``prompt_ids`` (one prompt per row):
+        their old context, snapshot and pending re-feed are dropped; the prompts are prefilled on
+        their own (no forward over the batch's other rows) and their KV is written into new
+        columns. Returns the admitted rows' next-token readouts ([k], with the batch's layer and
+        hidden readouts). The other rows are unchanged. Used to keep a batch full: a finished
+        problem's rows take the next problem (dead columns go at the next compaction)."""
+        idx = rows.to(self.device).long().view(-1)
+        k = int(idx.shape[0])
+        if k == 0 or bool(((idx < 0) | (idx >= batch.size)).any()) or int(idx.unique().shape[0]) != k:
+            raise ArgumentError("rows", f"expected distinct row indices in [0, {batch.size}), got {idx.tolist()}")
+        if not isinstance(prompt_ids, list) or len(prompt_ids) != k:
+            raise ArgumentError("prompt_ids", f"expected one prompt per admitted row ({k})")
+        for p in prompt_ids:
+            if not p or len(p) > self.max_positions:
+                raise ArgumentError("prompt_ids", f"a prompt needs 1 to {self.max_positions} tokens, got {len(p)}")
+        part, readout = self.prefill(prompt_ids, layers=batch.layers, hidden=batch.hidden)
+        self._splice_cache(batch, part, idx)
+        batch.rows.admit(idx, part.rows)
+        return readout
 
     @torch.no_grad()
     def score(self, batch: Batch, tokens: Tensor, n_tokens: Tensor | None = None) -> Readout:

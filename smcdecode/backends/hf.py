@@ -259,6 +259,16 @@ class HFBackend(Backend):
             dv = layer.values.shape[-1]
             layer.values = layer.values.gather(2, order[:, None, :, None].expand(b, h, live, dv))
 
+    def _splice_cache(self, batch: Batch, part: Batch, rows: Tensor) -> None:
+        q = part.rows.width
+        for main, new in zip(batch.cache.layers, part.cache.layers):
+            if getattr(main, "keys", None) is None or not main.keys.numel():
+                continue
+            b, h, _, d = main.keys.shape
+            main.update(main.keys.new_zeros(b, h, q, d), main.values.new_zeros(b, h, q, main.values.shape[-1]))
+            main.keys[rows, :, -q:] = new.keys  # [k, H, Q, D] into the Q new columns
+            main.values[rows, :, -q:] = new.values
+
     def _concat_caches(self, parts: list[Batch], width: int) -> Any:
         cache = _growable_cache()
         pad = lambda x: torch.nn.functional.pad(x, (0, 0, width - x.shape[2], 0))  # noqa: E731

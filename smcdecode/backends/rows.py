@@ -72,19 +72,44 @@ class Rows:
         tokens and ``pos`` [B, Q] their position ids. Lengths grow by the real tokens."""
         q = tokens.shape[1]
         w = self.width
-        if w + q > self._valid.shape[1]:
-            cap = max(64, 2 * (w + q))
-            for name in _FIELDS:
-                old = getattr(self, name)
-                new = old.new_zeros(old.shape[0], cap)
-                new[:, :w] = old[:, :w]
-                setattr(self, name, new)
+        self._grow(w + q)
         self._valid[:, w : w + q] = real
         self._pos[:, w : w + q] = pos
         self._tok[:, w : w + q] = tokens
         self._saved[:, w : w + q] = False
         self.width = w + q
         self.lengths = self.lengths + real.long().sum(1)
+
+    def _grow(self, columns: int) -> None:
+        """Capacity for ``columns`` columns (doubling)."""
+        w = self.width
+        if columns > self._valid.shape[1]:
+            cap = max(64, 2 * columns)
+            for name in _FIELDS:
+                old = getattr(self, name)
+                new = old.new_zeros(old.shape[0], cap)
+                new[:, :w] = old[:, :w]
+                setattr(self, name, new)
+
+    def admit(self, rows: Tensor, part: Rows) -> None:
+        """Rows ``rows`` (long [k]) drop their context, snapshot and pending token, and take
+        ``part``'s k rows, written into Q = ``part.width`` new columns; the other rows get Q dead
+        columns. No prefix is shared across rows afterwards."""
+        q, w = part.width, self.width
+        self._grow(w + q)
+        for name in _FIELDS:
+            getattr(self, name)[:, w : w + q] = 0
+        self._valid[rows, :w] = False
+        self._saved[rows, :w] = False
+        self._valid[rows, w : w + q] = part.valid
+        self._pos[rows, w : w + q] = part.pos
+        self._tok[rows, w : w + q] = part.tok
+        self.width = w + q
+        self.lengths = self.lengths.index_put((rows,), part.lengths)
+        self.pending = self.pending.index_put((rows,), torch.full_like(part.lengths, -1))
+        if self.saved_lengths is not None:
+            self.saved_lengths = self.saved_lengths.index_put((rows,), part.lengths)
+        self.shared = 0
 
     @staticmethod
     def stack(parts: list[Rows]) -> Rows:

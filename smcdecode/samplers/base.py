@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from smcdecode.backends import Backend
-from smcdecode.samplers.core import Chains, Problem
-from smcdecode.samplers.result import Result, Sample, Trace
+from smcdecode.errors import ArgumentTypeError, check_int
+from smcdecode.proposals.base import Proposal
+from smcdecode.samplers.result import Result
+from smcdecode.samplers.schedule import Moves
+from smcdecode.samplers.stream import Finished
+from smcdecode.samplers.stream import stream as stream_rows
 from smcdecode.stopping import StopSet, StopSpec, stop_set
+from smcdecode.targets.base import Potential
 
 
 class Sampler:
@@ -34,8 +39,6 @@ class Sampler:
         token whose text first completes one of them (that token included), at EOS, or at
         ``max_new_tokens``. The target and the proposal are both taken on that stopped space."""
         if not isinstance(engine, Backend):
-            from smcdecode.errors import ArgumentTypeError
-
             got = type(engine).__name__
             raise ArgumentTypeError("engine", f"expected a smcdecode backend (e.g. smcdecode.Engine), got {got}")
         t0 = time.perf_counter()
@@ -54,6 +57,62 @@ class Sampler:
     ) -> Result:
         raise NotImplementedError  # abstract
 
+    def stream(
+        self,
+        engine: Backend,
+        problems: Iterable[tuple[Any, Any, int]],
+        *,
+        in_flight: int,
+        max_new_tokens: int,
+        stop: StopSpec | StopSet | None = None,
+    ) -> Iterator[Finished]:
+        """Yield each problem's samples as soon as they are done; ``problems`` are (key, prompt,
+        seed) triples, consumed lazily. A problem's samples depend only on its seed (not on which
+        problems share the batch). Samplers whose rows run asynchronously (Ancestral, SuffixMH)
+        keep ``in_flight`` problems in one batch and admit a waiting problem into the rows a
+        finished one frees; this default runs the problems one at a time."""
+        if not isinstance(engine, Backend):
+            raise ArgumentTypeError("engine", f"expected a smcdecode backend, got {type(engine).__name__}")
+        check_int("in_flight", in_flight, 1)
+        for key, prompt, seed in problems:
+            res = self.run(engine, [prompt], max_new_tokens=max_new_tokens, seed=seed, progress=False, stop=stop)
+            yield Finished(
+                key,
+                res.samples[0],
+                res.counters.get("decode_tokens", 0),
+                res.counters.get("prefill_tokens", 0),
+                res.wall_time,
+            )
+
+    def _stream_rows(
+        self,
+        moves: Moves,
+        target: Potential | None,
+        proposal: Proposal,
+        n: int,
+        engine: Backend,
+        problems: Iterable[tuple[Any, Any, int]],
+        in_flight: int,
+        max_new_tokens: int,
+        stop: StopSpec | StopSet | None,
+    ) -> Iterator[Finished]:
+        """:meth:`stream` by continuous batching (:mod:`~smcdecode.samplers.stream`)."""
+        if not isinstance(engine, Backend):
+            raise ArgumentTypeError("engine", f"expected a smcdecode backend, got {type(engine).__name__}")
+        stops = stop if isinstance(stop, StopSet) or stop is None else stop_set(engine, stop)
+        with torch.no_grad():
+            yield from stream_rows(
+                moves,
+                target,
+                proposal,
+                n,
+                engine,
+                problems,
+                in_flight=in_flight,
+                max_new_tokens=max_new_tokens,
+                stop=stops,
+            )
+
 
 def _show(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
@@ -61,28 +120,3 @@ def _show(progress: bool | None) -> bool:
 
 def bar(total: int, desc: str, show: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
-
-
-def collect(
-    problem: Problem, chains: Chains, log_w: Tensor | None, trace: Trace, log_evidence: list[float | None] | None = None
-) -> Result:
-    """Final chains -> Result. ``log_w`` None means uniform weights."""
-    n = problem.rows_per_prompt
-    b = chains.length.shape[0]
-    if log_w is None:
-        log_w = torch.zeros(b, device=chains.length.device)
-    grouped = log_w.view(-1, n)
-    lw = (grouped - torch.logsumexp(grouped, dim=1, keepdim=True)).view(-1).tolist()
-    log_p = chains.sum_log_p().tolist()
-    log_q = (chains.log_q * chains.positions()).sum(1).tolist()
-    log_t = problem.log_target(chains).tolist() if problem.target is not None else [None] * b
-    tokens = chains.token_lists()
-    samples: list[list[Sample]] = []
-    for r in range(b):
-        if r % n == 0:
-            samples.append([])
-        samples[-1].append(
-            Sample(tokens[r], problem.engine.decode_text(tokens[r]), lw[r], log_p[r], log_t[r], log_q[r])
-        )
-    ev: list[float | None] = list(log_evidence) if log_evidence is not None else [None] * len(samples)
-    return Result(samples, ev, trace)

@@ -32,6 +32,7 @@ from torch import Tensor
 from smcdecode.backends import Backend, Batch, Readout
 from smcdecode.errors import ArgumentError
 from smcdecode.proposals.base import Proposal, sample
+from smcdecode.samplers.result import Result, Sample, Trace
 from smcdecode.samplers.rng import OneStream, Rng
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential, Requirements, Sequences, StepView
@@ -142,13 +143,16 @@ class Decoder:
         specs: list[tuple[Backend, str | None, list[list[int]], tuple[int, ...]]] = [
             (engine, None, prompt_ids, tuple(sorted(req.layers)))
         ]
+        self.aux_prompts: list[list[int] | None] = [None]  # per stream: its own fixed prompt
         for aux in req.aux:
             eng = aux.engine if aux.engine is not None else engine
             if aux.prompt is None:
-                ids = prompt_ids
+                ids, own = prompt_ids, None
             else:
-                ids = eng.encode([aux.prompt]) * len(prompt_ids)
+                own = eng.encode([aux.prompt])[0]
+                ids = [own] * len(prompt_ids)
             specs.append((eng, aux.key, ids, ()))
+            self.aux_prompts.append(own)
         self.specs = specs
         self.streams: list[Stream] = []
 
@@ -169,6 +173,17 @@ class Decoder:
         outs: dict[str | None, Readout] = {}
         for s in self.streams:
             outs[s.key] = s.engine.decode(s.batch, tokens.to(s.engine.device), active.to(s.engine.device))
+        return _view(outs)
+
+    def admit(self, rows: Tensor, prompt_ids: list[list[int]]) -> StepView:
+        """Rows ``rows`` (long [k]) start afresh on ``prompt_ids`` (one per row) in every stream
+        (see ``Backend.admit``); returns their next-token readouts, [k]."""
+        outs: dict[str | None, Readout] = {}
+        for s, own in zip(self.streams, self.aux_prompts):
+            ids = prompt_ids if own is None else [own] * len(prompt_ids)
+            r = rows.to(s.engine.device)
+            outs[s.key] = s.engine.admit(s.batch, r, ids)
+            s.prompt_len[r] = torch.tensor([len(p) for p in ids], device=s.engine.device)
         return _view(outs)
 
     def start_moves(self, rows: Tensor, keep: Tensor) -> None:
@@ -312,12 +327,16 @@ class Problem:
 
 
 def start_chains(problem: Problem) -> tuple[Decoder, Chains]:
+    decoder = Decoder(problem.engine, problem.requirements, problem.prompt_ids, problem.rows_per_prompt)
+    return decoder, empty_chains(problem, decoder.start())
+
+
+def empty_chains(problem: Problem, view: StepView) -> Chains:
+    """Chains with no generated token, one per row of ``view`` (the readouts after the prompts)."""
     eng = problem.engine
-    decoder = Decoder(eng, problem.requirements, problem.prompt_ids, problem.rows_per_prompt)
-    view = decoder.start()
-    b, t = len(problem.prompt_ids) * problem.rows_per_prompt, problem.max_new_tokens
+    b, t = view.log_p.shape[0], problem.max_new_tokens
     z = torch.zeros(b, t, device=eng.device)
-    chains = Chains(
+    return Chains(
         tokens=torch.zeros(b, t, dtype=torch.long, device=eng.device),
         length=torch.zeros(b, dtype=torch.long, device=eng.device),
         ended=torch.zeros(b, dtype=torch.bool, device=eng.device),
@@ -328,7 +347,6 @@ def start_chains(problem: Problem) -> tuple[Decoder, Chains]:
         stop_state=torch.zeros(b, t, dtype=torch.long, device=eng.device),
         view=view,
     )
-    return decoder, chains
 
 
 @dataclass(frozen=True)
@@ -434,3 +452,28 @@ def make_problem(
 
 def logmeanexp(x: Tensor, dim: int = -1) -> Tensor:
     return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
+
+
+def collect(
+    problem: Problem, chains: Chains, log_w: Tensor | None, trace: Trace, log_evidence: list[float | None] | None = None
+) -> Result:
+    """Final chains -> Result. ``log_w`` None means uniform weights."""
+    n = problem.rows_per_prompt
+    b = chains.length.shape[0]
+    if log_w is None:
+        log_w = torch.zeros(b, device=chains.length.device)
+    grouped = log_w.view(-1, n)
+    lw = (grouped - torch.logsumexp(grouped, dim=1, keepdim=True)).view(-1).tolist()
+    log_p = chains.sum_log_p().tolist()
+    log_q = (chains.log_q * chains.positions()).sum(1).tolist()
+    log_t = problem.log_target(chains).tolist() if problem.target is not None else [None] * b
+    tokens = chains.token_lists()
+    samples: list[list[Sample]] = []
+    for r in range(b):
+        if r % n == 0:
+            samples.append([])
+        samples[-1].append(
+            Sample(tokens[r], problem.engine.decode_text(tokens[r]), lw[r], log_p[r], log_t[r], log_q[r])
+        )
+    ev: list[float | None] = list(log_evidence) if log_evidence is not None else [None] * len(samples)
+    return Result(samples, ev, trace)

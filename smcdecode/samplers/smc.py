@@ -25,8 +25,8 @@ import torch
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
-from smcdecode.samplers.base import Sampler, bar, collect
-from smcdecode.samplers.core import Anneal, extend, make_problem, start_chains
+from smcdecode.samplers.base import Sampler, bar
+from smcdecode.samplers.core import Anneal, collect, extend, make_problem, start_chains
 from smcdecode.samplers.kernels import MoveInfo, mh_move
 from smcdecode.samplers.resampling import SCHEMES
 from smcdecode.samplers.result import Result, Trace

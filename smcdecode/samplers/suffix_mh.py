@@ -28,9 +28,8 @@ module only schedules it.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -39,12 +38,13 @@ from torch import Tensor
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
-from smcdecode.samplers import kernels
-from smcdecode.samplers.base import Sampler, bar, collect
-from smcdecode.samplers.core import CHECK_EVERY, Chains, Decoder, Problem, make_problem, start_chains
+from smcdecode.samplers.base import Sampler, bar
+from smcdecode.samplers.core import CHECK_EVERY, Decoder, Problem, collect, make_problem, start_chains
 from smcdecode.samplers.kernels import MoveInfo
 from smcdecode.samplers.result import Result, Trace
-from smcdecode.stopping import StopSet
+from smcdecode.samplers.schedule import Moves, Rows, Schedule, async_step
+from smcdecode.samplers.stream import Finished
+from smcdecode.stopping import StopSet, StopSpec
 from smcdecode.targets.base import Potential
 
 COMPACT_EVERY = 32  # iterations between compaction checks
@@ -151,88 +151,26 @@ class SuffixMH(Sampler):
                 )
         return collect(problem, out, None, trace)
 
+    def stream(
+        self,
+        engine: Backend,
+        problems: Iterable[tuple[Any, Any, int]],
+        *,
+        in_flight: int,
+        max_new_tokens: int,
+        stop: StopSpec | StopSet | None = None,
+    ) -> Iterator[Finished]:
+        moves = Moves(self.block_size, self.steps, self.reuse_suffix)
+        return self._stream_rows(
+            moves, self.target, self.proposal, self.chains, engine, problems, in_flight, max_new_tokens, stop
+        )
+
     def step(self, problem: Problem, decoder: Decoder, rows: Rows) -> tuple[Rows, MoveInfo, Tensor]:
-        """One forward for every row, each at its own phase: rows that generate draw a token from
-        q (the first one after a divergence ≠ x_j), rows starting a move re-feed x_{j−1}; then the
-        rows whose proposal completed are decided (extensions always accepted, a rejected move
-        returns to its old cache columns), advance their schedule and begin their next proposal.
-        Returns the new rows, the decided moves' info and which rows completed (bool [B])."""
-        cur, prop, sch, t_max = rows.cur, rows.prop, rows.sch, problem.max_new_tokens
-        horizon = (sch.block * self.block_size).clamp(max=t_max)  # [B]
-        live = ~sch.done & ~sch.refeed & ~prop.ended & (prop.length < horizon)
-        drawn = problem.draw(decoder.bind(prop.view), problem.alpha, torch.where(live, sch.exclude, -1))
-        sch.exclude = torch.where(live, -1, sch.exclude)
-        tok = drawn.tokens
-        prop.append(live, drawn, *problem.ends(prop, tok))
-        feed = (live & ~prop.ended & (prop.length < t_max)) | sch.refeed  # [B]
-        prop.view = decoder.decode(tok, feed).where(feed, prop.view)
-        rows.fed += feed.long()
-        was_refeed, sch.refeed = sch.refeed, torch.zeros_like(sch.refeed)
-        complete = ~sch.done & ~was_refeed & (prop.ended | (prop.length >= horizon))
-        cur, info = kernels.decide(problem, decoder, cur, prop, sch.index, sch.keep, complete, sch.moving, ids=sch.ids)
-        n_blocks = math.ceil(t_max / self.block_size)
-        start_ext, start_move = sch.advance(complete, self.steps, n_blocks)
-        fresh, move = kernels.begin(problem, decoder, cur, start_move, self.reuse_suffix)
-        sch.index = torch.where(start_move, move.i, sch.index)
-        sch.keep = torch.where(start_move, move.j, sch.keep)
-        sch.exclude = torch.where(move.diverged, move.exclude, sch.exclude)
-        prop = fresh.where(start_ext | start_move, prop)
-        sch.moving = torch.where(start_move, True, torch.where(start_ext, False, sch.moving))
-        sch.refeed = move.diverged
-        return Rows(cur, prop, sch, rows.fed), info, complete
+        """One forward of the run (see :func:`async_step`)."""
+        return async_step(problem, decoder, rows, self.block_size, self.steps, self.reuse_suffix)
 
     def __repr__(self) -> str:
         return (
             f"SuffixMH({self.target!r}, {self.proposal!r}, chains={self.chains}, "
             f"block_size={self.block_size}, steps={self.steps})"
         )
-
-
-@dataclass
-class Rows:
-    """The batch of a run: each row's current chain, its proposal in progress and its schedule."""
-
-    cur: Chains
-    prop: Chains
-    sch: Schedule
-    fed: Tensor = None  # type: ignore[assignment]  # [B] long: tokens fed for the row (its decode work)
-
-    def __post_init__(self) -> None:
-        if self.fed is None:
-            self.fed = torch.zeros_like(self.cur.length)
-
-
-@dataclass
-class Schedule:
-    """Where each row (chain) is in its own block/move schedule; all fields [B]."""
-
-    ids: Tensor  # original row of each batch row (rows leave the batch when their chain is done)
-    block: Tensor  # k, 1-based
-    step: Tensor  # 0 = extension, 1..steps = moves
-    moving: Tensor  # the current proposal is a move (not an extension)
-    refeed: Tensor  # the next forward feeds x_{j−1} again (the move starts at j)
-    done: Tensor  # every block and move finished
-    index: Tensor  # i of the current move
-    keep: Tensor  # where its proposal leaves x (j ≥ i; = |x| when the proposal is x itself)
-    exclude: Tensor  # the first draw after the divergence is ≠ x_j (−1: no condition)
-
-    @staticmethod
-    def start(b: int, device: torch.device) -> Schedule:
-        z = torch.zeros(b, dtype=torch.long, device=device)
-        f = torch.zeros(b, dtype=torch.bool, device=device)
-        ids = torch.arange(b, device=device)
-        return Schedule(ids, z + 1, z, f, f, f, z, z, z - 1)
-
-    def index_select(self, idx: Tensor) -> Schedule:
-        return Schedule(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
-
-    def advance(self, complete: Tensor, n_steps: int, n_blocks: int) -> tuple[Tensor, Tensor]:
-        """Rows whose proposal completed go to their next step (block); returns the rows that
-        start an extension and those that start a move."""
-        self.step = torch.where(complete, self.step + 1, self.step)
-        next_block = complete & (self.step > n_steps)
-        self.block = torch.where(next_block, self.block + 1, self.block)
-        self.step = torch.where(next_block, torch.zeros_like(self.step), self.step)
-        self.done = self.done | (complete & (self.block > n_blocks))
-        going = complete & ~self.done
-        return going & (self.step == 0), going & (self.step > 0)

@@ -30,8 +30,8 @@ def print_table(header: list[str], rows: list[list[Any]]) -> None:
     print(format_table([[str(c) for c in r] for r in rows], header))
 
 
-def write_results(name: str, payload: dict[str, Any]) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
+def write_results(name: str, payload: dict[str, Any], directory: str = RESULTS) -> str:
+    os.makedirs(directory, exist_ok=True)
     payload = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -41,7 +41,7 @@ def write_results(name: str, payload: dict[str, Any]) -> str:
         },
         **payload,
     }
-    path = os.path.join(RESULTS, f"{name}.json")
+    path = os.path.join(directory, f"{name}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     return path

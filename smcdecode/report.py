@@ -44,6 +44,10 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "accuracy": k / n,
             "ci": (lo, hi),
             "tokens": sum(r.get("tokens", 0) for r in rs) / n,
+            # the work: tokens fed to the model (MH's rejected proposals, SMC's dropped particles)
+            "decode_tokens": (
+                sum(r["decode_tokens"] for r in rs) / n if all("decode_tokens" in r for r in rs) else None
+            ),
             "wall_time": sum(r.get("wall_time", 0.0) for r in rs) / n,
             "errors": sum(1 for r in rs if r.get("error")),
         }
@@ -58,7 +62,17 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["task", "method", "n", "accuracy [95% CI]", "pass@k", "tokens/problem", "wall s/problem", "errors"]
+    header = [
+        "task",
+        "method",
+        "n",
+        "accuracy [95% CI]",
+        "pass@k",
+        "kept tok/problem",
+        "decode tok/problem",
+        "wall s/problem",
+        "errors",
+    ]
     cells = []
     for r in rows:
         pk = ", ".join(f"@{k}={v:.3f}" for k, v in r.get("pass_at", {}).items()) or "-"
@@ -70,6 +84,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{r['accuracy']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]",
                 pk,
                 f"{r['tokens']:.0f}",
+                "-" if r.get("decode_tokens") is None else f"{r['decode_tokens']:.0f}",
                 f"{r['wall_time']:.2f}",
                 str(r["errors"]),
             ]
@@ -80,11 +95,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 def plot(rows: list[dict[str, Any]], path: str) -> str:
     from smcdecode.plots import figure, finish
 
+    decode = all(r.get("decode_tokens") is not None for r in rows)  # the work, when every record has it
     fig, ax = figure((6, 4))
     for r in rows:
         lo, hi = r["ci"]
         err = [[r["accuracy"] - lo], [hi - r["accuracy"]]]
-        ax.errorbar(
-            [r["tokens"]], [r["accuracy"]], yerr=err, fmt="o", capsize=3, label=f"{r['task']}: {r['method']}"[:60]
-        )
-    return finish(fig, ax, path, "generated tokens per problem", "accuracy", (0, 1), legend_size=6)
+        x = r["decode_tokens"] if decode else r["tokens"]
+        ax.errorbar([x], [r["accuracy"]], yerr=err, fmt="o", capsize=3, label=f"{r['task']}: {r['method']}"[:60])
+    xlabel = "decode tokens per problem (the work)" if decode else "generated tokens per problem"
+    return finish(fig, ax, path, xlabel, "accuracy", (0, 1), legend_size=6)

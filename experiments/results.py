@@ -1,0 +1,120 @@
+"""Shared runner of the results scripts: several methods on one task, one model loaded once.
+
+Each method runs through ``smcdecode.evaluate.run_eval`` (the path ``smcdecode eval`` takes, with
+its continuous batching, stop sequences and durable records) into ``OUT/LABEL``; rerunning the
+same command resumes every method where it stopped. Then ``smcdecode.report`` prints the table
+and the accuracy-vs-decode-tokens plot (``experiments/results/results_TASK[TAG].png``); a summary table
+(accuracy with its 95% Wilson interval, decode tokens, wall seconds per problem) is printed and
+written to ``experiments/results/results_TASK[TAG].json``.
+
+Per-problem wall seconds of continuously batched methods overlap (several problems share the
+batch), so the summary's wall time per problem is the method's total wall time, summed over
+resumed runs in ``OUT/LABEL/run_wall.json``, divided by its problems (a killed run's partial work
+on its unfinished problems is not in that sum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from smcdecode.cli import _default_stop, _engine, _task, build_parser, parse_stop
+from smcdecode.demo import wilson
+from smcdecode.evaluate import run_eval
+from smcdecode.report import load_records, plot, summarise, table
+from smcdecode.spec import method_name, parse_method
+
+from common import RESULTS as RESULTS_DIR
+from common import print_table, write_results
+
+
+def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], argv: list[str] | None = None) -> None:
+    """``methods``: label -> (method spec, answer selection); ``defaults``: ``smcdecode eval``
+    arguments of this task (the command line may override them)."""
+    ap = argparse.ArgumentParser(description=f"{task} results: every method, one model, resumable")
+    ap.add_argument("--methods", default=",".join(methods), help=f"comma-separated from {', '.join(methods)}")
+    ap.add_argument("--out", default=f"runs/results_{task}", help="one directory per method under it")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--results-dir", default=RESULTS_DIR, help="where the summary JSON and PNG go")
+    ours, rest = ap.parse_known_args(argv)
+    args = build_parser().parse_args(["eval", task, "--method", "ancestral", "--out", ours.out, *defaults, *rest])
+    torch.set_num_threads(os.cpu_count() or 1)
+    engine = _engine(args)
+    rows, payload, dirs = [], [], []
+    for label in ours.methods.split(","):
+        if label not in methods:
+            sys.exit(f"unknown method {label!r}; choose from {', '.join(methods)}")
+        spec, select = methods[label]
+        adapter, rewards = _task(args, engine)
+        sampler = parse_method(spec, rewards).sampler
+        out = os.path.join(ours.out, label)
+        os.makedirs(out, exist_ok=True)
+        t0 = time.perf_counter()
+        path = run_eval(
+            adapter,
+            engine,
+            sampler,
+            method_name(spec),
+            out,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            select=select,
+            batch_size=args.batch_size,
+            stop=parse_stop(args.stop, _default_stop(args)),
+        )
+        _add_wall(out, time.perf_counter() - t0)
+        dirs.append(out)
+        recs = [json.loads(line) for line in open(path)]
+        n, k = len(recs), sum(bool(r["correct"]) for r in recs)
+        lo, hi = wilson(k, n)
+        wall = _total_wall(out)
+        row: dict[str, Any] = {
+            "method": label,
+            "spec": spec,
+            "select": select,
+            "problems": n,
+            "correct": k,
+            "accuracy": k / n,
+            "wilson95": [lo, hi],
+            "decode_tokens": sum(r.get("decode_tokens", 0) for r in recs) / n,
+            "wall_s": None if wall is None else wall / n,
+        }
+        payload.append(row)
+        rows.append(
+            [
+                label,
+                n,
+                f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]",
+                f"{row['decode_tokens']:.0f}",
+                "n/a" if wall is None else f"{wall / n:.1f}",
+            ]
+        )
+    print_table(["method", "problems", "accuracy [95% Wilson]", "decode tok/problem", "wall s/problem"], rows)
+    summary = summarise(load_records(dirs))
+    print(table(summary))
+    os.makedirs(ours.results_dir, exist_ok=True)
+    print(plot(summary, os.path.join(ours.results_dir, f"results_{task}{ours.tag}.png")))
+    config = {"task": task, "model": args.model, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    config["prompt"], config["seed"], config["limit"] = args.prompt, args.seed, args.limit
+    print(write_results(f"results_{task}{ours.tag}", {"config": config, "rows": payload}, ours.results_dir))
+
+
+def _add_wall(out: str, seconds: float) -> None:
+    """Accumulate the method's wall time over resumed runs in ``out/run_wall.json``."""
+    total = (_total_wall(out) or 0.0) + seconds
+    with open(os.path.join(out, "run_wall.json"), "w") as f:
+        json.dump({"wall_s": total}, f)
+
+
+def _total_wall(out: str) -> float | None:
+    path = os.path.join(out, "run_wall.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return float(json.load(f)["wall_s"])

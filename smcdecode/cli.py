@@ -208,54 +208,117 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smcdecode", description="Exact MH/SMC sampling from LM-defined targets.")
-    sub = p.add_subparsers(dest="command", required=True)
+MODEL_HELP = (
+    "'embedded' (default), a registry name (python -m smcdecode.models list), an HF id or folder, or a .gguf file"
+)
 
-    d = sub.add_parser("demo", help="base vs low-temperature vs power sampling (MH, SMC) on the built-in task")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smcdecode",
+        description="Exact Metropolis-Hastings and SMC sampling from targets defined by a language model "
+        "(power p^alpha, layer contrast, rewards).",
+        epilog="Run 'smcdecode COMMAND --help' for a command's options and an example.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    d = sub.add_parser(
+        "demo",
+        help="plain vs low-temperature vs power sampling (MH, SMC) on the built-in addition task",
+        description="Compare plain, low-temperature and power sampling (MH, SMC) on the built-in task with the "
+        "embedded model; writes a table and plots.",
+        epilog="example:\n  smcdecode demo --limit 40 --out runs/demo",
+        formatter_class=raw,
+    )
     d.add_argument("--limit", type=int, default=150, help="number of problems (default 150)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--alpha", type=float, default=4.0)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-new-tokens", type=int, default=6)
+    d.add_argument("--out", default="runs/demo", help="output directory for the table and plots (default runs/demo)")
+    d.add_argument("--alpha", type=float, default=4.0, help="power exponent of the target p^alpha (default 4)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--max-new-tokens", type=int, default=6, help="tokens generated per answer at most (default 6)")
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("sample", help="sample continuations of one prompt")
-    s.add_argument("prompt")
+    s = sub.add_parser(
+        "sample",
+        help="sample continuations of one prompt with any target, proposal and sampler",
+        description="Sample continuations of one prompt and print them with their weights.",
+        epilog="example:\n  smcdecode sample 'def fib(n):' --target power:alpha=4 "
+        "--proposal tempered:temperature=0.25 --sampler smc:particles=8 --stop '\\ndef'",
+        formatter_class=raw,
+    )
+    s.add_argument("prompt", help="the prompt text")
     s.add_argument("--target", default=None, help="e.g. power:alpha=4, contrast:layer=20,beta=-0.5,alpha=2")
     s.add_argument("--proposal", default="tempered:temperature=1.0", help="e.g. tempered:temperature=0.25, optimal")
     s.add_argument(
         "--sampler", default="ancestral:n=4", help="e.g. smc:particles=16, mh:chains=1,block_size=64,steps=4"
     )
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--model", default="embedded", help="'embedded', an HF id/folder, or a .gguf file")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    s.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sample at most (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--model", default="embedded", help=MODEL_HELP)
+    s.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
     s.add_argument("--out", default=None, help="save the Result as JSON (for smcdecode plot)")
     s.add_argument("--stop", action="append", default=None, help=STOP_HELP + " (default: none)")
     s.set_defaults(func=cmd_sample)
 
-    ev = sub.add_parser("eval", help="evaluate a method on MATH-500 or HumanEval (resumable, shardable)")
-    evsub = ev.add_subparsers(dest="task", required=True)
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a method on MATH-500 or HumanEval (resumable, shardable, continuous batching)",
+        description="Evaluate a method on a benchmark; one durable record per problem, resumable.",
+        epilog="examples:\n  smcdecode eval humaneval --method 'mh:steps=4;target=power:alpha=4' --out runs/he\n"
+        "  smcdecode eval math500 --data math500.jsonl --levels 1 --method ancestral --out runs/m500",
+        formatter_class=raw,
+    )
+    evsub = ev.add_subparsers(dest="task", required=True, metavar="TASK")
+    examples = {
+        "math500": "smcdecode eval math500 --data math500.jsonl --levels 1 --prompt chat --batch-size 16 \\\n"
+        "      --method 'mh:chains=1,block_size=128,steps=4;target=power:alpha=4;"
+        "proposal=tempered:temperature=0.25' --out runs/m500",
+        "humaneval": "smcdecode eval humaneval --model qwen2.5-coder-0.5b-instruct --batch-size 16 \\\n"
+        "      --method 'ancestral;proposal=tempered:temperature=0.25' --out runs/he",
+    }
     for task in ("math500", "humaneval"):
-        t = evsub.add_parser(task)
+        t = evsub.add_parser(
+            task,
+            help={"math500": "MATH-500 (boxed answers, math-verify)", "humaneval": "HumanEval (sandboxed tests)"}[task],
+            epilog=f"example:\n  {examples[task]}",
+            formatter_class=raw,
+        )
         if task == "math500":
-            t.add_argument("--data", required=True, help="path to a MATH-500 JSONL, or 'hub'")
-            t.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=None)
-            t.add_argument("--subjects", type=lambda s: s.split(","), default=None)
+            t.add_argument(
+                "--data", required=True, help="a MATH-500 JSONL (fields problem, answer, unique_id), or 'hub'"
+            )
+            t.add_argument(
+                "--levels", type=lambda s: [int(x) for x in s.split(",")], default=None, help="e.g. 1,2 (default all)"
+            )
+            t.add_argument(
+                "--subjects", type=lambda s: s.split(","), default=None, help="e.g. algebra,geometry (default all)"
+            )
         t.add_argument(
             "--method",
             required=True,
             help="e.g. 'smc:particles=16;target=power:alpha=4;proposal=tempered:temperature=0.25'",
         )
-        t.add_argument("--out", required=True)
-        t.add_argument("--limit", type=int, default=None)
-        t.add_argument("--max-new-tokens", type=int, default=512)
-        t.add_argument("--prompt", choices=["raw", "chat"], default="raw")
-        t.add_argument("--shard", default=None, help="I/N: this process takes problems I, I+N, I+2N, ...")
-        t.add_argument("--seed", type=int, default=0)
-        t.add_argument("--select", choices=["sample", "majority", "weight"], default="sample")
+        t.add_argument("--out", required=True, help="directory of results.jsonl; rerun the same command to resume")
+        t.add_argument("--limit", type=int, default=None, help="only the first N problems (default all)")
+        t.add_argument(
+            "--max-new-tokens", type=int, default=512, help="tokens generated per sample at most (default 512)"
+        )
+        t.add_argument(
+            "--prompt",
+            choices=["raw", "chat"],
+            default="raw",
+            help="raw text or the chat template (default raw)",
+        )
+        t.add_argument("--shard", default=None, help="I/N: this process takes problems I, I+N, I+2N, ... (default all)")
+        t.add_argument("--seed", type=int, default=0, help="run seed; each problem's seed derives from it (default 0)")
+        t.add_argument(
+            "--select",
+            choices=["sample", "majority", "weight"],
+            default="sample",
+            help="graded answer: a sample drawn by weight, a weighted majority vote, or the top weight "
+            "(default sample)",
+        )
         default_stop = "the harness's: \\ndef, \\nclass, ..." if task == "humaneval" else "none: EOS only"
         t.add_argument("--stop", action="append", default=None, help=f"{STOP_HELP} (default: {default_stop})")
         t.add_argument(
@@ -266,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
             "one finishes, and a problem's samples depend only on seed, problem id and method; smc takes problems "
             "this many at a time, and above 1 its samples also depend on which problems share the call",
         )
-        t.add_argument("--model", default="embedded")
-        t.add_argument("--device", default="cpu")
-        t.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+        t.add_argument("--model", default="embedded", help=MODEL_HELP)
+        t.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default cpu)")
+        t.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
         r = t.add_argument_group("distributed (Ray; pip install 'smcdecode[ray]')")
         r.add_argument("--ray", action="store_true", help="run the problems on Ray workers, one engine per worker")
         r.add_argument(
@@ -283,14 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
         )
         t.set_defaults(func=cmd_eval)
 
-    rp = sub.add_parser("report", help="table and plot from eval directories (shards merge)")
-    rp.add_argument("dirs", nargs="+")
-    rp.add_argument("--out", default="report")
+    rp = sub.add_parser(
+        "report",
+        help="accuracy table and accuracy-vs-tokens plot from eval directories (shards merge)",
+        epilog="example:\n  smcdecode report runs/he-* --out runs/report",
+        formatter_class=raw,
+    )
+    rp.add_argument("dirs", nargs="+", help="eval output directories")
+    rp.add_argument("--out", default="report", help="directory of the plot (default report)")
     rp.set_defaults(func=cmd_report)
 
-    pl = sub.add_parser("plot", help="draw diagnostics PNGs from saved results")
-    pl.add_argument("results", nargs="+")
-    pl.add_argument("--out", default="plots")
+    pl = sub.add_parser(
+        "plot",
+        help="draw diagnostics PNGs (weights, ESS, acceptance, log-likelihoods) from saved sample results",
+        epilog="example:\n  smcdecode sample 'Q: 2+2=' --sampler smc:particles=8 --target power:alpha=4 --out r.json\n"
+        "  smcdecode plot r.json --out plots",
+        formatter_class=raw,
+    )
+    pl.add_argument("results", nargs="+", help="Result JSON files written by 'smcdecode sample --out'")
+    pl.add_argument("--out", default="plots", help="directory of the PNGs (default plots)")
     pl.set_defaults(func=cmd_plot)
     return p
 

@@ -120,3 +120,27 @@ def test_mh_diagnostics_from_a_run():
     assert D.unique_particles(res)[0] <= 4
     reuse = D.suffix_reuse(res)
     assert reuse is not None and 0.0 < reuse["tokens"] < 1.0 and 0.0 < reuse["unchanged"] < 1.0
+
+
+def test_every_cli_option_has_help_and_every_command_an_example():
+    import argparse
+
+    from smcdecode.cli import build_parser
+
+    def parsers(p, path):
+        yield path, p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from parsers(sub, f"{path} {name}")
+
+    seen = 0
+    for path, p in parsers(build_parser(), "smcdecode"):
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"{path} {action.option_strings or action.dest} has no help"
+            seen += 1
+        if path not in ("smcdecode", "smcdecode eval"):
+            assert p.epilog and "example" in p.epilog and "smcdecode" in p.epilog, f"{path}: no example"
+    assert seen > 40

@@ -44,6 +44,13 @@ def finish(
     return path
 
 
+def integer_ticks(ax: Any) -> None:
+    """Only whole numbers on the x axis (blocks, steps)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_acceptance(results: Sequence[tuple[str, Result]], path: str) -> str | None:
     rows = [(name, D.acceptance_by_block(r)) for name, r in results]
     rows = [(n, a) for n, a in rows if a]
@@ -52,6 +59,7 @@ def plot_acceptance(results: Sequence[tuple[str, Result]], path: str) -> str | N
     fig, ax = figure()
     for name, acc in rows:
         ax.plot(list(acc), list(acc.values()), marker="o", label=name)
+    integer_ticks(ax)
     return finish(fig, ax, path, "block (MH) / step (SMC rejuvenation)", "acceptance rate", (0, 1))
 
 
@@ -67,6 +75,7 @@ def plot_ess(results: Sequence[tuple[str, Result]], path: str) -> str | None:
         line = ax.plot(range(len(mean)), mean, label=f"{name} (mean over prompts)")[0]
         marks = resampled.any(1).nonzero().view(-1).tolist()
         ax.scatter(marks, [float(mean[i]) for i in marks], marker="v", color=line.get_color(), s=14)
+    integer_ticks(ax)
     return finish(fig, ax, path, "SMC step", "ESS / N  (▼ = resampling)", (0, 1.05))
 
 
@@ -75,8 +84,9 @@ def plot_loglik(results: Sequence[tuple[str, Result]], path: str) -> str | None:
     for name, r in results:
         vals = D.per_token_log_likelihood(r)
         if vals:
-            ax.hist(vals, bins=30, alpha=0.5, label=name)
-    return finish(fig, ax, path, "per-token log-likelihood log p(x)/|x|", "samples")
+            # density: methods draw different numbers of samples (SMC's particles against one sample)
+            ax.hist(vals, bins=30, alpha=0.5, density=True, label=f"{name} ({len(vals)} samples)")
+    return finish(fig, ax, path, "per-token log-likelihood log p(x)/|x|", "density (each method's area = 1)")
 
 
 def plot_all(results: Sequence[tuple[str, Result]], out_dir: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -144,3 +145,32 @@ def test_every_cli_option_has_help_and_every_command_an_example():
         if path not in ("smcdecode", "smcdecode eval"):
             assert p.epilog and "example" in p.epilog and "smcdecode" in p.epilog, f"{path}: no example"
     assert seen > 40
+
+
+def test_loglik_histograms_are_densities_and_step_axes_integers(tmp_path, monkeypatch):
+    """Methods with 8 samples a prompt and with 1 are drawn on one scale: each histogram's area is 1."""
+    from smcdecode import plots
+
+    engine = Engine(tiny_llama(), eos_token_ids=[0])
+    smc = S.SMC(T.Power(2), Q.Tempered(1.0), particles=8, ess_threshold=0.9, rejuvenate=1)
+    few = S.Ancestral(Q.Tempered(1.0), n=1)
+    results = [
+        ("smc", smc.run(engine, [[1, 2], [3]], max_new_tokens=4, seed=0)),
+        ("ancestral", few.run(engine, [[1, 2], [3]], max_new_tokens=4, seed=0)),
+    ]
+    seen = {}
+    real_finish = plots.finish
+
+    def spy(fig, ax, path, *args, **kwargs):
+        seen[os.path.basename(path)] = (
+            [sum(b.get_height() * b.get_width() for b in c) for c in ax.containers],
+            [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]],
+        )
+        return real_finish(fig, ax, path, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "finish", spy)
+    plots.plot_all(results, str(tmp_path))
+    areas, _ = seen["loglik.png"]
+    assert len(areas) == 2 and all(a == pytest.approx(1.0) for a in areas)
+    for name in ("ess.png", "acceptance.png"):
+        assert all(float(t).is_integer() for t in seen[name][1]), name

@@ -26,10 +26,10 @@ import random
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
@@ -38,9 +38,6 @@ from smcdecode.errors import ArgumentError, RewardError
 from smcdecode.records import RecordWriter, read_jsonl
 from smcdecode.samplers.base import Sampler
 from smcdecode.samplers.result import Sample
-
-if TYPE_CHECKING:
-    from smcdecode.executors import Executor
 
 SELECTIONS = ("sample", "majority", "weight")
 
@@ -150,8 +147,6 @@ def run_eval(
         _run_streaming(task, engine, sampler, job, todo, path, batch_size, progress)
         return path
     if executor is None:
-        from smcdecode.executors import InProcess
-
         executor = InProcess()
     local = (task, engine, sampler) if engine is not None and sampler is not None else None
     show = progress if progress is not None else None
@@ -216,6 +211,32 @@ def _run_streaming(
                     for rec in job((task, engine, sampler), [p]):
                         writer.append(rec)
                     bar.update(1)
+
+
+Problem = dict[str, Any]
+Record = dict[str, Any]
+Parts = tuple[TaskAdapter, Backend, Sampler]  # what evaluates a batch: live task, engine, sampler
+
+
+class Executor(Protocol):
+    """Where the sampler calls run (see ``smcdecode.executors``): records of each batch, in any
+    order, each batch exactly once; a generator, so ``run_eval`` can close it (Ctrl-C)."""
+
+    def map(
+        self, job: BatchJob, batches: Sequence[list[Problem]], local: Parts | None
+    ) -> Generator[list[Record], None, None]: ...
+
+
+class InProcess:
+    """Runs every batch in this process with the caller's engine and sampler, in order."""
+
+    def map(
+        self, job: BatchJob, batches: Sequence[list[Problem]], local: Parts | None
+    ) -> Generator[list[Record], None, None]:
+        if local is None:
+            raise ArgumentError("engine", "the in-process executor needs an engine and a sampler")
+        for batch in batches:
+            yield job(local, batch)
 
 
 @dataclass(frozen=True)

@@ -30,40 +30,17 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from smcdecode.errors import ArgumentError, SmcdecodeError, check_int
+from smcdecode.evaluate import BatchJob, Executor, InProcess, Parts, Problem, Record
 
-if TYPE_CHECKING:
-    from smcdecode.backends import Backend
-    from smcdecode.evaluate import BatchJob, TaskAdapter
-    from smcdecode.samplers.base import Sampler
-
-    Parts = tuple[TaskAdapter, Backend, Sampler]
-
-Problem = dict[str, Any]
-Record = dict[str, Any]
 Results = Generator[list[Record], None, None]  # closable, so run_eval can stop it (Ctrl-C)
+__all__ = ["Executor", "InProcess", "RayExecutor", "WorkerError"]
 
 
 class WorkerError(SmcdecodeError, RuntimeError):
     """A worker could not start (the recipe raised), or the ``ray`` extra is missing."""
-
-
-class Executor(Protocol):
-    def map(self, job: BatchJob, batches: Sequence[list[Problem]], local: Parts | None) -> Results:
-        """Records of each batch, in any order, each batch exactly once."""
-        ...
-
-
-class InProcess:
-    """Runs every batch in this process with the caller's engine and sampler, in order."""
-
-    def map(self, job: BatchJob, batches: Sequence[list[Problem]], local: Parts | None) -> Results:
-        if local is None:
-            raise ArgumentError("engine", "the in-process executor needs an engine and a sampler")
-        for batch in batches:
-            yield job(local, batch)
 
 
 class _Worker:

@@ -119,6 +119,7 @@ def main() -> None:
             recs = [json.loads(x) for x in open(path)]
             n = len(recs)
             decode = sum(r.get("decode_tokens", 0) for r in recs)
+            prefill = sum(r.get("prefill_tokens", 0) for r in recs)
             kept = sum(r["tokens"] for r in recs) / n
             passed = sum(bool(r["correct"]) for r in recs) / n
             rate = decode / total if total else None
@@ -130,9 +131,11 @@ def main() -> None:
                 "continuous": continuous,
                 "problems": n,
                 "decode_tokens": decode / n,
+                "prefill_tokens": prefill / n,
                 "kept_tokens": kept,
                 "wall_s": total / n if total else None,
                 "tok_per_s": rate,
+                "all_tok_per_s": (decode + prefill) / total if total else None,
                 "vs_plain_decode": rate / plain if rate else None,
                 "pass@1": passed,
             }
@@ -146,10 +149,12 @@ def main() -> None:
                     "yes" if continuous else "no",
                     n,
                     f"{decode / n:.0f}",
+                    f"{prefill / n:.0f}",
                     f"{kept:.0f}",
                     fmt(row["wall_s"], ".2f"),
                     fmt(rate, ".1f"),
                     fmt(row["vs_plain_decode"], ".2f"),
+                    fmt(row["all_tok_per_s"], ".1f"),
                     f"{passed:.3f}",
                 ]
             )
@@ -160,10 +165,12 @@ def main() -> None:
         "continuous",
         "problems",
         "decode tok/problem",
+        "prefill tok/problem",
         "kept tok/problem",
         "wall s/problem",
         "decode tok/s",
         "vs plain decode",
+        "prefill+decode tok/s",
         "pass@1",
     ]
     print_table(header, rows)

@@ -199,6 +199,7 @@ def _run_streaming(
                     task, p, fin.samples, None, job.method, job.seed, job.max_new_tokens, job.select, fin.wall_time
                 )
                 rec["decode_tokens"] = fin.decode_tokens
+                rec["prefill_tokens"] = fin.prefill_tokens
                 rec["stop"] = stops
                 writer.append(rec)
                 written.add(fin.key)
@@ -294,6 +295,7 @@ def _evaluate_batch(
     for p, samples, log_z in zip(batch, result.samples, result.log_evidence):
         rec = _grade(task, p, samples, log_z, method, seed, max_new_tokens, select, per_problem_time)
         rec["decode_tokens"] = result.counters.get("decode_tokens", 0) / len(batch)  # engine work, shared evenly
+        rec["prefill_tokens"] = result.counters.get("prefill_tokens", 0) / len(batch)
         records.append(rec)
     return records
 

@@ -164,7 +164,7 @@ def run_eval(
 
 def _streams(sampler: Sampler) -> bool:
     """Does the sampler keep a batch full by admitting problems as others finish?"""
-    return type(sampler).stream is not Sampler.stream
+    return sampler.rows_plan(1) is not None
 
 
 def _run_streaming(

@@ -3,7 +3,6 @@ Greedy decoding is ``Tempered`` with a tiny temperature or ``top_k=1``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -14,9 +13,8 @@ from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler
 from smcdecode.samplers.core import collect, extend, make_problem, start_chains
 from smcdecode.samplers.result import Result, Trace
-from smcdecode.samplers.schedule import Moves
-from smcdecode.samplers.stream import Finished
-from smcdecode.stopping import StopSet, StopSpec
+from smcdecode.samplers.schedule import Moves, RowsPlan
+from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
 
 
@@ -37,20 +35,9 @@ class Ancestral(Sampler):
         problem.update_psi(chains, torch.ones_like(chains.ended), partial_ok=False)
         return collect(problem, chains, None, Trace())
 
-    def stream(
-        self,
-        engine: Backend,
-        problems: Iterable[tuple[Any, Any, int]],
-        *,
-        in_flight: int,
-        max_new_tokens: int,
-        stop: StopSpec | StopSet | None = None,
-    ) -> Iterator[Finished]:
+    def rows_plan(self, max_new_tokens: int) -> RowsPlan:
         """Continuous batching: the asynchronous schedule with one block and no moves."""
-        moves = Moves(max_new_tokens, 0)
-        return self._stream_rows(
-            moves, self.target, self.proposal, self.n, engine, problems, in_flight, max_new_tokens, stop
-        )
+        return RowsPlan(Moves(max_new_tokens, 0), self.target, self.proposal, self.n)
 
     def __repr__(self) -> str:
         return f"Ancestral({self.proposal!r}, n={self.n})"

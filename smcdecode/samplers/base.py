@@ -13,13 +13,11 @@ from tqdm.auto import tqdm
 
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentTypeError, check_int
-from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.result import Result
-from smcdecode.samplers.schedule import Moves
+from smcdecode.samplers.schedule import RowsPlan
 from smcdecode.samplers.stream import Finished
 from smcdecode.samplers.stream import stream as stream_rows
 from smcdecode.stopping import StopSet, StopSpec, stop_set
-from smcdecode.targets.base import Potential
 
 
 class Sampler:
@@ -57,6 +55,11 @@ class Sampler:
     ) -> Result:
         raise NotImplementedError  # abstract
 
+    def rows_plan(self, max_new_tokens: int) -> RowsPlan | None:
+        """How this sampler runs as rows with their own schedules (continuous batching), or None
+        when its rows move in lockstep (SMC): then :meth:`stream` runs problems one at a time."""
+        return None
+
     def stream(
         self,
         engine: Backend,
@@ -68,49 +71,25 @@ class Sampler:
     ) -> Iterator[Finished]:
         """Yield each problem's samples as soon as they are done; ``problems`` are (key, prompt,
         seed) triples, consumed lazily. A problem's samples depend only on its seed (not on which
-        problems share the batch). Samplers whose rows run asynchronously (Ancestral, SuffixMH)
-        keep ``in_flight`` problems in one batch and admit a waiting problem into the rows a
-        finished one frees; this default runs the problems one at a time."""
+        problems share the batch). Samplers with a :meth:`rows_plan` (Ancestral, SuffixMH) keep
+        ``in_flight`` problems in one batch and admit a waiting problem into the rows a finished
+        one frees (:mod:`~smcdecode.samplers.stream`); the others run the problems one at a time."""
         if not isinstance(engine, Backend):
             raise ArgumentTypeError("engine", f"expected a smcdecode backend, got {type(engine).__name__}")
         check_int("in_flight", in_flight, 1)
+        plan = self.rows_plan(max_new_tokens)
+        if plan is not None:
+            stops = stop if isinstance(stop, StopSet) or stop is None else stop_set(engine, stop)
+            with torch.no_grad():
+                yield from stream_rows(
+                    plan, engine, problems, in_flight=in_flight, max_new_tokens=max_new_tokens, stop=stops
+                )
+            return
         for key, prompt, seed in problems:
             res = self.run(engine, [prompt], max_new_tokens=max_new_tokens, seed=seed, progress=False, stop=stop)
+            counters = res.counters
             yield Finished(
-                key,
-                res.samples[0],
-                res.counters.get("decode_tokens", 0),
-                res.counters.get("prefill_tokens", 0),
-                res.wall_time,
-            )
-
-    def _stream_rows(
-        self,
-        moves: Moves,
-        target: Potential | None,
-        proposal: Proposal,
-        n: int,
-        engine: Backend,
-        problems: Iterable[tuple[Any, Any, int]],
-        in_flight: int,
-        max_new_tokens: int,
-        stop: StopSpec | StopSet | None,
-    ) -> Iterator[Finished]:
-        """:meth:`stream` by continuous batching (:mod:`~smcdecode.samplers.stream`)."""
-        if not isinstance(engine, Backend):
-            raise ArgumentTypeError("engine", f"expected a smcdecode backend, got {type(engine).__name__}")
-        stops = stop if isinstance(stop, StopSet) or stop is None else stop_set(engine, stop)
-        with torch.no_grad():
-            yield from stream_rows(
-                moves,
-                target,
-                proposal,
-                n,
-                engine,
-                problems,
-                in_flight=in_flight,
-                max_new_tokens=max_new_tokens,
-                stop=stops,
+                key, res.samples[0], counters.get("decode_tokens", 0), counters.get("prefill_tokens", 0), res.wall_time
             )
 
 

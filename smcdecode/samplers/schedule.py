@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from smcdecode.proposals.base import Proposal
 from smcdecode.samplers import kernels
 from smcdecode.samplers.core import Chains, Decoder, Problem
 from smcdecode.samplers.kernels import MoveInfo
+from smcdecode.targets.base import Potential
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,16 @@ class Moves:
     block_size: int
     steps: int
     reuse_suffix: bool = True
+
+
+@dataclass(frozen=True)
+class RowsPlan:
+    """What continuous batching runs: the schedule, the target (None: plain q), q, rows per problem."""
+
+    moves: Moves
+    target: Potential | None
+    proposal: Proposal
+    n: int
 
 
 def async_step(

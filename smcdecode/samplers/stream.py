@@ -24,14 +24,13 @@ import torch
 
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentError
-from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.core import CHECK_EVERY, Decoder, Problem, check_run_args, collect, empty_chains
 from smcdecode.samplers.result import Sample, Trace
 from smcdecode.samplers.rng import ProblemStreams
-from smcdecode.samplers.schedule import Moves, Rows, async_step
+from smcdecode.samplers.schedule import Rows, RowsPlan, async_step
 from smcdecode.samplers.schedule import Schedule as RowSchedule
 from smcdecode.stopping import StopSet
-from smcdecode.targets.base import Potential, StepView
+from smcdecode.targets.base import StepView
 
 COMPACT_EVERY = 32  # iterations between compaction checks
 
@@ -48,10 +47,7 @@ class Finished:
 
 
 def stream(
-    schedule: Moves,
-    target: Potential | None,
-    proposal: Proposal,
-    n: int,
+    plan: RowsPlan,
     engine: Backend,
     problems: Iterable[tuple[Any, Any, int]],
     *,
@@ -64,6 +60,7 @@ def stream(
     if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
         raise ArgumentError("in_flight", f"must be an int >= 1, got {in_flight!r}")
     check_run_args(max_new_tokens, 0)
+    n, moves = plan.n, plan.moves
     queue = iter(problems)
     first = _take(queue, in_flight, engine, max_new_tokens)
     if not first:
@@ -71,7 +68,7 @@ def stream(
     dev = engine.device
     rng = ProblemStreams(dev, len(first) * n)
     prompts: list[Any] = []
-    problem = Problem(engine, target, proposal, prompts, [], n, max_new_tokens, rng)
+    problem = Problem(engine, plan.target, plan.proposal, prompts, [], n, max_new_tokens, rng)
     problem.stop = stop
     slot_of: list[int] = []  # problem index (in admission order) of each slot of n rows
     keys: list[Any] = []
@@ -96,7 +93,7 @@ def stream(
     rows.sch.ids = _ids(slot_of, n, dev)
     iteration, exhausted = 0, False
     while True:
-        rows, _, _ = async_step(problem, decoder, rows, schedule.block_size, schedule.steps, schedule.reuse_suffix)
+        rows, _, _ = async_step(problem, decoder, rows, moves.block_size, moves.steps, moves.reuse_suffix)
         iteration += 1
         if iteration % COMPACT_EVERY == 0:
             decoder.compact()

@@ -29,7 +29,6 @@ module only schedules it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -42,9 +41,8 @@ from smcdecode.samplers.base import Sampler, bar
 from smcdecode.samplers.core import CHECK_EVERY, Decoder, Problem, collect, make_problem, start_chains
 from smcdecode.samplers.kernels import MoveInfo
 from smcdecode.samplers.result import Result, Trace
-from smcdecode.samplers.schedule import Moves, Rows, Schedule, async_step
-from smcdecode.samplers.stream import Finished
-from smcdecode.stopping import StopSet, StopSpec
+from smcdecode.samplers.schedule import Moves, Rows, RowsPlan, Schedule, async_step
+from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
 
 COMPACT_EVERY = 32  # iterations between compaction checks
@@ -151,19 +149,8 @@ class SuffixMH(Sampler):
                 )
         return collect(problem, out, None, trace)
 
-    def stream(
-        self,
-        engine: Backend,
-        problems: Iterable[tuple[Any, Any, int]],
-        *,
-        in_flight: int,
-        max_new_tokens: int,
-        stop: StopSpec | StopSet | None = None,
-    ) -> Iterator[Finished]:
-        moves = Moves(self.block_size, self.steps, self.reuse_suffix)
-        return self._stream_rows(
-            moves, self.target, self.proposal, self.chains, engine, problems, in_flight, max_new_tokens, stop
-        )
+    def rows_plan(self, max_new_tokens: int) -> RowsPlan:
+        return RowsPlan(Moves(self.block_size, self.steps, self.reuse_suffix), self.target, self.proposal, self.chains)
 
     def step(self, problem: Problem, decoder: Decoder, rows: Rows) -> tuple[Rows, MoveInfo, Tensor]:
         """One forward of the run (see :func:`async_step`)."""

@@ -8,9 +8,8 @@ and the accuracy-vs-decode-tokens plot (``experiments/results/results_TASK[TAG].
 written to ``experiments/results/results_TASK[TAG].json``.
 
 Per-problem wall seconds of continuously batched methods overlap (several problems share the
-batch), so the summary's wall time per problem is the method's total wall time, summed over
-resumed runs in ``OUT/LABEL/run_wall.json``, divided by its problems (a killed run's partial work
-on its unfinished problems is not in that sum).
+batch), so the summary's wall time per problem is the method's busy time (the union of its
+records' admission-to-grading spans; across killed and resumed runs) divided by its problems.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any
 
 import torch
@@ -55,7 +53,6 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
         sampler = parse_method(spec, rewards).sampler
         out = os.path.join(ours.out, label)
         os.makedirs(out, exist_ok=True)
-        t0 = time.perf_counter()
         path = run_eval(
             adapter,
             engine,
@@ -68,12 +65,11 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
             batch_size=args.batch_size,
             stop=parse_stop(args.stop, _default_stop(args)),
         )
-        _add_wall(out, time.perf_counter() - t0)
         dirs.append(out)
         recs = [json.loads(line) for line in open(path)]
         n, k = len(recs), sum(bool(r["correct"]) for r in recs)
         lo, hi = wilson(k, n)
-        wall = _total_wall(out)
+        wall = _busy_wall(recs, streamed=sampler.rows_plan(1) is not None)
         row: dict[str, Any] = {
             "method": label,
             "spec": spec,
@@ -83,7 +79,7 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
             "accuracy": k / n,
             "wilson95": [lo, hi],
             "decode_tokens": sum(r.get("decode_tokens", 0) for r in recs) / n,
-            "wall_s": None if wall is None else wall / n,
+            "wall_s": wall / n,
         }
         payload.append(row)
         rows.append(
@@ -92,7 +88,7 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
                 n,
                 f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]",
                 f"{row['decode_tokens']:.0f}",
-                "n/a" if wall is None else f"{wall / n:.1f}",
+                f"{wall / n:.1f}",
             ]
         )
     print_table(["method", "problems", "accuracy [95% Wilson]", "decode tok/problem", "wall s/problem"], rows)
@@ -105,16 +101,18 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
     print(write_results(f"results_{task}{ours.tag}", {"config": config, "rows": payload}, ours.results_dir))
 
 
-def _add_wall(out: str, seconds: float) -> None:
-    """Accumulate the method's wall time over resumed runs in ``out/run_wall.json``."""
-    total = (_total_wall(out) or 0.0) + seconds
-    with open(os.path.join(out, "run_wall.json"), "w") as f:
-        json.dump({"wall_s": total}, f)
+def _busy_wall(records: list[dict[str, Any]], streamed: bool) -> float:
+    """The method's wall time, from its records alone (so killed and resumed runs count right).
 
-
-def _total_wall(out: str) -> float | None:
-    path = os.path.join(out, "run_wall.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return float(json.load(f)["wall_s"])
+    Streamed methods: each record spans [time − wall_time, time] (admission to grading) and the
+    problems in the batch overlap, so the busy time is the length of the union of those spans.
+    Batch-at-a-time methods: each record holds its share of its batch's wall time; their sum."""
+    if not streamed:
+        return sum(float(r.get("wall_time", 0.0)) for r in records)
+    spans = sorted((r["time"] - r["wall_time"], r["time"]) for r in records if "time" in r and "wall_time" in r)
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total

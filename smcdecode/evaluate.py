@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 import zlib
 from collections import defaultdict
@@ -152,7 +153,7 @@ def run_eval(
     show = progress if progress is not None else None
     with (
         RecordWriter(path) as writer,
-        tqdm(total=len(todo), desc=f"{task.name} {method}", disable=show is False, leave=False) as bar,
+        tqdm(total=len(todo), desc=f"{task.name} {method}", disable=_quiet(show), leave=False) as bar,
         closing(executor.map(job, batches, local)) as results,
     ):
         for records in results:
@@ -160,6 +161,11 @@ def run_eval(
                 writer.append(rec)
                 bar.update(1)
     return path
+
+
+def _quiet(progress: bool | None) -> bool:
+    """No bar when asked, or by default when stderr is not a terminal (logs, CI, pipes)."""
+    return not progress if progress is not None else not sys.stderr.isatty()
 
 
 def _streams(sampler: Sampler) -> bool:
@@ -189,7 +195,7 @@ def _run_streaming(
     t0, tokens = time.perf_counter(), 0
     with (
         RecordWriter(path) as writer,
-        tqdm(total=len(todo), desc=f"{task.name} {job.method}", disable=progress is False, leave=False) as bar,
+        tqdm(total=len(todo), desc=f"{task.name} {job.method}", disable=_quiet(progress), leave=False) as bar,
     ):
         try:
             finished = sampler.stream(engine, queue, in_flight=in_flight, max_new_tokens=job.max_new_tokens, stop=stops)

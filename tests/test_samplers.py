@@ -317,6 +317,31 @@ def test_suffix_mh_kernel_leaves_the_target_exactly_invariant(engine, name):
     assert float((pi @ biased - pi).abs().sum()) > 1e-4  # 100x the float error above
 
 
+def test_rejuvenation_move_targets_the_twisted_intermediate_target(engine):
+    """SMC's rejuvenation moves leave its intermediate target p^α·exp(α ψ(x_≤t)) invariant, so an
+    unfinished proposal carries its prefix twist exactly as the current particle does; after the
+    move every particle's stored ψ is its own prefix's twist (the next weight increment divides
+    by it). A proposal scored with ψ = 0 (the bug this guards) leaves accepted rows at 0."""
+    from smcdecode.samplers.core import extend, make_problem, start_chains
+    from smcdecode.samplers.kernels import mh_move
+
+    def r(prompt, continuation):
+        return 1.0 + 0.8 * sum(1 for t in continuation if t == 2)
+
+    n = 64
+    problem = make_problem(engine, [PROMPT], T.Power(2) * T.Reward(r, prefix=True), Q.Tempered(1.0), n, MAX_NEW, seed=5)
+    decoder, chains = start_chains(problem)
+    extend(problem, decoder, chains, 2)
+    partial = ~problem.complete(chains)
+    assert bool(partial.any())
+    problem.update_psi(chains, partial, partial_ok=True)
+    moved, info = mh_move(problem, decoder, chains, 2)
+    assert bool((info.accepted & ~problem.complete(moved)).any())  # accepted unfinished proposals exist
+    for row, toks in enumerate(moved.token_lists()):
+        if not bool(problem.complete(moved)[row]):
+            assert float(moved.log_psi[row]) == pytest.approx(r(PROMPT, toks))
+
+
 def test_prefix_reward_twist_keeps_smc_exact_and_unbiased(engine):
     """Reward(prefix=True): r on partial sequences is a twist at block boundaries, replaced by
     the final value at completion, so the target (and Z) are those of the plain reward."""

@@ -142,13 +142,15 @@ def decide(
     moving: Tensor,
     alpha: float | None = None,
     ids: Tensor | None = None,
+    partial_ok: bool = False,
 ) -> tuple[Chains, MoveInfo]:
     """Accept or reject the proposals of the ``complete`` rows (bool [B]) of moves started at
     i = ``index``, j = ``keep`` (see :class:`Move`); rows not ``moving`` are extensions, always accepted.
     ``alpha``: the exponent of φ in force (annealing); ``ids``: the original row of each batch
-    row (sequence potentials). Returns the new chains (``cur`` on rows not accepted) and the
-    diagnostics, meaningful on ``complete & moving`` rows."""
-    problem.update_psi(prop, complete, partial_ok=False, ids=ids)
+    row (sequence potentials); ``partial_ok``: unfinished proposals carry the prefix twist ψ
+    (SMC's intermediate targets, which ``cur`` carries too) instead of 0. Returns the new chains
+    (``cur`` on rows not accepted) and the diagnostics, meaningful on ``complete & moving`` rows."""
+    problem.update_psi(prop, complete, partial_ok=partial_ok, ids=ids)
     log_a = mh_log_accept(
         problem.log_target(prop, alpha),
         problem.log_target(cur, alpha),
@@ -197,8 +199,9 @@ def mh_move(
     """One suffix-MH move on every row for π restricted to the first ``horizon`` tokens, driven
     to completion: the move costs the diverged part of y in decode tokens (plus one to re-read
     the distribution where it diverges) and no prefill; a rejected row returns to its old cache
-    columns. ``alpha``: the exponent of φ in force (annealing)."""
+    columns. ``alpha``: the exponent of φ in force (annealing). The target is SMC's intermediate
+    one: an unfinished sequence carries its prefix twist ψ (if the target has one), as ``cur`` does."""
     decoder.compact()
     prop, move = propose(problem, decoder, cur, horizon, q_schedule)
     everyone = torch.ones_like(cur.ended)
-    return decide(problem, decoder, cur, prop, move.i, move.j, everyone, everyone, alpha)
+    return decide(problem, decoder, cur, prop, move.i, move.j, everyone, everyone, alpha, partial_ok=True)

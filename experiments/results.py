@@ -25,7 +25,7 @@ import torch
 from smcdecode.cli import _default_stop, _engine, _task, build_parser, parse_stop
 from smcdecode.demo import wilson
 from smcdecode.evaluate import run_eval
-from smcdecode.report import load_records, plot, summarise, table
+from smcdecode.report import busy_wall, plot, summarise, table
 from smcdecode.spec import method_name, parse_method
 
 from common import RESULTS as RESULTS_DIR
@@ -40,11 +40,14 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
     ap.add_argument("--out", default=f"runs/results_{task}", help="one directory per method under it")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--results-dir", default=RESULTS_DIR, help="where the summary JSON and PNG go")
+    ap.add_argument("--summary-only", action="store_true", help="summarise the records so far; run nothing")
     ours, rest = ap.parse_known_args(argv)
     args = build_parser().parse_args(["eval", task, "--method", "ancestral", "--out", ours.out, *defaults, *rest])
     torch.set_num_threads(os.cpu_count() or 1)
-    engine = _engine(args)
-    rows, payload, dirs = [], [], []
+    engine = None if ours.summary_only else _engine(args)
+    rows: list[list[Any]] = []
+    payload: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
     for label in ours.methods.split(","):
         if label not in methods:
             sys.exit(f"unknown method {label!r}; choose from {', '.join(methods)}")
@@ -53,23 +56,32 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
         sampler = parse_method(spec, rewards).sampler
         out = os.path.join(ours.out, label)
         os.makedirs(out, exist_ok=True)
-        path = run_eval(
-            adapter,
-            engine,
-            sampler,
-            method_name(spec),
-            out,
-            seed=args.seed,
-            max_new_tokens=args.max_new_tokens,
-            select=select,
-            batch_size=args.batch_size,
-            stop=parse_stop(args.stop, _default_stop(args)),
-        )
-        dirs.append(out)
-        recs = [json.loads(line) for line in open(path)]
+        path = os.path.join(out, "results.jsonl")
+        if engine is not None:
+            path = run_eval(
+                adapter,
+                engine,
+                sampler,
+                method_name(spec),
+                out,
+                seed=args.seed,
+                max_new_tokens=args.max_new_tokens,
+                select=select,
+                batch_size=args.batch_size,
+                stop=parse_stop(args.stop, _default_stop(args)),
+            )
+        if not os.path.exists(path):
+            continue
+        wanted = {p["unique_id"] for p in adapter.problems}  # --limit / --shard of this command
+        recs = [r for r in map(json.loads, open(path)) if r["uid"] in wanted]
+        if not recs:
+            continue
+        for r in recs:  # records written before they carried the flag
+            r.setdefault("streamed", sampler.rows_plan(1) is not None)
+        kept.extend(recs)
         n, k = len(recs), sum(bool(r["correct"]) for r in recs)
         lo, hi = wilson(k, n)
-        wall = _busy_wall(recs, streamed=sampler.rows_plan(1) is not None)
+        wall = busy_wall(recs)
         row: dict[str, Any] = {
             "method": label,
             "spec": spec,
@@ -92,27 +104,10 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
             ]
         )
     print_table(["method", "problems", "accuracy [95% Wilson]", "decode tok/problem", "wall s/problem"], rows)
-    summary = summarise(load_records(dirs))
+    summary = summarise(kept)
     print(table(summary))
     os.makedirs(ours.results_dir, exist_ok=True)
     print(plot(summary, os.path.join(ours.results_dir, f"results_{task}{ours.tag}.png")))
     config = {"task": task, "model": args.model, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     config["prompt"], config["seed"], config["limit"] = args.prompt, args.seed, args.limit
     print(write_results(f"results_{task}{ours.tag}", {"config": config, "rows": payload}, ours.results_dir))
-
-
-def _busy_wall(records: list[dict[str, Any]], streamed: bool) -> float:
-    """The method's wall time, from its records alone (so killed and resumed runs count right).
-
-    Streamed methods: each record spans [time − wall_time, time] (admission to grading) and the
-    problems in the batch overlap, so the busy time is the length of the union of those spans.
-    Batch-at-a-time methods: each record holds its share of its batch's wall time; their sum."""
-    if not streamed:
-        return sum(float(r.get("wall_time", 0.0)) for r in records)
-    spans = sorted((r["time"] - r["wall_time"], r["time"]) for r in records if "time" in r and "wall_time" in r)
-    total, end = 0.0, float("-inf")
-    for a, b in spans:
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total

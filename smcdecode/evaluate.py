@@ -207,6 +207,7 @@ def _run_streaming(
                 rec["decode_tokens"] = fin.decode_tokens
                 rec["prefill_tokens"] = fin.prefill_tokens
                 rec["stop"] = stops
+                rec["streamed"] = True  # wall_time is this problem's admission-to-grading span
                 writer.append(rec)
                 written.add(fin.key)
                 tokens += fin.decode_tokens

@@ -1,6 +1,10 @@
 """``smcdecode report DIR...``: accuracy with a Wilson 95% interval, pass@k where every sample
 was graded, generated tokens and wall time per (task, method); a plot of accuracy against
-generated tokens per method."""
+generated tokens per method.
+
+Wall time per problem is :func:`busy_wall` / n: a batch-at-a-time record holds its share of its
+batch's wall time; a streamed record (continuous batching) holds the span from its admission to
+its grading, and the problems in flight overlap, so their busy time is the union of the spans."""
 
 from __future__ import annotations
 
@@ -11,6 +15,27 @@ from typing import Any
 
 from smcdecode.demo import format_table, wilson
 from smcdecode.records import read_jsonl
+
+
+def busy_wall(records: Sequence[dict[str, Any]], streamed: bool | None = None) -> float:
+    """Seconds the method kept the machine busy, from its records alone (so killed and resumed
+    runs count right): the sum of the batch-at-a-time records' shares plus the length of the union
+    of the streamed records' spans [time − wall_time, time]. ``streamed`` overrides the records'
+    own ``streamed`` flag (records written before the flag existed)."""
+
+    def is_streamed(r: dict[str, Any]) -> bool:
+        return bool(r.get("streamed")) if streamed is None else streamed
+
+    total = sum(float(r.get("wall_time", 0.0)) for r in records if not is_streamed(r))
+    spans = sorted(
+        (r["time"] - r["wall_time"], r["time"]) for r in records if is_streamed(r) and "time" in r and "wall_time" in r
+    )
+    end = float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def load_records(dirs: Sequence[str]) -> list[dict[str, Any]]:
@@ -48,7 +73,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "decode_tokens": (
                 sum(r["decode_tokens"] for r in rs) / n if all("decode_tokens" in r for r in rs) else None
             ),
-            "wall_time": sum(r.get("wall_time", 0.0) for r in rs) / n,
+            "wall_time": busy_wall(rs) / n,
             "errors": sum(1 for r in rs if r.get("error")),
         }
         graded = [r for r in rs if r.get("n_correct") is not None and r.get("n_samples")]

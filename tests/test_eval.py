@@ -204,3 +204,21 @@ def test_record_writer_appends_complete_lines(tmp_path):
         w.append({"a": 1})
         w.append({"b": "x\ny"})
     assert list(read_jsonl(path)) == [{"a": 1}, {"b": "x\ny"}]
+
+
+def test_busy_wall_counts_overlapping_streamed_spans_once():
+    """Streamed records span [time − wall_time, time] and overlap; batch records hold shares."""
+    from smcdecode.report import busy_wall
+
+    streamed = [
+        {"time": 10.0, "wall_time": 4.0, "streamed": True},  # [6, 10]
+        {"time": 12.0, "wall_time": 5.0, "streamed": True},  # [7, 12] overlaps: union [6, 12]
+        {"time": 20.0, "wall_time": 2.0, "streamed": True},  # [18, 20]
+    ]
+    batched = [{"time": 30.0, "wall_time": 1.5}, {"time": 30.0, "wall_time": 1.5}]
+    assert busy_wall(streamed) == pytest.approx(8.0)
+    assert busy_wall(batched) == pytest.approx(3.0)
+    assert busy_wall(streamed + batched) == pytest.approx(11.0)
+    assert busy_wall([{k: v for k, v in r.items() if k != "streamed"} for r in streamed], streamed=True) == 8.0
+    (row,) = summarise([{**r, "task": "t", "method": "m", "correct": True} for r in streamed])
+    assert row["wall_time"] == pytest.approx(8.0 / 3)

@@ -328,12 +328,17 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     seqs = [list(p) for p in prompts for _ in range(n)]
     gen = torch.Generator().manual_seed(0)
 
-    def check(op: str, readout: Any, rows: Sequence[int] | None = None) -> None:
-        for r in range(len(seqs)) if rows is None else rows:
-            want = backend.prefill([seqs[r]], layers=layers)[1]
+    def check(
+        op: str, readout: Any, rows: Sequence[int] | None = None, contexts: list[list[int]] | None = None
+    ) -> None:
+        ctx = seqs if contexts is None else contexts
+        for r in range(len(ctx)) if rows is None else rows:
+            want = backend.prefill([ctx[r]], layers=layers)[1]
             got_p = readout.log_p[r].float().cpu()
             if not torch.allclose(got_p, want.log_p[0].float().cpu(), atol=atol, rtol=0):
-                raise AssertionError(f"{op}: row {r} (context {seqs[r]}) reads a different next-token distribution")
+                raise AssertionError(f"{op}: row {r} (context {ctx[r]}) reads a different next-token distribution")
+            if contexts is not None:
+                continue  # a fork computes no layer readouts
             for layer in layers:
                 if not torch.allclose(readout.layers[layer][r].cpu(), want.layers[layer][0].cpu(), atol=atol, rtol=0):
                     raise AssertionError(f"{op}: row {r}, layer {layer} readout differs")
@@ -405,6 +410,20 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     backend.save_rows(batch, r2)
     backend.truncate(batch, r2, torch.full_like(plen, len(seqs[2]) - 1))
     seqs[2] = seqs[2][:-1]
+    # fork (lookahead rollouts): copies of row 2 (its pending re-feed travels with it) and row 0
+    # decode on their own, twice; the batch is untouched (its rows are checked below)
+    rolled = backend.counters["rollout_tokens"]
+    src = [2, 0, 0]
+    fork = backend.fork(batch, torch.tensor(src, device=dev), reserve=2)
+    forked = [list(seqs[r]) for r in src]
+    fout = out.index_select(torch.tensor(src, device=dev))
+    for step in range(2):
+        tok = draw(fout)
+        fout = backend.decode(fork, tok)
+        forked = [s if (step == 0 and r == 0) else s + [int(t)] for r, (s, t) in enumerate(zip(forked, tok.tolist()))]
+        check(f"fork + decode step {step}", fout, contexts=forked)
+    if backend.counters["rollout_tokens"] - rolled != 2 * len(src):
+        raise AssertionError("fork: decodes on a fork must count as rollout_tokens")
     new_prompts = [[6, 5], [6, 5], [3, 1, 4, 1, 5, 2, 6, 2, 3, 4, 5, 1, 2]]
     prefilled = backend.counters["prefill_tokens"]
     first = backend.admit(batch, torch.tensor([4, 5, 1], device=dev), new_prompts)

@@ -12,6 +12,9 @@ tokens) and returns next-token readouts. Its operations, all on a :class:`Batch`
 * ``truncate(batch, rows, lengths)``: keep each row's first ``lengths`` tokens; the next decode
   returns the distribution after them (the backend re-feeds whatever it must);
 * ``save_rows`` / ``restore_rows``: a per-row checkpoint (an MH move's old context);
+* ``fork(batch, rows)``: a *new* batch whose row r is a copy of row ``rows[r]`` (cache included,
+  no re-prefill; the original batch is untouched): lookahead rollouts branch from live rows.
+  Forwards on a fork count as ``rollout_tokens`` / ``rollout_forwards``, not as decode work;
 * ``compact``: drop dead cache columns; ``counters``: tokens and forwards so far.
 
 Row bookkeeping is backend-agnostic (:class:`~smcdecode.backends.rows.Rows`); a backend supplies
@@ -96,6 +99,7 @@ class Batch:
     rows: Rows
     layers: tuple[int, ...]  # layer readouts produced by every forward on this batch
     hidden: bool = False  # also return the last decoder layer's output
+    counter: str = "decode_tokens"  # what decode/score on this batch count ("rollout_tokens" on a fork)
 
     @property
     def size(self) -> int:
@@ -136,9 +140,11 @@ class Backend(ABC):
         self._counters = {
             "prefill_tokens": torch.zeros((), dtype=torch.long, device=self.device),
             "decode_tokens": torch.zeros((), dtype=torch.long, device=self.device),
+            "rollout_tokens": torch.zeros((), dtype=torch.long, device=self.device),
         }
         self._positions_computed = 0
         self._forwards = 0
+        self._rollout_forwards = 0
 
     # ------------------------------------------------------------------ what subclasses implement
     @abstractmethod
@@ -166,6 +172,11 @@ class Backend(ABC):
 
     def _concat_caches(self, parts: list[Batch], width: int) -> Any:
         """One cache holding the rows of ``parts``, each left-padded to ``width`` columns."""
+        return None
+
+    def _fork_cache(self, batch: Batch, idx: Tensor, reserve: int) -> Any:
+        """A new cache whose row r is a copy of ``batch``'s row ``idx[r]`` (room for ``reserve``
+        more columns when the cache preallocates). A backend without a cache returns None."""
         return None
 
     # ------------------------------------------------------------------ capabilities
@@ -241,13 +252,17 @@ class Backend(ABC):
     # ------------------------------------------------------------------ counters
     @property
     def counters(self) -> dict[str, int]:
-        """Forward tokens so far: real prompt tokens prefilled, real tokens decoded (or scored),
-        positions computed including padding, and forward calls. Reading it synchronises."""
+        """Forward tokens so far: real prompt tokens prefilled, real tokens decoded (or scored)
+        on the sampler's own rows, real tokens fed to lookahead rollouts (forks), positions
+        computed including padding, forward calls (all of them: the sequential depth) and forward
+        calls on forks. Reading it synchronises."""
         return {
             "prefill_tokens": int(self._counters["prefill_tokens"]),
             "decode_tokens": int(self._counters["decode_tokens"]),
+            "rollout_tokens": int(self._counters["rollout_tokens"]),
             "positions_computed": self._positions_computed,
             "forwards": self._forwards,
+            "rollout_forwards": self._rollout_forwards,
         }
 
     def reset_counters(self) -> None:
@@ -255,11 +270,14 @@ class Backend(ABC):
             v.zero_()
         self._positions_computed = 0
         self._forwards = 0
+        self._rollout_forwards = 0
 
     def _count(self, kind: str, n_real: Tensor, positions: int) -> None:
         self._counters[kind] += n_real.sum()
         self._positions_computed += positions
         self._forwards += 1
+        if kind == "rollout_tokens":
+            self._rollout_forwards += 1
 
     # ------------------------------------------------------------------ operations
     def _left_padded(
@@ -338,7 +356,7 @@ class Backend(ABC):
         Rows left pending by :meth:`truncate` feed their pending token instead (and are active)."""
         act = torch.ones_like(batch.lengths, dtype=torch.bool) if active is None else active
         tok, act = batch.rows.take_pending(tokens.to(self.device), act.to(self.device))
-        return self._forward(batch, tok.view(-1, 1), act.long(), keep_all=False, kind="decode_tokens")
+        return self._forward(batch, tok.view(-1, 1), act.long(), keep_all=False, kind=batch.counter)
 
     @torch.no_grad()
     def admit(self, batch: Batch, rows: Tensor, prompt_ids: list[list[int]]) -> Readout:
@@ -368,7 +386,7 @@ class Backend(ABC):
         ``n_tokens[b]``) in one forward and return readouts at every position, [B, Q, V]:
         position j is the distribution of the token that follows ``tokens[:, :j+1]``."""
         n_real = torch.full_like(batch.lengths, tokens.shape[1]) if n_tokens is None else n_tokens
-        return self._forward(batch, tokens, n_real, keep_all=True, kind="decode_tokens")
+        return self._forward(batch, tokens, n_real, keep_all=True, kind=batch.counter)
 
     def select(self, batch: Batch, indices: Tensor, within_groups: bool = False) -> None:
         """Row b becomes old row ``indices[b]``; repeats allowed (SMC resampling).
@@ -380,6 +398,24 @@ class Backend(ABC):
         start = batch.rows.shared if within_groups else 0
         self._select_cache(batch, idx, start)
         batch.rows.select(idx)
+
+    @torch.no_grad()
+    def fork(self, batch: Batch, rows: Tensor, reserve: int = 0) -> Batch:
+        """A new batch of R = len(``rows``) rows (long [R], repeats allowed): row r is a copy of
+        ``batch``'s row ``rows[r]`` — its cache columns and bookkeeping, a pending re-feed included
+        — so decoding on it continues that row's context without any re-prefill. ``batch`` is
+        untouched; the fork has no snapshot (``save_rows``), shares no prefix across rows, computes
+        no layer or hidden readouts, and counts its forwards as ``rollout_tokens`` /
+        ``rollout_forwards`` (lookahead work, reported apart from the sampler's own decode work).
+        ``reserve``: columns the fork is expected to grow by (a preallocating cache makes room).
+        Cost: a copy of the R rows' cache."""
+        idx = rows.to(self.device).long().view(-1)
+        if idx.numel() == 0 or bool(((idx < 0) | (idx >= batch.size)).any()):
+            raise ArgumentError("rows", f"expected row indices in [0, {batch.size}), got {idx.tolist()}")
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise ArgumentError("reserve", f"must be an int >= 0, got {reserve!r}")
+        cache = self._fork_cache(batch, idx, reserve)
+        return Batch(cache, batch.rows.fork(idx), (), False, counter="rollout_tokens")
 
     def truncate(self, batch: Batch, rows: Tensor, lengths: Tensor) -> None:
         """For ``rows`` (bool [B]): keep the first ``lengths[b]`` ≥ 1 tokens of the context. The

@@ -278,6 +278,24 @@ class HFBackend(Backend):
             cache.update(k, v, li)
         return cache
 
+    def _fork_cache(self, batch: Batch, idx: Tensor, reserve: int) -> Any:
+        """Copy rows ``idx`` of every layer's KV into fresh growable buffers with room for
+        ``reserve`` more columns (so the fork's decodes append in place)."""
+        cache = _growable_cache()
+        for li, src in enumerate(batch.cache.layers):
+            if getattr(src, "keys", None) is None or not src.keys.numel():
+                continue
+            k, v = src.keys[idx], src.values[idx]  # [R, H, S, D]: gathered copies
+            cache.update(k[:, :, :0], v[:, :, :0], li)  # create the layer (lazy init, no columns)
+            layer = cache.layers[li]
+            n, cap = k.shape[2], k.shape[2] + max(reserve, 1)
+            layer._kbuf = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            layer._vbuf = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            layer._kbuf[:, :, :n] = k
+            layer._vbuf[:, :, :n] = v
+            layer.keys, layer.values = layer._kbuf[:, :, :n], layer._vbuf[:, :, :n]
+        return cache
+
     # ------------------------------------------------------------------ the forward
     def _mask(self, batch: Batch, real_new: Tensor, pos_new: Tensor, window: int | None) -> Tensor:
         b, q = real_new.shape

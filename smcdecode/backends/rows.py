@@ -185,6 +185,19 @@ class Rows:
         if self.saved_lengths is not None:
             self.saved_lengths = self.saved_lengths[idx]
 
+    def fork(self, idx: Tensor) -> Rows:
+        """New rows: row r copies row ``idx[r]`` (columns, lengths, pending re-feed); no snapshot,
+        no shared prefix. ``self`` is unchanged."""
+        w = self.width
+        out = Rows(int(idx.shape[0]), self.lengths.device)
+        for name in ("_valid", "_pos", "_tok"):
+            setattr(out, name, getattr(self, name)[idx, :w].clone())
+        out._saved = torch.zeros_like(out._valid)
+        out.width = w
+        out.lengths = self.lengths[idx].clone()
+        out.pending = self.pending[idx].clone()
+        return out
+
     def compact_order(self, ratio: float, force: bool) -> Tensor | None:
         """When live columns (valid or saved) are fewer than ``ratio`` · S (or ``force``), gather
         them and return the column order [B, S'] the backend applies to its cache; else None.

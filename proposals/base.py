@@ -3,26 +3,64 @@
 ``log_q(view, target_factor)`` returns the *normalised* log q [B, V] that the sampler draws from;
 the sampler stores log q[x_t] of the drawn token from this same tensor, so the stored value is
 exact whatever truncation was applied (never recomputed from softmax(z/T)).
+
+Samplers call :meth:`Proposal.propose`, which by default is ``log_q`` and no twist. A proposal
+with *auxiliary randomness* (``auxiliary = True``: lookahead rollouts, drawn afresh at every
+draw) gets a :class:`Context` (the live rows, the backend, the random stream) and may return a
+twist table besides log q: q is then q(x_t | x_<t, u_t) given the auxiliary draw u_t, which is
+exact for SMC weights and for MH on the extended space (x, u) — as long as a move draws u afresh
+(no coupling with the current suffix: :func:`~smcdecode.samplers.kernels.begin` turns it off).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from smcdecode.targets.base import Requirements, StepView
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from smcdecode.backends import Backend
+    from smcdecode.backends import Backend, Batch
+    from smcdecode.stopping import StopSet
 
 TargetFactor = Callable[[StepView], "Tensor | None"]
 
 
+@dataclass
+class Context:
+    """What a proposal with auxiliary randomness sees beyond the readouts, bound by the sampler
+    at each draw. Shapes [B] (one per row of the view)."""
+
+    engine: Backend
+    batch: Batch  # the main stream: row b's cache holds prompt + x_<t (fork it, never modify it)
+    length: Tensor  # long: tokens generated so far (the draw is token length + 1)
+    active: Tensor  # bool: rows whose draw is used (the others may get any valid q)
+    max_new_tokens: int
+    stop: StopSet | None
+    stop_state: Tensor  # long: stop-automaton state after x_<t (0 without stops)
+    rng: Any  # the run's random stream (``rand(B, ...)``, see ``smcdecode.samplers.rng``)
+    log_twist: Tensor  # float: the current twist log ψ(x_<t) (0 when the sampler keeps none)
+
+
 class Proposal:
+    #: q depends on random draws made with it (rollouts): needs a :class:`Context`, and MH moves
+    #: must draw those afresh (no coupling with the current suffix)
+    auxiliary: bool = False
+    #: :meth:`propose` returns a twist table usable as SMC's intermediate-target twist
+    provides_twist: bool = False
+
     def requirements(self, engine: Backend) -> Requirements:
         return Requirements()
+
+    def propose(
+        self, view: StepView, target_factor: TargetFactor, ctx: Context | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(normalised log q [B, V], log twist [B, V] or None): the twist of x_≤t = x_<t ⊕ v for
+        every v, a positive function of the state and of this draw's auxiliary variables."""
+        return self.log_q(view, target_factor), None
 
     def log_q(self, view: StepView, target_factor: TargetFactor) -> Tensor:
         """Normalised log q_t(v) for every v, [B, V] (−inf where q is 0)."""

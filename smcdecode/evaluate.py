@@ -206,6 +206,7 @@ def _run_streaming(
                 )
                 rec["decode_tokens"] = fin.decode_tokens
                 rec["prefill_tokens"] = fin.prefill_tokens
+                rec["rollout_tokens"] = fin.rollout_tokens
                 rec["stop"] = stops
                 rec["streamed"] = True  # wall_time is this problem's admission-to-grading span
                 writer.append(rec)
@@ -303,6 +304,7 @@ def _evaluate_batch(
         rec = _grade(task, p, samples, log_z, method, seed, max_new_tokens, select, per_problem_time)
         rec["decode_tokens"] = result.counters.get("decode_tokens", 0) / len(batch)  # engine work, shared evenly
         rec["prefill_tokens"] = result.counters.get("prefill_tokens", 0) / len(batch)
+        rec["rollout_tokens"] = result.counters.get("rollout_tokens", 0) / len(batch)  # lookahead work
         records.append(rec)
     return records
 

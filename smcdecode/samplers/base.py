@@ -73,12 +73,14 @@ class Sampler:
         seed) triples, consumed lazily. A problem's samples depend only on its seed (not on which
         problems share the batch). Samplers with a :meth:`rows_plan` (Ancestral, SuffixMH) keep
         ``in_flight`` problems in one batch and admit a waiting problem into the rows a finished
-        one frees (:mod:`~smcdecode.samplers.stream`); the others run the problems one at a time."""
+        one frees (:mod:`~smcdecode.samplers.stream`); the others run the problems one at a time,
+        and so do proposals with rollouts (``Lookahead``), so that the backend's counters give
+        each problem its own rollout tokens."""
         if not isinstance(engine, Backend):
             raise ArgumentTypeError("engine", f"expected a smcdecode backend, got {type(engine).__name__}")
         check_int("in_flight", in_flight, 1)
         plan = self.rows_plan(max_new_tokens)
-        if plan is not None:
+        if plan is not None and not plan.proposal.auxiliary:
             stops = stop if isinstance(stop, StopSet) or stop is None else stop_set(engine, stop)
             with torch.no_grad():
                 yield from stream_rows(
@@ -89,7 +91,12 @@ class Sampler:
             res = self.run(engine, [prompt], max_new_tokens=max_new_tokens, seed=seed, progress=False, stop=stop)
             counters = res.counters
             yield Finished(
-                key, res.samples[0], counters.get("decode_tokens", 0), counters.get("prefill_tokens", 0), res.wall_time
+                key,
+                res.samples[0],
+                counters.get("decode_tokens", 0),
+                counters.get("prefill_tokens", 0),
+                res.wall_time,
+                counters.get("rollout_tokens", 0),
             )
 
 

@@ -14,6 +14,12 @@ covers EOS and stops alike, so π and q are both defined on the stopped space an
 each generated token is kept per position (``Chains.stop_state``), so a move that regenerates from
 position i resumes the automaton where x_<i left it.
 
+Twist (SMC with a lookahead proposal, ``Problem.twist``). The proposal's estimate of the future
+mass Ẑ(x_≤t) is stored per position (``Chains.log_twist``); the intermediate target of a partial
+sequence is p(x_≤t)^α · Ẑ(x_≤t) and a finished sequence's twist is 1, so the increment of token t
+is  α·log φ_t − log q_t + log Ẑ(x_≤t) − log Ẑ(x_<t)  with the *stored* Ẑ(x_<t) (see
+:mod:`~smcdecode.proposals.lookahead`).
+
 Invariant: for every row that has not ended and has fewer than ``max_new_tokens``
 tokens, every stream's KV cache holds prompt + all generated tokens, and ``view`` holds the
 next-token readouts. Finished rows keep a stale view that is never read.
@@ -31,7 +37,7 @@ from torch import Tensor
 
 from smcdecode.backends import Backend, Batch, Readout
 from smcdecode.errors import ArgumentError
-from smcdecode.proposals.base import Proposal, sample
+from smcdecode.proposals.base import Context, Proposal, sample
 from smcdecode.samplers.result import Result, Sample, Trace
 from smcdecode.samplers.rng import OneStream, Rng
 from smcdecode.stopping import StopSet
@@ -48,6 +54,7 @@ class Drawn:
     log_q: Tensor  # of the distribution actually sampled from
     log_phi: Tensor  # base token factor
     log_p: Tensor  # model log-prob
+    log_twist: Tensor | None = None  # twist log ψ(x_≤t) of the drawn token (Problem.twist), else None
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Chains:
     log_psi: Tensor  # [B] base sequence potential (twist while partial, final at completion)
     stop_state: Tensor  # [B, T] long: stop-automaton state after each generated token (0 without stops)
     view: StepView  # next-token readouts per row
+    log_twist: Tensor  # [B, T] lookahead twist log ψ(x_≤t) after each generated token (0: none, or finished)
 
     def index_select(self, idx: Tensor) -> Chains:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -97,6 +105,11 @@ class Chains:
         prev = self.stop_state.gather(1, (self.length - 1).clamp_min(0)[:, None])[:, 0]
         return torch.where(self.length > 0, prev, torch.zeros_like(prev))
 
+    def current_twist(self) -> Tensor:
+        """[B] log ψ of each row's current prefix (0 for an empty row)."""
+        prev = self.log_twist.gather(1, (self.length - 1).clamp_min(0)[:, None])[:, 0]
+        return torch.where(self.length > 0, prev, torch.zeros_like(prev))
+
     def append(self, active: Tensor, step: Drawn, ends: Tensor, stop_state: Tensor) -> None:
         """Write the drawn token of every ``active`` row at its next position, in place; ``ends``
         [B]: the token ends the sequence (EOS or a stop completion, see :meth:`Problem.ends`)."""
@@ -108,6 +121,7 @@ class Chains:
             ("log_phi", step.log_phi),
             ("log_p", step.log_p),
             ("stop_state", stop_state),
+            *((("log_twist", step.log_twist),) if step.log_twist is not None else ()),
         ):
             arr = getattr(self, name)
             arr[rows, col] = torch.where(active, val, arr[rows, col])
@@ -248,6 +262,7 @@ class Problem:
     stop_tokens: Tensor | None = None  # [V] bool: an SMC block ends after one of these (delimiter)
     stop: StopSet | None = None  # the sequence ends at a token that completes one of these patterns
     requirements: Requirements = field(default_factory=Requirements)
+    twist: bool = False  # SMC's intermediate targets carry the proposal's twist (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.target is not None:
@@ -263,18 +278,47 @@ class Problem:
     def base_factor(self, view: StepView) -> Tensor | None:
         return None if self.base is None else self.base.token_log_factor(view)
 
-    def draw(self, view: StepView, alpha: float | Tensor, exclude: Tensor | None = None) -> Drawn:
+    def context(self, decoder: Decoder, chains: Chains, active: Tensor) -> Context | None:
+        """The :class:`~smcdecode.proposals.base.Context` of a draw on ``chains`` (None unless the
+        proposal has auxiliary randomness): the main stream's batch holds each row's x_<t."""
+        if not self.proposal.auxiliary:
+            return None
+        main = decoder.streams[0]
+        return Context(
+            engine=main.engine,
+            batch=main.batch,
+            length=chains.length,
+            active=active,
+            max_new_tokens=self.max_new_tokens,
+            stop=self.stop,
+            stop_state=chains.last_stop_state(),
+            rng=self.rng,
+            log_twist=chains.current_twist(),
+        )
+
+    def draw(
+        self, view: StepView, alpha: float | Tensor, exclude: Tensor | None = None, ctx: Context | None = None
+    ) -> Drawn:
         """Draw x_t ~ q_t for every row; q may use the target's factor α·φ (LocallyOptimal;
         ``alpha`` a float or one per row, [B]). Rows with ``exclude[b]`` ≥ 0 draw from q
         conditioned on x_t ≠ exclude[b] (see :func:`~smcdecode.samplers.kernels.divergence`); log q
-        is always q's own."""
+        is always q's own. ``ctx``: see :meth:`context` (proposals with rollouts need it)."""
         phi = self.base_factor(view)  # [B, V] or None
         a = alpha[:, None] if isinstance(alpha, Tensor) else alpha
-        log_q_all = self.proposal.log_q(view, lambda _v: None if phi is None else a * phi)
+        log_q_all, twist = self.proposal.propose(view, lambda _v: None if phi is None else a * phi, ctx)
         u = self.rng.rand(log_q_all.shape[0], 1, dtype=torch.float64)  # [B, 1]
         tok, lq = sample(log_q_all, None, exclude, u)  # [B], [B]
         lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
-        return Drawn(tok, lq, lphi, view.log_p.gather(1, tok[:, None])[:, 0])
+        lt = None if twist is None or not self.twist else twist.gather(1, tok[:, None])[:, 0]
+        return Drawn(tok, lq, lphi, view.log_p.gather(1, tok[:, None])[:, 0], lt)
+
+    def twist_of(self, chains: Chains, drawn: Drawn, ends: Tensor) -> Tensor:
+        """[B] log ψ(x_≤t) after appending ``drawn`` (``ends``: the token ends the sequence): the
+        proposal's twist, 1 (log 0) once the sequence is finished, the current one when the
+        proposal gave none."""
+        new = chains.current_twist() if drawn.log_twist is None else drawn.log_twist
+        finished = ends | (chains.length + 1 >= self.max_new_tokens)
+        return torch.where(finished, torch.zeros_like(new), new)
 
     def ends(self, chains: Chains, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Does appending ``tokens`` [B] end each row (EOS, or the first completion of a stop
@@ -346,6 +390,7 @@ def empty_chains(problem: Problem, view: StepView) -> Chains:
         log_psi=torch.zeros(b, device=eng.device),
         stop_state=torch.zeros(b, t, dtype=torch.long, device=eng.device),
         view=view,
+        log_twist=z.clone(),
     )
 
 
@@ -380,6 +425,7 @@ def extend(
     incremental weight of every token:
 
         log w += α_t · log φ_t(x_t) − log q_t(x_t) + (α_t − α_{t−1}) · Σ_{s<t} log φ_s(x_s)
+                 [+ log ψ(x_≤t) − log ψ(x_<t)   with ``problem.twist``: the stored twists]
 
     where α_t = ``anneal.at(t)`` (t = 1-based step; rows are token-synchronous) or the constant
     α; the last term (annealing) applies to every row, finished ones included. ``alpha_w`` is the
@@ -402,14 +448,21 @@ def extend(
         view = chains.view
         a_t = problem.alpha if anneal is None else anneal.at(step + 1)
         a_q: float | Tensor = a_t if q_schedule is None else q_schedule.at_rows(chains.length + 1)
-        drawn = problem.draw(decoder.bind(view), a_q, exclude if step == start else None)
+        ctx = problem.context(decoder, chains, active)
+        drawn = problem.draw(decoder.bind(view), a_q, exclude if step == start else None, ctx)
         tok = drawn.tokens
+        ends, state = problem.ends(chains, tok)
+        if problem.twist:
+            drawn.log_twist = problem.twist_of(chains, drawn, ends)
         if log_w is not None:
             if anneal is not None:
                 log_w += (a_t - alpha_w) * chains.sum_log_phi()  # before this token is counted
                 alpha_w = a_t
             log_w += torch.where(active, a_t * drawn.log_phi - drawn.log_q, torch.zeros_like(drawn.log_q))
-        chains.append(active, drawn, *problem.ends(chains, tok))
+            if problem.twist:
+                assert drawn.log_twist is not None
+                log_w += torch.where(active, twist_increment(chains, drawn), torch.zeros_like(drawn.log_q))
+        chains.append(active, drawn, ends, state)
         if problem.stop_tokens is not None:
             stopped = stopped | (active & problem.stop_tokens[tok])
         feed = active & ~chains.ended & (chains.length < t_max)
@@ -417,6 +470,13 @@ def extend(
             break  # nothing left to feed
         chains.view = decoder.decode(tok, feed).where(feed, view)
     return alpha_w
+
+
+def twist_increment(chains: Chains, drawn: Drawn) -> Tensor:
+    """[B] log ψ(x_≤t) − log ψ(x_<t): the new twist over the one *stored* with the prefix (the
+    value that weighted it; dividing by a fresh estimate instead would bias the weights)."""
+    assert drawn.log_twist is not None
+    return drawn.log_twist - chains.current_twist()
 
 
 def check_run_args(max_new_tokens: int, seed: int) -> None:

@@ -114,9 +114,13 @@ def begin(
     """Start a move on ``rows`` (bool [B]): i ~ U{0..|x|−1} (or the given ``index``), the divergence point j
     (:func:`divergence`; j = i without ``reuse``: same law, no coupling), and the truncation of
     the rows that diverge to x_<j (:meth:`Decoder.start_moves`, which saves their old context;
-    their next decode feeds x_{j−1} again and returns the distribution at j). Returns the
+    their next decode feeds x_{j−1} again and returns the distribution at j). A proposal with
+    auxiliary randomness (lookahead rollouts) is never coupled: its q(x_j | x_<j, u_j) depends on
+    the rollouts u_j, which a proposal draws afresh, so keeping x_j with the stored probability
+    would not give y_j the law q. Returns the
     proposal's starting chains (x_<j on diverged rows, ``cur`` elsewhere) and the move."""
     rng, n = problem.rng, cur.length  # [B]
+    reuse = reuse and not problem.proposal.auxiliary  # q(· | x_<j, u_j) with fresh u: no coupling
     if index is None:
         u = rng.rand(n.shape[0]).to(n.device)
         index = torch.minimum((u * n).long(), (n - 1).clamp_min(0))  # [B]
@@ -148,12 +152,16 @@ def decide(
     i = ``index``, j = ``keep`` (see :class:`Move`); rows not ``moving`` are extensions, always accepted.
     ``alpha``: the exponent of φ in force (annealing); ``ids``: the original row of each batch
     row (sequence potentials); ``partial_ok``: unfinished proposals carry the prefix twist ψ
-    (SMC's intermediate targets, which ``cur`` carries too) instead of 0. Returns the new chains
+    (SMC's intermediate targets, which ``cur`` carries too) instead of 0, and with ``problem.twist``
+    the lookahead twist stored with each prefix multiplies the target. Returns the new chains
     (``cur`` on rows not accepted) and the diagnostics, meaningful on ``complete & moving`` rows."""
     problem.update_psi(prop, complete, partial_ok=partial_ok, ids=ids)
+    lt_prop, lt_cur = problem.log_target(prop, alpha), problem.log_target(cur, alpha)
+    if partial_ok and problem.twist:  # SMC's twisted intermediate target p^α·Ẑ (Ẑ = 1 when finished)
+        lt_prop, lt_cur = lt_prop + prop.current_twist(), lt_cur + cur.current_twist()
     log_a = mh_log_accept(
-        problem.log_target(prop, alpha),
-        problem.log_target(cur, alpha),
+        lt_prop,
+        lt_cur,
         suffix_log_q(cur, index),
         suffix_log_q(prop, index),
         cur.length,

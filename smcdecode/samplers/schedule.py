@@ -55,7 +55,8 @@ def async_step(
     cur, prop, sch, t_max = rows.cur, rows.prop, rows.sch, problem.max_new_tokens
     horizon = (sch.block * block_size).clamp(max=t_max)  # [B]
     live = ~sch.done & ~sch.refeed & ~prop.ended & (prop.length < horizon)
-    drawn = problem.draw(decoder.bind(prop.view), problem.alpha, torch.where(live, sch.exclude, -1))
+    ctx = problem.context(decoder, prop, live)
+    drawn = problem.draw(decoder.bind(prop.view), problem.alpha, torch.where(live, sch.exclude, -1), ctx)
     sch.exclude = torch.where(live, -1, sch.exclude)
     tok = drawn.tokens
     prop.append(live, drawn, *problem.ends(prop, tok))

@@ -14,6 +14,29 @@ log Ẑ = logmeanexp(log w) stays unbiased (:class:`~smcdecode.samplers.weights.
 ``rejuvenate=k`` then runs k suffix-MH moves (:func:`~smcdecode.samplers.kernels.mh_move`) on the
 current intermediate target, whose exponent α_t is part of the loop's state.
 With ``LocallyOptimal`` q the token term equals logsumexp_v α·log φ(v) (Power-SMC).
+
+Lookahead twist (``twist=True``, with a proposal that provides one: :class:`~smcdecode.proposals.Lookahead`).
+The particle state is extended with the proposal's auxiliary draws u (rollouts), and the
+intermediate target after t tokens is
+
+    γ_t(x_≤t, u_≤t) = p(x_≤t)^α · ψ_t(x_≤t, u_≤t) · Π_{s≤t} r(u_s | x_<s),
+
+with ψ_t = Ẑ(x_≤t), the rollout estimate of the future mass Z(x_≤t) = Σ_s p(s | x_≤t)^α made when
+x_t was drawn, stored with the particle (``Chains.log_twist``). The increment of token t is
+γ_t / (γ_{t−1} · r(u_t) · q(x_t | x_<t, u_t)):
+
+    log w_t = α·log p(x_t) − log q(x_t | x_<t, u_t) + log Ẑ(x_≤t) − log Ẑ(x_<t)
+
+dividing by the *stored* Ẑ(x_<t), the value that weighted the particle at the previous step
+(dividing by a fresh re-estimate would not telescope). Why this is exact: SMC is unbiased for
+the normalising constant and consistent for the final target whatever the intermediate targets
+are, as long as each is a positive function on the extended space wherever the next proposal
+puts mass (only the ratio γ_t/γ_{t−1} enters each increment and the product telescopes). A
+finished sequence has twist 1 (Z = 1 for it: the empty completion), so the final target is
+p(x)^α · Π r(u) whose x-marginal is exactly p^α, and log Ẑ estimates log Σ_x p(x)^α without bias,
+whatever K, M, H (and however poor Ẑ is: it only changes the variance). Rejuvenation moves target
+γ_t too: the MH ratio includes Ẑ of the proposed and current prefixes, the moves regenerate fresh
+rollouts (no coupling with the current suffix), and the auxiliary draws u of the kept prefix stay.
 """
 
 from __future__ import annotations
@@ -47,6 +70,7 @@ class SMC(Sampler):
         rejuvenate: int = 0,
         anneal: int | None = None,
         delimiter: str | None = None,
+        twist: bool = False,
     ):
         if not isinstance(target, Potential):
             raise ArgumentTypeError("target", f"expected a Potential, got {type(target).__name__}")
@@ -66,6 +90,13 @@ class SMC(Sampler):
             check_int("anneal", anneal, 1)
             if delimiter is not None:
                 raise ArgumentError("anneal", "annealing needs token-synchronous blocks (block_size), not a delimiter")
+        if not isinstance(twist, bool):
+            raise ArgumentTypeError("twist", f"expected a bool, got {type(twist).__name__}")
+        if twist and not proposal.provides_twist:
+            raise ArgumentError(
+                "twist", f"{proposal!r} provides no twist; use a lookahead proposal (proposals.Lookahead)"
+            )
+        self.twist = twist
         self.target = target
         self.proposal = proposal
         self.particles = check_int("particles", particles, 1)
@@ -92,6 +123,7 @@ class SMC(Sampler):
         n = self.particles
         problem = make_problem(engine, prompts, self.target, self.proposal, n, max_new_tokens, seed, stop)
         problem.stop_tokens = self._stop_tokens(engine)
+        problem.twist = self.twist
         if self.anneal is not None and problem.alpha == 1.0:
             raise ArgumentError("anneal", "annealing needs a target of the form base ** alpha with alpha != 1")
         anneal = Anneal(problem.alpha, self.anneal) if self.anneal is not None else None
@@ -161,6 +193,7 @@ class SMC(Sampler):
     def __repr__(self) -> str:
         how = f"delimiter={self.delimiter!r}" if self.delimiter is not None else f"block_size={self.block_size}"
         extra = f", anneal={self.anneal}" if self.anneal else ""
+        extra += ", twist=True" if self.twist else ""
         return (
             f"SMC({self.target!r}, {self.proposal!r}, particles={self.particles}, "
             f"ess_threshold={self.ess_threshold:g}, resampling={self.resampling!r}, {how}, "

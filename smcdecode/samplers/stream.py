@@ -44,6 +44,7 @@ class Finished:
     decode_tokens: int  # tokens fed for this problem's rows after its prefill (its decode work)
     prefill_tokens: int
     wall_time: float  # from its admission to its last sample (other problems ran meanwhile)
+    rollout_tokens: int = 0  # tokens fed to lookahead rollouts (not part of decode_tokens)
 
 
 def stream(

@@ -3,9 +3,11 @@
     --target   power:alpha=4 | lm:temperature=0.7 | contrast:layer=20,beta=-0.5,alpha=2[,plausibility=0.1]
                | contrast:layer=dynamic,beta=-0.5,candidates=high
     --proposal tempered:temperature=0.25[,top_k=50,top_p=0.95] | optimal
+               | lookahead:alpha=4,candidates=4,rollouts=4,horizon=16[,epsilon=0.05,jackknife=true,
+               every=1,entropy_threshold=2.0]
     --sampler  ancestral:n=8 | mh:chains=1,block_size=192,steps=10[,reuse_suffix=false]
                | smc:particles=16,block_size=1,
-               ess_threshold=0.5,resampling=systematic,rejuvenate=0[,anneal=32]
+               ess_threshold=0.5,resampling=systematic,rejuvenate=0[,anneal=32,twist=true]
 
 A method spec joins them with spaces or semicolons, e.g. ``"smc:particles=16 target=power:alpha=4
 proposal=tempered:temperature=0.25"``; see :func:`parse_method`.
@@ -108,7 +110,11 @@ def method_name(spec: str) -> str:
     return " ".join(p for p in spec.replace(";", " ").split() if p)
 
 
-PROPOSALS = {"tempered": _params(proposals.Tempered), "optimal": _params(proposals.LocallyOptimal)}
+PROPOSALS = {
+    "tempered": _params(proposals.Tempered),
+    "optimal": _params(proposals.LocallyOptimal),
+    "lookahead": _params(proposals.Lookahead),
+}
 
 
 def parse_proposal(spec: str) -> proposals.Proposal:
@@ -117,6 +123,10 @@ def parse_proposal(spec: str) -> proposals.Proposal:
         return _call("proposal", name, proposals.Tempered, kw, PROPOSALS[name])
     if name in ("optimal", "locally-optimal", "locallyoptimal"):
         return _call("proposal", name, proposals.LocallyOptimal, kw, [])
+    if name == "lookahead":
+        if "alpha" not in kw:
+            raise SpecError("proposal", "lookahead needs alpha (the target's exponent), e.g. lookahead:alpha=4")
+        return _call("proposal", name, proposals.Lookahead, kw, PROPOSALS[name])
     raise SpecError(
         "proposal", f"unknown proposal {name!r}; accepted: {', '.join(PROPOSALS)} (e.g. tempered:temperature=0.25)"
     )

@@ -183,3 +183,54 @@ def test_lookahead_argument_errors(engine):
         Q.Lookahead(2, candidates=0)
     with pytest.raises(ArgumentTypeError, match="proposal"):
         exact(engine, T.Power(2), PROMPT, MAX_NEW, proposal=Q.Lookahead(2))
+
+
+def test_spec_strings_and_eval_records_carry_rollout_tokens(tmp_path):
+    """``lookahead:...`` as a proposal spec (SMC's ``twist`` too), and eval records report the
+    rollout tokens apart from the decode tokens, for SMC and for the standalone sampler."""
+    from smcdecode.evaluate import run_eval
+    from smcdecode.records import read_jsonl
+    from smcdecode.spec import SpecError, parse_method
+    from smcdecode.testing import toy_eval
+
+    spec = (
+        "smc:particles=8,twist=true;target=power:alpha=4;proposal=lookahead:alpha=4,candidates=4,rollouts=4,horizon=16"
+    )
+    m = parse_method(spec)
+    assert isinstance(m.sampler, S.SMC) and m.sampler.twist
+    p = m.sampler.proposal
+    assert isinstance(p, Q.Lookahead) and (p.alpha, p.candidates, p.rollouts, p.horizon) == (4.0, 4, 4, 16)
+    anc = parse_method("ancestral:n=2 proposal=lookahead:alpha=2,candidates=2,rollouts=2,horizon=2,epsilon=0,every=2")
+    assert isinstance(anc.sampler.proposal, Q.Lookahead) and anc.sampler.proposal.every == 2
+    with pytest.raises(SpecError, match="alpha"):
+        parse_method("ancestral:n=2 proposal=lookahead:candidates=2")
+    with pytest.raises(SpecError, match="rollouts"):
+        parse_method("ancestral:n=2 proposal=lookahead:alpha=2,rolouts=2")
+    task, engine, _ = toy_eval(problems=2)
+    for name, method in (("smc", m), ("anc", anc)):
+        path = run_eval(task, engine, method.sampler, name, str(tmp_path / name), max_new_tokens=3, progress=False)
+        recs = list(read_jsonl(path))
+        assert len(recs) == 2
+        for r in recs:
+            assert r["rollout_tokens"] > 0 and r["decode_tokens"] > 0 and "error" not in r
+
+
+@pytest.mark.parametrize("kind", ["ids", "string"])
+def test_smc_with_lookahead_on_the_stopped_space(engine, kind):
+    """Rollouts and candidates end at stop completions too; SMC + Lookahead (twist and a
+    rejuvenation move) matches p^α on the stopped space."""
+    from smcdecode.stopping import StopSet
+
+    stop = (
+        StopSet.build([[3], [1, 2]], 5)
+        if kind == "ids"
+        else StopSet.build(["ab"], 5, vocab_bytes=[b"", b"a", b"b", b"ab", b"c"])
+    )
+    ex = exact(engine, T.Power(ALPHA), PROMPT, MAX_NEW, stop=stop)
+    proposal = Q.Lookahead(ALPHA, candidates=2, rollouts=2, horizon=2)
+    res = S.SMC(T.Power(ALPHA), proposal, particles=3000, ess_threshold=0.7, rejuvenate=1, twist=True).run(
+        engine, [PROMPT], max_new_tokens=MAX_NEW, seed=5, stop=stop
+    )
+    tv, tol, h = weighted_tv(res, ex)
+    assert tv < tol, f"TV {tv:.4f} >= {tol:.4f}"
+    assert 0.5 * float((h - ex.log_p.double().exp()).abs().sum()) > 3 * tol

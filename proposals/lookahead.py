@@ -58,6 +58,7 @@ from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, che
 
 if TYPE_CHECKING:
     from smcdecode.backends import Backend, Batch
+    from smcdecode.stopping import StopSet
 
 
 class Lookahead(Proposal):
@@ -167,30 +168,12 @@ class Lookahead(Proposal):
             state, hit = ctx.stop.step(state, v)
             ends = ends | hit
         budget = torch.where(ends, torch.zeros_like(budget), budget)  # [A·K]
-        acc = torch.zeros(a * k * m, device=eng.device)  # [A·K·M] Σ log p(s)
         live = budget > 0
         if not bool(live.any()):  # host sync
-            return acc.view(a, k, m)
+            return torch.zeros(a, k, m, device=eng.device)
         fork: Batch = eng.fork(ctx.batch, src, reserve=1)
         first = eng.decode(fork, v, live).log_p  # [A·K, V]: the distribution after x_<t ⊕ v
-        rep = torch.arange(a * k, device=eng.device).repeat_interleave(m)  # [A·K·M]
-        roll = eng.fork(fork, rep, reserve=max(h - 1, 1))
-        del fork
-        lp = first[rep]  # [R, V], R = A·K·M
-        budget, state = budget[rep], state[rep]
-        alive = budget > 0
-        uu = u.permute(0, 2, 1).reshape(a * k * m, h)  # [R, H]: row (a·K + k)·M + m
-        for j in range(h):
-            tok, lps = sample(lp, None, None, uu[:, j : j + 1])  # [R], [R]
-            acc = acc + torch.where(alive, lps, torch.zeros_like(lps))
-            end = eng.is_eos(tok)
-            if ctx.stop is not None:
-                state, hit = ctx.stop.step(state, tok)
-                end = end | hit
-            alive = alive & ~end & (budget > j + 1)
-            if j + 1 == h or not bool(alive.any()):  # host sync per rollout token
-                break
-            lp = eng.decode(roll, tok, alive).log_p.where(alive[:, None], lp)
+        acc = rollout_log_p(eng, fork, first, budget, state, ctx.stop, u.permute(0, 2, 1).reshape(a * k * m, h), m)
         return ((self.alpha - 1.0) * acc).view(a, k, m)
 
     def __repr__(self) -> str:
@@ -205,3 +188,33 @@ class Lookahead(Proposal):
             f"Lookahead({self.alpha:g}, candidates={self.candidates}, rollouts={self.rollouts}, "
             f"horizon={self.horizon}, epsilon={self.epsilon:g}{extra})"
         )
+
+
+@torch.no_grad()
+def rollout_log_p(
+    eng: Backend, batch: Batch, first: Tensor, budget: Tensor, state: Tensor, stop: StopSet | None, u: Tensor, m: int
+) -> Tensor:
+    """Σ log p of M rollouts from each row of ``batch`` (R rows, each holding a prefix already fed;
+    ``first`` [R, V] the distribution after it), drawn from p at temperature 1 on copies of the
+    rows (``Backend.fork``): row r's rollouts are rows r·M .. r·M + M − 1 of the result [R·M].
+    A rollout stops after ``budget[r]`` tokens (0: none), at EOS or at a stop completion
+    (``state`` [R]: the stop automaton's state after the prefix). ``u`` [R·M, H]: the uniforms."""
+    r, h = first.shape[0], u.shape[1]
+    rep = torch.arange(r, device=eng.device).repeat_interleave(m)  # [R·M]
+    roll = eng.fork(batch, rep, reserve=max(h - 1, 1))
+    lp = first[rep]  # [R·M, V]
+    budget, state = budget[rep], state[rep]
+    alive = budget > 0
+    acc = torch.zeros(r * m, device=eng.device)
+    for j in range(h):
+        tok, lps = sample(lp, None, None, u[:, j : j + 1])  # [R·M], [R·M]
+        acc = acc + torch.where(alive, lps, torch.zeros_like(lps))
+        end = eng.is_eos(tok)
+        if stop is not None:
+            state, hit = stop.step(state, tok)
+            end = end | hit
+        alive = alive & ~end & (budget > j + 1)
+        if j + 1 == h or not bool(alive.any()):  # host sync per rollout token
+            break
+        lp = eng.decode(roll, tok, alive).log_p.where(alive[:, None], lp)
+    return acc

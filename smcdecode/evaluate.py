@@ -207,6 +207,8 @@ def _run_streaming(
                 rec["decode_tokens"] = fin.decode_tokens
                 rec["prefill_tokens"] = fin.prefill_tokens
                 rec["rollout_tokens"] = fin.rollout_tokens
+                if fin.forwards is not None:
+                    rec["forwards"] = fin.forwards  # the problem ran alone: its sequential depth
                 rec["stop"] = stops
                 rec["streamed"] = True  # wall_time is this problem's admission-to-grading span
                 writer.append(rec)
@@ -305,6 +307,7 @@ def _evaluate_batch(
         rec["decode_tokens"] = result.counters.get("decode_tokens", 0) / len(batch)  # engine work, shared evenly
         rec["prefill_tokens"] = result.counters.get("prefill_tokens", 0) / len(batch)
         rec["rollout_tokens"] = result.counters.get("rollout_tokens", 0) / len(batch)  # lookahead work
+        rec["forwards"] = result.counters.get("forwards", 0)  # sequential depth of the call (not divided)
         records.append(rec)
     return records
 

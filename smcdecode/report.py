@@ -73,6 +73,8 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "decode_tokens": (
                 sum(r["decode_tokens"] for r in rs) / n if all("decode_tokens" in r for r in rs) else None
             ),
+            # lookahead rollouts (not part of decode_tokens); 0 for samplers without them
+            "rollout_tokens": sum(r.get("rollout_tokens") or 0 for r in rs) / n,
             "wall_time": busy_wall(rs) / n,
             "errors": sum(1 for r in rs if r.get("error")),
         }
@@ -98,22 +100,26 @@ def table(rows: list[dict[str, Any]]) -> str:
         "wall s/problem",
         "errors",
     ]
+    rollouts = any(r.get("rollout_tokens") for r in rows)  # a column only when some method has rollouts
+    if rollouts:
+        header.insert(7, "rollout tok/problem")
     cells = []
     for r in rows:
         pk = ", ".join(f"@{k}={v:.3f}" for k, v in r.get("pass_at", {}).items()) or "-"
-        cells.append(
-            [
-                r["task"],
-                r["method"],
-                str(r["n"]),
-                f"{r['accuracy']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]",
-                pk,
-                f"{r['tokens']:.0f}",
-                "-" if r.get("decode_tokens") is None else f"{r['decode_tokens']:.0f}",
-                f"{r['wall_time']:.2f}",
-                str(r["errors"]),
-            ]
-        )
+        row = [
+            r["task"],
+            r["method"],
+            str(r["n"]),
+            f"{r['accuracy']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]",
+            pk,
+            f"{r['tokens']:.0f}",
+            "-" if r.get("decode_tokens") is None else f"{r['decode_tokens']:.0f}",
+            f"{r['wall_time']:.2f}",
+            str(r["errors"]),
+        ]
+        if rollouts:
+            row.insert(7, f"{r.get('rollout_tokens', 0):.0f}")
+        cells.append(row)
     return format_table(cells, header)
 
 

@@ -8,6 +8,7 @@
     --sampler  ancestral:n=8 | mh:chains=1,block_size=192,steps=10[,reuse_suffix=false]
                | smc:particles=16,block_size=1,
                ess_threshold=0.5,resampling=systematic,rejuvenate=0[,anneal=32,twist=true]
+               | block-lookahead:alpha=4,particles=8,block_size=16,candidates=4,rollouts=4,horizon=16[,keep=2]
 
 A method spec joins them with spaces or semicolons, e.g. ``"smc:particles=16 target=power:alpha=4
 proposal=tempered:temperature=0.25"``; see :func:`parse_method`.
@@ -136,6 +137,7 @@ SAMPLERS = {
     "ancestral": _params(samplers.Ancestral, ("proposal", "target")),
     "mh": _params(samplers.SuffixMH, ("target", "proposal")),
     "smc": _params(samplers.SMC, ("target", "proposal")),
+    "block-lookahead": _params(samplers.BlockLookahead),
 }
 
 
@@ -159,6 +161,13 @@ def build_sampler(spec: str, target: targets.Potential | None, proposal: proposa
         if target is None:
             raise SpecError("target", "the smc sampler needs a target (e.g. --target power:alpha=4)")
         return _call("sampler", name, lambda **k: samplers.SMC(target, proposal, **k), kw, SAMPLERS[name])
+    if name in ("block-lookahead", "blocklookahead"):
+        if "alpha" not in kw:
+            raise SpecError("sampler", "block-lookahead needs alpha, e.g. block-lookahead:alpha=4,particles=8")
+        sampler = _call("sampler", name, samplers.BlockLookahead, kw, SAMPLERS["block-lookahead"])
+        if target is not None and repr(target) != repr(sampler.target):
+            raise SpecError("target", f"block-lookahead samples {sampler.target!r} (its alpha); got target {target!r}")
+        return sampler
     raise SpecError("sampler", f"unknown sampler {name!r}; accepted: {', '.join(SAMPLERS)} (e.g. smc:particles=16)")
 
 

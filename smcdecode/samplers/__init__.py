@@ -3,6 +3,7 @@
 from smcdecode.diagnostics import weight_ess as ess
 from smcdecode.samplers.ancestral import Ancestral
 from smcdecode.samplers.base import Sampler
+from smcdecode.samplers.block_lookahead import BlockLookahead
 from smcdecode.samplers.pool import RolloutPool
 from smcdecode.samplers.resampling import SCHEMES, multinomial, residual, stratified, systematic
 from smcdecode.samplers.result import Result, Sample, Trace
@@ -13,6 +14,7 @@ __all__ = [
     "Ancestral",
     "SuffixMH",
     "SMC",
+    "BlockLookahead",
     "RolloutPool",
     "Sampler",
     "Result",

@@ -97,6 +97,7 @@ class Sampler:
                 counters.get("prefill_tokens", 0),
                 res.wall_time,
                 counters.get("rollout_tokens", 0),
+                counters.get("forwards"),
             )
 
 

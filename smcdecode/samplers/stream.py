@@ -45,6 +45,7 @@ class Finished:
     prefill_tokens: int
     wall_time: float  # from its admission to its last sample (other problems ran meanwhile)
     rollout_tokens: int = 0  # tokens fed to lookahead rollouts (not part of decode_tokens)
+    forwards: int | None = None  # sequential forwards of its run (None: shared with other problems)
 
 
 def stream(

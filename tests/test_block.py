@@ -1,4 +1,4 @@
-"""Interior-block MH (``BlockMH``) against the exact enumerated
+"""Interior-block MH (``BlockMH``, ``SMC(move="block"|"mix")``) against the exact enumerated
 target: χ² of the chains, the exact one-move transition matrix (π K = π, built with the sampler's
 own acceptance function), mutations of the ratio that break both, the stopped space (a new block
 can make a stop complete earlier or no longer complete), and the cost of a move."""
@@ -14,9 +14,11 @@ from smcdecode import Engine, ReferenceBackend
 from smcdecode import proposals as Q
 from smcdecode import samplers as S
 from smcdecode import targets as T
+from smcdecode.errors import ArgumentError
 from smcdecode.samplers import kernels
+from smcdecode.spec import parse_method
 from smcdecode.stopping import StopSet
-from smcdecode.testing import chi2_pvalue, exact, tiny_llama
+from smcdecode.testing import chi2_pvalue, exact, tiny_llama, weighted_histogram
 
 PROMPT = [1, 2]
 MAX_NEW = 3
@@ -213,6 +215,25 @@ def test_a_mutated_sampler_ratio_fails_the_chi_square_test(engine, monkeypatch):
     assert chi2_pvalue(c, ex.probs) < 1e-6
 
 
+def test_smc_rejuvenation_with_block_and_mixed_moves_is_exact(engine):
+    """SMC(move="block"|"mix") under annealing: the block's proposal and the rescored suffix's
+    log q use each position's own α_t, so the rejuvenated particles stay exact."""
+    target = T.Power(3)
+    ex = exact(engine, target, PROMPT, MAX_NEW)
+    for move, seed in (("block", 0), ("mix", 1)):
+        sampler = S.SMC(
+            target, Q.LocallyOptimal(), particles=4000, ess_threshold=1.0, anneal=3, rejuvenate=2, move=move, span=1
+        )
+        res = sampler.run(engine, [PROMPT], max_new_tokens=MAX_NEW, seed=seed)
+        w = torch.tensor([s.log_weight for s in res.samples[0]]).exp()
+        h = weighted_histogram(res.samples[0], ex.index(), len(ex.sequences))
+        n_eff = 1.0 / float((w * w).sum())
+        tol = 4.0 * 0.5 * float((ex.probs * (1 - ex.probs)).sqrt().sum()) / math.sqrt(n_eff)
+        assert 0.5 * float((h - ex.probs).abs().sum()) < tol
+        moves = res.trace.of("move")
+        assert moves and any(any(m["accepted"]) for m in moves)
+
+
 STREAMS = {
     "eglr": lambda eng: (T.Power(2), Q.EGLR(span=1, entropy_threshold=0.3, temperature=0.9)),
     "amateur": lambda eng: (
@@ -286,3 +307,19 @@ def test_block_mh_gives_the_same_samples_on_the_reference_backend():
     b = sampler.run(ReferenceBackend(model, eos_token_ids=[0]), [PROMPT, [3, 4, 1]], **kw)
     assert [[s.tokens for s in p] for p in a.samples] == [[s.tokens for s in p] for p in b.samples]
     assert any(any(m["accepted"]) and m["kernel"] == "block" for m in a.trace.of("move"))
+
+
+def test_block_specs_and_arguments():
+    m = parse_method("block:chains=2,block_size=8,steps=3,span=4,suffix_every=2 target=power:alpha=2")
+    assert isinstance(m.sampler, S.BlockMH)
+    assert (m.sampler.chains, m.sampler.span, m.sampler.suffix_every) == (2, 4, 2)
+    m = parse_method("smc:particles=4,rejuvenate=2,move=mix,span=3 target=power:alpha=2")
+    assert isinstance(m.sampler, S.SMC) and m.sampler.move == "mix" and m.sampler.span == 3
+    with pytest.raises(ArgumentError, match="span"):
+        S.BlockMH(T.Power(2), Q.Tempered(), span=0)
+    with pytest.raises(ArgumentError, match="move"):
+        S.SMC(T.Power(2), Q.Tempered(), move="sideways")
+    with pytest.raises(ArgumentError, match="delimiter"):
+        S.SMC(T.Power(2), Q.Tempered(), delimiter="b", rejuvenate=1, move="block")
+    with pytest.raises(ArgumentError, match="accepts"):  # the error lists what is accepted
+        parse_method("block:colour=red target=power:alpha=2")

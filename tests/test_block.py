@@ -164,7 +164,7 @@ def test_block_mh_matches_exact_target(engine, name):
     check_scalars(res.samples[0], ex)
     moves = res.trace.of("move")
     assert {m["kernel"] for m in moves} == {"block"}
-    interior = [i + p < n for m in moves for i, p, n in zip(m["index"], m["proposed"], m["old_length"])]
+    interior = [i + 2 < n for m in moves for i, n in zip(m["index"], m["old_length"])]  # e = i + span < |x|
     assert any(interior) and not all(interior)  # both interior and tail moves ran
 
 
@@ -256,7 +256,7 @@ def test_rescoring_runs_every_stream_and_the_proposals_own_q(engine, name):
     )
     check_scalars(res.samples[0], ex)
     moved = [
-        a and r < p and i + p < n
+        a and r < p and i + 2 < n  # accepted, changed the block, interior (e = i + span < |x|)
         for m in res.trace.of("move")
         if m["kernel"] == "block"
         for a, r, p, i, n in zip(m["accepted"], m["reused"], m["proposed"], m["index"], m["old_length"])

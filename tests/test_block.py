@@ -251,12 +251,12 @@ def test_rescoring_runs_every_stream_and_the_proposals_own_q(engine, name):
     target's own factor over a second-prompt stream (LocallyOptimal × CFG)."""
     target, proposal = STREAMS[name](engine)
     ex = exact(engine, target, PROMPT, 4, proposal=proposal)
-    res = S.BlockMH(target, proposal, chains=40, block_size=2, steps=6, span=2, suffix_every=3).run(
+    res = S.BlockMH(target, proposal, chains=40, block_size=2, steps=6, span=1, suffix_every=3).run(
         engine, [PROMPT, [4, 3]], max_new_tokens=4, seed=1
     )
     check_scalars(res.samples[0], ex)
     moved = [
-        a and r < p and i + 2 < n  # accepted, changed the block, interior (e = i + span < |x|)
+        a and r < p and i + 1 < n  # accepted, changed the block, interior (e = i + span < |x|)
         for m in res.trace.of("move")
         if m["kernel"] == "block"
         for a, r, p, i, n in zip(m["accepted"], m["reused"], m["proposed"], m["index"], m["old_length"])

@@ -4,8 +4,9 @@
                | contrast:layer=dynamic,beta=-0.5,candidates=high
     --proposal tempered:temperature=0.25[,top_k=50,top_p=0.95] | optimal
     --sampler  ancestral:n=8 | mh:chains=1,block_size=192,steps=10[,reuse_suffix=false]
+               | block:chains=1,block_size=192,steps=10,span=16[,suffix_every=2]
                | smc:particles=16,block_size=1,
-               ess_threshold=0.5,resampling=systematic,rejuvenate=0[,anneal=32]
+               ess_threshold=0.5,resampling=systematic,rejuvenate=0[,anneal=32][,move=block,span=16]
 
 A method spec joins them with spaces or semicolons, e.g. ``"smc:particles=16 target=power:alpha=4
 proposal=tempered:temperature=0.25"``; see :func:`parse_method`.
@@ -125,6 +126,7 @@ def parse_proposal(spec: str) -> proposals.Proposal:
 SAMPLERS = {
     "ancestral": _params(samplers.Ancestral, ("proposal", "target")),
     "mh": _params(samplers.SuffixMH, ("target", "proposal")),
+    "block": _params(samplers.BlockMH, ("target", "proposal")),
     "smc": _params(samplers.SMC, ("target", "proposal")),
 }
 
@@ -145,6 +147,10 @@ def build_sampler(spec: str, target: targets.Potential | None, proposal: proposa
         if target is None:
             raise SpecError("target", "the mh sampler needs a target (e.g. --target power:alpha=4)")
         return _call("sampler", name, lambda **k: samplers.SuffixMH(target, proposal, **k), kw, SAMPLERS["mh"])
+    if name in ("block", "block-mh", "blockmh"):
+        if target is None:
+            raise SpecError("target", "the block sampler needs a target (e.g. --target power:alpha=4)")
+        return _call("sampler", name, lambda **k: samplers.BlockMH(target, proposal, **k), kw, SAMPLERS["block"])
     if name == "smc":
         if target is None:
             raise SpecError("target", "the smc sampler needs a target (e.g. --target power:alpha=4)")

@@ -167,7 +167,8 @@ def main() -> None:
             for k, r in out.items()
         ],
     )
-    print(write_results(f"bench_block{args.tag}", {"config": vars(args), "description": cfg, "samplers": out}))
+    config = {**vars(args), "data": args.data and os.path.basename(args.data)}  # no local paths in results
+    print(write_results(f"bench_block{args.tag}", {"config": config, "description": cfg, "samplers": out}))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from smcdecode.backends import Backend
-from smcdecode.errors import ArgumentTypeError, check_int
+from smcdecode.errors import check_int
 from smcdecode.proposals.base import Proposal
 from smcdecode.samplers import kernels
-from smcdecode.samplers.base import Sampler, bar
+from smcdecode.samplers.base import Sampler, bar, check_target_proposal
 from smcdecode.samplers.core import collect, extend, make_problem, start_chains
 from smcdecode.samplers.result import Result, Trace
 from smcdecode.stopping import StopSet
@@ -46,10 +46,7 @@ class BlockMH(Sampler):
     ):
         """``span``: tokens of an interior block (B); ``suffix_every=k`` makes every k-th move a
         suffix move (0: interior-block moves only, 1: suffix moves only, 2: alternate)."""
-        if not isinstance(target, Potential):
-            raise ArgumentTypeError("target", f"expected a Potential, got {type(target).__name__}")
-        if not isinstance(proposal, Proposal):
-            raise ArgumentTypeError("proposal", f"expected a Proposal, got {type(proposal).__name__}")
+        check_target_proposal(target, proposal)
         self.target = target
         self.proposal = proposal
         self.chains = check_int("chains", chains, 1)

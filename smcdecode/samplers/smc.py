@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from smcdecode.backends import Backend
-from smcdecode.errors import ArgumentError, ArgumentTypeError, check_int
+from smcdecode.errors import ArgumentError, check_int
 from smcdecode.proposals.base import Proposal
-from smcdecode.samplers.base import Sampler, bar
+from smcdecode.samplers.base import Sampler, bar, check_target_proposal
 from smcdecode.samplers.core import Anneal, collect, extend, make_problem, start_chains
 from smcdecode.samplers.kernels import MoveInfo, block_move, mh_move
 from smcdecode.samplers.resampling import SCHEMES
@@ -57,10 +57,7 @@ class SMC(Sampler):
     ):
         """``rejuvenate=k`` runs k MH moves after every resampling: suffix moves (``move="suffix"``),
         interior-block moves of ``span`` tokens (``"block"``), or the two alternating (``"mix"``)."""
-        if not isinstance(target, Potential):
-            raise ArgumentTypeError("target", f"expected a Potential, got {type(target).__name__}")
-        if not isinstance(proposal, Proposal):
-            raise ArgumentTypeError("proposal", f"expected a Proposal, got {type(proposal).__name__}")
+        check_target_proposal(target, proposal)
         if resampling not in SCHEMES:
             raise ArgumentError("resampling", f"unknown scheme {resampling!r}; use one of {sorted(SCHEMES)}")
         if not (isinstance(ess_threshold, (int, float)) and 0 <= ess_threshold <= 1):

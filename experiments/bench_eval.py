@@ -36,6 +36,8 @@ from common import print_table, write_results
 METHODS = {
     "ancestral": "ancestral:n=1;proposal=tempered:temperature=0.25",
     "mh": "mh:chains=1,block_size=64,steps=2;target=power:alpha=4;proposal=tempered:temperature=0.25",
+    "block": "block:chains=1,block_size=64,steps=2,span=16,suffix_every=2;target=power:alpha=4;"
+    "proposal=tempered:temperature=0.25",
 }
 
 

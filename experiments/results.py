@@ -25,7 +25,7 @@ import torch
 from smcdecode.cli import _default_stop, _engine, _task, build_parser, parse_stop
 from smcdecode.demo import wilson
 from smcdecode.evaluate import run_eval
-from smcdecode.report import busy_wall, plot, summarise, table
+from smcdecode.report import busy_wall, mcnemar, plot, summarise, table
 from smcdecode.spec import method_name, parse_method
 
 from common import RESULTS as RESULTS_DIR
@@ -41,6 +41,7 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--results-dir", default=RESULTS_DIR, help="where the summary JSON and PNG go")
     ap.add_argument("--summary-only", action="store_true", help="summarise the records so far; run nothing")
+    ap.add_argument("--paired-with", default="low_temp", help="McNemar test of every method against this one")
     ours, rest = ap.parse_known_args(argv)
     args = build_parser().parse_args(["eval", task, "--method", "ancestral", "--out", ours.out, *defaults, *rest])
     torch.set_num_threads(os.cpu_count() or 1)
@@ -48,6 +49,7 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
     rows: list[list[Any]] = []
     payload: list[dict[str, Any]] = []
     kept: list[dict[str, Any]] = []
+    correct_of: dict[str, dict[str, bool]] = {}  # method -> uid -> correct
     for label in ours.methods.split(","):
         if label not in methods:
             sys.exit(f"unknown method {label!r}; choose from {', '.join(methods)}")
@@ -79,6 +81,7 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
         for r in recs:  # records written before they carried the flag
             r.setdefault("streamed", sampler.rows_plan(1) is not None)
         kept.extend(recs)
+        correct_of[label] = {r["uid"]: bool(r["correct"]) for r in recs}
         n, k = len(recs), sum(bool(r["correct"]) for r in recs)
         lo, hi = wilson(k, n)
         wall = busy_wall(recs)
@@ -104,10 +107,24 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
             ]
         )
     print_table(["method", "problems", "accuracy [95% Wilson]", "decode tok/problem", "wall s/problem"], rows)
+    paired = []
+    ref = correct_of.get(ours.paired_with)
+    for label, by_uid in correct_of.items():
+        if ref is None or label == ours.paired_with:
+            continue
+        both = sorted(set(by_uid) & set(ref))  # the problems both methods have graded
+        test = mcnemar([by_uid[u] for u in both], [ref[u] for u in both])
+        test = {"method": label, "against": ours.paired_with, **test}
+        paired.append(test)
+        print(
+            f"McNemar {label} vs {ours.paired_with} on {test['n']} shared problems: {test['b']} only {label} "
+            f"right, {test['c']} only {ours.paired_with} right, exact two-sided p = {test['p']:.3f}"
+        )
     summary = summarise(kept)
     print(table(summary))
     os.makedirs(ours.results_dir, exist_ok=True)
     print(plot(summary, os.path.join(ours.results_dir, f"results_{task}{ours.tag}.png")))
     config = {"task": task, "model": args.model, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     config["prompt"], config["seed"], config["limit"] = args.prompt, args.seed, args.limit
-    print(write_results(f"results_{task}{ours.tag}", {"config": config, "rows": payload}, ours.results_dir))
+    summary_json = {"config": config, "rows": payload, "paired": paired}
+    print(write_results(f"results_{task}{ours.tag}", summary_json, ours.results_dir))

@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. tempered:temperature=0.25, optimal, lookahead:alpha=4,candidates=4,rollouts=4,horizon=16",
     )
     s.add_argument(
-        "--sampler", default="ancestral:n=4", help="e.g. smc:particles=16, mh:chains=1,block_size=64,steps=4"
+        "--sampler",
+        default="ancestral:n=4",
+        help="e.g. smc:particles=16, mh:chains=1,block_size=64,steps=4, block:chains=1,block_size=64,steps=4,span=16",
     )
     s.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sample at most (default 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -37,13 +37,15 @@ def acceptance_rate(result: Result) -> float | None:
 
 def suffix_reuse(result: Result) -> dict[str, float] | None:
     """Of MH moves' proposals: the fraction of proposal tokens y kept from the current suffix
-    (``tokens`` = Σ reused / Σ |x'| − i) and the fraction of moves whose proposal was x itself, so
-    needed no forward (``unchanged``; these count as accepted). None without move records."""
+    (``tokens`` = Σ reused / Σ |y|, |y| = |x'| − i for a suffix move, the block for an
+    interior-block move) and the fraction of moves whose proposal was x itself, so needed no
+    forward (``unchanged``; these count as accepted). None without move records."""
     moves = [m for m in result.trace.of("move") if "reused" in m]
     if not moves:
         return None
     reused = torch.tensor([r for m in moves for r in m["reused"]], dtype=torch.float64)
-    proposed = torch.tensor([n - i for m in moves for n, i in zip(m["new_length"], m["index"])], dtype=torch.float64)
+    sizes = [m["proposed"] if "proposed" in m else [n - i for n, i in zip(m["new_length"], m["index"])] for m in moves]
+    proposed = torch.tensor([p for s in sizes for p in s], dtype=torch.float64)
     return {
         "tokens": float(reused.sum() / proposed.sum().clamp_min(1)),
         "unchanged": float((reused == proposed).double().mean()),

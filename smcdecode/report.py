@@ -8,6 +8,7 @@ its grading, and the problems in flight overlap, so their busy time is the union
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -36,6 +37,21 @@ def busy_wall(records: Sequence[dict[str, Any]], streamed: bool | None = None) -
             total += b - max(a, end)
             end = b
     return total
+
+
+def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict[str, float]:
+    """Exact McNemar test of two methods graded on the same problems (paired, one entry each).
+
+    Only the discordant problems count: b = a right and b wrong, c = the reverse. Under H0 (equal
+    accuracy) b ~ Binomial(b + c, 1/2); the two-sided p-value is min(1, 2 · P(X ≤ min(b, c))).
+    Returns n (problems), b, c and p."""
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"correct_b: {len(correct_b)} entries, correct_a has {len(correct_a)}")
+    b = sum(1 for x, y in zip(correct_a, correct_b) if x and not y)
+    c = sum(1 for x, y in zip(correct_a, correct_b) if y and not x)
+    m = b + c
+    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2**m if m else 1.0
+    return {"n": len(correct_a), "b": b, "c": c, "p": min(1.0, 2.0 * tail)}
 
 
 def load_records(dirs: Sequence[str]) -> list[dict[str, Any]]:

@@ -6,8 +6,9 @@
                | lookahead:alpha=4,candidates=4,rollouts=4,horizon=16[,epsilon=0.05,jackknife=true,
                every=1,entropy_threshold=2.0]
     --sampler  ancestral:n=8 | mh:chains=1,block_size=192,steps=10[,reuse_suffix=false]
+               | block:chains=1,block_size=192,steps=10,span=16[,suffix_every=2]
                | smc:particles=16,block_size=1,
-               ess_threshold=0.5,resampling=systematic,rejuvenate=0[,anneal=32,twist=true]
+               ess_threshold=0.5,resampling=systematic,rejuvenate=0[,anneal=32,twist=true][,move=block,span=16]
                | block-lookahead:alpha=4,particles=8,block_size=16,candidates=4,rollouts=4,horizon=16[,keep=2]
 
 A method spec joins them with spaces or semicolons, e.g. ``"smc:particles=16 target=power:alpha=4
@@ -136,6 +137,7 @@ def parse_proposal(spec: str) -> proposals.Proposal:
 SAMPLERS = {
     "ancestral": _params(samplers.Ancestral, ("proposal", "target")),
     "mh": _params(samplers.SuffixMH, ("target", "proposal")),
+    "block": _params(samplers.BlockMH, ("target", "proposal")),
     "smc": _params(samplers.SMC, ("target", "proposal")),
     "block-lookahead": _params(samplers.BlockLookahead),
 }
@@ -157,6 +159,10 @@ def build_sampler(spec: str, target: targets.Potential | None, proposal: proposa
         if target is None:
             raise SpecError("target", "the mh sampler needs a target (e.g. --target power:alpha=4)")
         return _call("sampler", name, lambda **k: samplers.SuffixMH(target, proposal, **k), kw, SAMPLERS["mh"])
+    if name in ("block", "block-mh", "blockmh"):
+        if target is None:
+            raise SpecError("target", "the block sampler needs a target (e.g. --target power:alpha=4)")
+        return _call("sampler", name, lambda **k: samplers.BlockMH(target, proposal, **k), kw, SAMPLERS["block"])
     if name == "smc":
         if target is None:
             raise SpecError("target", "the smc sampler needs a target (e.g. --target power:alpha=4)")

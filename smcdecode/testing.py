@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from smcdecode.backends import Backend, Engine, Readout
+from smcdecode.errors import ArgumentError
 from smcdecode.proposals.base import Proposal
 from smcdecode.stopping import StopSet, StopSpec, stop_set
 from smcdecode.targets.base import Potential, Sequences, StepView
@@ -318,8 +319,10 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     prefill groups), ``decode`` with inactive rows, ``save_rows`` / ``truncate`` (down to the
     prompt itself) / the re-feeding decode / ``restore_rows``, ``admit`` (new prompts into some
     rows while another holds a snapshot and a pending re-feed), ``select`` within prompt groups
-    with repeats and across groups with a new size, ``compact``, and ``score`` against
-    step-by-step decoding; layer readouts too when the backend has the ``layers`` capability."""
+    with repeats and across groups with a new size, ``compact``, ``score`` against step-by-step
+    decoding, and an interior-block move (``score`` refused on rows pending a re-feed, a ragged
+    ``score`` after truncation with a row scoring nothing, one row kept and one restored); layer
+    readouts too when the backend has the ``layers`` capability."""
     assert backend.vocab_size >= 7, "check_backend needs a vocabulary of at least 7 ids"
     layers = (0, 1, backend.num_layers) if "layers" in backend.capabilities else ()
     prompts = [[1, 2, 3], [4, 2], [2, 2, 5, 6, 1, 3, 4, 5, 6, 2]]  # ragged: prefilled in two groups
@@ -478,6 +481,49 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     fed += 3
     seqs = [s + [t] for s, t in zip(seqs, tok.tolist())]
     check("decode after score", out)
+    # an interior-block MH move: checkpoint rows 0 and 2 and cut them back; score refuses rows
+    # pending a re-feed; re-read them, then one ragged score appends a new block's last token and
+    # the kept suffix (row 0: 4 tokens, row 1: none, row 2: 2); row 2 is rejected (restore_rows),
+    # row 0 accepted, and every row decodes on from its readout
+    moved = torch.tensor([True, False, True], device=backend.device)
+    old2 = list(seqs[2])
+    cut = torch.tensor([len(seqs[0]) - 3, len(seqs[1]), len(seqs[2]) - 2], device=backend.device)
+    backend.save_rows(batch, moved)
+    backend.truncate(batch, moved, cut)
+    seqs = [s[: int(c)] for s, c in zip(seqs, cut.tolist())]
+    block = torch.tensor([[6, 1, 2, 3], [0, 0, 0, 0], [0, 0, 4, 4]], device=backend.device)
+    n_tok = torch.tensor([4, 0, 2], device=backend.device)
+    try:
+        backend.score(batch, block, n_tok)
+    except ArgumentError:
+        pass
+    else:
+        raise AssertionError("score over rows pending a re-feed (after truncate) must be refused")
+    reread = backend.decode(batch, torch.zeros_like(n_tok), moved)
+    fed += 2
+    check("truncate + decode before score", reread, rows=[0, 2])
+    scored = backend.score(batch, block, n_tok)
+    fed += 6
+    q = block.shape[1]
+    for j in range(q):
+        rows_j = [r for r in (0, 2) if j >= q - int(n_tok[r])]
+        before_j = [list(s) for s in seqs]
+        for r in rows_j:
+            seqs[r] = seqs[r] + block[r, q - int(n_tok[r]) : j + 1].tolist()
+        at_j = Readout(scored.log_p[:, j], {k: v[:, j] for k, v in scored.layers.items()})
+        check(f"ragged score after truncate, position {j}", at_j, rows_j)
+        seqs = before_j
+    seqs[0] = seqs[0] + block[0].tolist()
+    seqs[2] = seqs[2] + block[2, 2:].tolist()
+    backend.restore_rows(batch, torch.tensor([False, False, True], device=backend.device))
+    seqs[2] = old2
+    last = Readout(scored.log_p[:, -1], {k: v[:, -1] for k, v in scored.layers.items()})
+    out = last.where(torch.tensor([True, False, False], device=backend.device), out)
+    tok = draw(out)
+    out = backend.decode(batch, tok)
+    fed += 3
+    seqs = [s + [t] for s, t in zip(seqs, tok.tolist())]
+    check("decode after a scored row is kept and another restored", out)
     counted = backend.counters["decode_tokens"] - before
     if counted != fed:
         raise AssertionError(f"counters: decode_tokens grew by {counted}, but {fed} real tokens were fed")

@@ -90,6 +90,26 @@ CASES: dict[str, Callable[[], tuple[samplers.Sampler, dict[str, Any]]]] = {
         {},
     ),
     "eglr": lambda: (samplers.Ancestral(proposals.EGLR(span=1, entropy_threshold=0.5, temperature=0.8), n=2), {}),
+    "block_mh_stop": lambda: (
+        samplers.BlockMH(
+            targets.Power(2.0), proposals.Tempered(0.8), chains=2, block_size=5, steps=4, span=2, suffix_every=3
+        ),
+        {"stop": _stop()},
+    ),
+    "smc_block_mix": lambda: (
+        samplers.SMC(
+            (targets.LM() * targets.Reward(_reward)) ** 3.0,
+            proposals.Tempered(0.7),
+            particles=4,
+            ess_threshold=0.9,
+            block_size=2,
+            rejuvenate=2,
+            anneal=3,
+            move="mix",
+            span=2,
+        ),
+        {},
+    ),
 }
 
 

@@ -57,7 +57,7 @@ def test_bad_target_specs_list_what_is_accepted(spec, needle):
 def test_cli_reports_bad_specs_with_exit_code_2(capsys):
     assert main(["sample", "hi", "--sampler", "beam:n=2"]) == 2
     err = capsys.readouterr().err
-    assert "unknown sampler 'beam'" in err and "ancestral, mh, smc" in err
+    assert "unknown sampler 'beam'" in err and "ancestral, mh, block, smc" in err
 
 
 def test_cli_plot_draws_pngs_from_saved_results(tmp_path):

@@ -222,3 +222,17 @@ def test_busy_wall_counts_overlapping_streamed_spans_once():
     assert busy_wall([{k: v for k, v in r.items() if k != "streamed"} for r in streamed], streamed=True) == 8.0
     (row,) = summarise([{**r, "task": "t", "method": "m", "correct": True} for r in streamed])
     assert row["wall_time"] == pytest.approx(8.0 / 3)
+
+
+def test_mcnemar_exact_p_values():
+    """Reference values: b = 1, c = 5 → 2 · 7/64; b = c → 1; no discordant pair → 1."""
+    from smcdecode.report import mcnemar
+
+    a = [True] * 1 + [False] * 5 + [True] * 4
+    b = [False] * 1 + [True] * 5 + [True] * 4
+    assert mcnemar(a, b) == {"n": 10, "b": 1, "c": 5, "p": pytest.approx(14 / 64)}
+    assert mcnemar([True, False], [False, True])["p"] == 1.0
+    assert mcnemar([True, True], [True, True])["p"] == 1.0
+    assert mcnemar([False] * 10, [True] * 10)["p"] == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError, match="correct_b"):
+        mcnemar([True], [True, False])

@@ -63,6 +63,7 @@ def test_smc_with_lookahead_matches_exact_power(engine, ex, setting, twist):
         engine, [PROMPT], max_new_tokens=MAX_NEW, seed=21
     )
     tv, tol, h = weighted_tv(res, ex)
+    print(f"\nSMC + Lookahead {setting} twist={twist}: TV {tv:.4f} (tolerance {tol:.4f})")
     assert tv < tol, f"TV {tv:.4f} >= {tol:.4f}"
     p = ex.log_p.double().exp()
     assert 0.5 * float((h - p).abs().sum()) > 3 * tol  # the test has power: p itself is rejected
@@ -84,6 +85,7 @@ def test_smc_with_lookahead_evidence_is_unbiased(engine, ex, twist):
     )
     ratio = torch.tensor(res.log_evidence, dtype=torch.float64).sub(ex.log_z).exp()
     se = float(ratio.std()) / math.sqrt(reps)
+    print(f"\nSMC + Lookahead (K=2, M=1, H=1) twist={twist}: E[Z^/Z] = {float(ratio.mean()):.4f} +- {se:.4f}")
     assert abs(float(ratio.mean()) - 1.0) < 3 * se + 1e-9
     assert any(any(r["resampled"]) for r in res.trace.of("step"))
 
@@ -183,6 +185,10 @@ def test_lookahead_argument_errors(engine):
         Q.Lookahead(2, candidates=0)
     with pytest.raises(ArgumentTypeError, match="proposal"):
         exact(engine, T.Power(2), PROMPT, MAX_NEW, proposal=Q.Lookahead(2))
+    with pytest.raises(ArgumentError, match="move"):  # interior-block moves keep rollouts drawn for another prefix
+        S.SMC(T.Power(2), Q.Lookahead(2), rejuvenate=1, move="block")
+    with pytest.raises(ArgumentError, match="proposal"):
+        S.BlockMH(T.Power(2), Q.Lookahead(2))
 
 
 def test_spec_strings_and_eval_records_carry_rollout_tokens(tmp_path):

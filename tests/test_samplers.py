@@ -335,7 +335,7 @@ def test_rejuvenation_move_targets_the_twisted_intermediate_target(engine):
     partial = ~problem.complete(chains)
     assert bool(partial.any())
     problem.update_psi(chains, partial, partial_ok=True)
-    moved, info = mh_move(problem, decoder, chains, 2)
+    moved, info = mh_move(problem, decoder, chains, 2, partial_ok=True)
     assert bool((info.accepted & ~problem.complete(moved)).any())  # accepted unfinished proposals exist
     for row, toks in enumerate(moved.token_lists()):
         if not bool(problem.complete(moved)[row]):

@@ -87,3 +87,14 @@ def test_stream_rejects_bad_arguments(engine):
     with pytest.raises(ArgumentError, match="max_new_tokens"):
         list(sampler.stream(engine, [("a", [1], 0)], in_flight=1, max_new_tokens=10_000))
     assert list(sampler.stream(engine, [], in_flight=2, max_new_tokens=2)) == []
+
+
+def test_a_finished_problems_rows_take_the_next_problem_at_once(engine):
+    """On the CPU the loop checks for finished problems after every forward: with one problem in
+    flight, the forwards are each problem's prefill plus at most one per generated token (a check
+    every 8 forwards left the row idle for up to 7 forwards per problem: 45 forwards here)."""
+    problems = [(k, PROMPTS[k], 100 + ord(k)) for k in PROMPTS]
+    engine.reset_counters()
+    fin = list(S.Ancestral(Q.Tempered(1.0), n=1).stream(engine, problems, in_flight=1, max_new_tokens=20))
+    generated = sum(len(f.samples[0].tokens) for f in fin)
+    assert engine.counters["forwards"] <= len(problems) + generated

@@ -7,7 +7,9 @@ tokens) and returns next-token readouts. Its operations, all on a :class:`Batch`
   one prompt share the prompt's columns (``Rows.shared``);
 * ``decode(batch, tokens [B], active [B])``: append one token per active row, return the readout
   after it, [B, V];
-* ``score(batch, tokens [B, Q])``: teacher-forced, readouts at every appended position, [B, Q, V];
+* ``score(batch, tokens [B, Q], n_tokens [B])``: teacher-forced, ragged (row b appends its last
+  n_tokens[b] tokens), readouts at every appended position, [B, Q, V]; the last column is each
+  row's next-token readout (an interior-block MH move rescores the kept suffix with it);
 * ``select(batch, idx)``: row b becomes row idx[b] (resampling; repeats allowed);
 * ``truncate(batch, rows, lengths)``: keep each row's first ``lengths`` tokens; the next decode
   returns the distribution after them (the backend re-feeds whatever it must);
@@ -382,11 +384,19 @@ class Backend(ABC):
 
     @torch.no_grad()
     def score(self, batch: Batch, tokens: Tensor, n_tokens: Tensor | None = None) -> Readout:
-        """Teacher-forced: append ``tokens`` [B, Q] (row b's real tokens are its *last*
-        ``n_tokens[b]``) in one forward and return readouts at every position, [B, Q, V]:
-        position j is the distribution of the token that follows ``tokens[:, :j+1]``."""
-        n_real = torch.full_like(batch.lengths, tokens.shape[1]) if n_tokens is None else n_tokens
-        return self._forward(batch, tokens, n_real, keep_all=True, kind=batch.counter)
+        """Teacher-forced: append ``tokens`` [B, Q] to every row's context in one forward and
+        return readouts at every position, [B, Q, V]: position j is the distribution of the token
+        that follows ``tokens[:, :j+1]``.
+
+        Ragged rows: row b's real tokens are its *last* ``n_tokens[b]`` (0 ≤ n ≤ Q; left
+        padding, never attended to), so ``readout[:, -1]`` is every row's next-token distribution
+        after its new context (a placeholder for rows with n = 0, whose context is unchanged).
+        Counted as decode tokens (rollout tokens on a :meth:`fork`). Rows left pending by :meth:`truncate` must be re-read with
+        :meth:`decode` first (their pending token would otherwise be lost): that is refused."""
+        if bool((batch.rows.pending >= 0).any()):  # one host sync per call
+            raise ArgumentError("batch", "rows truncated by truncate() must be re-read with decode() before score()")
+        n_real = torch.full_like(batch.lengths, tokens.shape[1]) if n_tokens is None else n_tokens.to(self.device)
+        return self._forward(batch, tokens.to(self.device), n_real, keep_all=True, kind=batch.counter)
 
     def select(self, batch: Batch, indices: Tensor, within_groups: bool = False) -> None:
         """Row b becomes old row ``indices[b]``; repeats allowed (SMC resampling).

@@ -4,6 +4,7 @@ from smcdecode.diagnostics import weight_ess as ess
 from smcdecode.samplers.ancestral import Ancestral
 from smcdecode.samplers.base import Sampler
 from smcdecode.samplers.block_lookahead import BlockLookahead
+from smcdecode.samplers.block_mh import BlockMH
 from smcdecode.samplers.pool import RolloutPool
 from smcdecode.samplers.resampling import SCHEMES, multinomial, residual, stratified, systematic
 from smcdecode.samplers.result import Result, Sample, Trace
@@ -13,6 +14,7 @@ from smcdecode.samplers.suffix_mh import SuffixMH
 __all__ = [
     "Ancestral",
     "SuffixMH",
+    "BlockMH",
     "SMC",
     "BlockLookahead",
     "RolloutPool",

@@ -13,11 +13,22 @@ from tqdm.auto import tqdm
 
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentTypeError, check_int
+from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.result import Result
 from smcdecode.samplers.schedule import RowsPlan
 from smcdecode.samplers.stream import Finished
 from smcdecode.samplers.stream import stream as stream_rows
 from smcdecode.stopping import StopSet, StopSpec, stop_set
+from smcdecode.targets.base import Potential
+
+
+def check_target_proposal(target: Any, proposal: Any, target_optional: bool = False) -> None:
+    """Typed errors naming the argument when ``target`` is not a Potential (None allowed when
+    ``target_optional``) or ``proposal`` is not a Proposal."""
+    if not (isinstance(target, Potential) or (target_optional and target is None)):
+        raise ArgumentTypeError("target", f"expected a Potential, got {type(target).__name__}")
+    if not isinstance(proposal, Proposal):
+        raise ArgumentTypeError("proposal", f"expected a Proposal, got {type(proposal).__name__}")
 
 
 class Sampler:

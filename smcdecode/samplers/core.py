@@ -208,11 +208,27 @@ class Decoder:
             s.engine.save_rows(s.batch, r)
             s.engine.truncate(s.batch, r, s.prompt_len + k)
 
-    def bind(self, view: StepView) -> StepView:
-        """Attach ``recur`` for the main stream's current cache (every row at its last position)."""
+    def score(self, tokens: Tensor, n_tokens: Tensor) -> Scored:
+        """Teacher-force ``tokens`` [B, Q] on every stream in one forward each (row b appends its
+        last ``n_tokens[b]``, see :meth:`Backend.score`) and return the readouts at every column;
+        ``Scored.at(Q − 1)`` is each row's next-token view after its new context."""
+        outs: dict[str | None, Readout] = {}
+        for s in self.streams:
+            outs[s.key] = s.engine.score(s.batch, tokens.to(s.engine.device), n_tokens.to(s.engine.device))
+        main = outs[None]
+        q = tokens.shape[1]
+        lengths = self.streams[0].batch.lengths  # after the forward
+        positions = (lengths[:, None] - q + torch.arange(q, device=lengths.device)[None, :]).clamp_min(0)
+        aux = {k: v.log_p.to(main.log_p.device) for k, v in outs.items() if k is not None}
+        return Scored(main, aux, positions)
+
+    def bind(self, view: StepView, positions: Tensor | None = None) -> StepView:
+        """Attach ``recur`` for the main stream's cache: at each row's last position, or at
+        ``positions`` [B] (the position of the token whose readout ``view`` is: a scored column)."""
         if self.hidden:
             main = self.streams[0]
-            view.recur = lambda h, span: main.engine.reapply(main.batch, h, span, main.batch.lengths - 1)
+            pos = main.batch.lengths - 1 if positions is None else positions
+            view.recur = lambda h, span: main.engine.reapply(main.batch, h, span, pos)
         return view
 
     def keep_rows(self, idx: Tensor) -> None:
@@ -236,6 +252,26 @@ class Decoder:
     def compact(self) -> None:
         for s in self.streams:
             s.engine.compact(s.batch)
+
+
+@dataclass
+class Scored:
+    """Readouts of one teacher-forced forward at every column: the main stream's ([B, Q, V]) and
+    the auxiliary streams' final log-probs; column k's token sits at ``positions[:, k]``."""
+
+    main: Readout
+    aux: dict[str, Tensor]
+    positions: Tensor  # [B, Q] long (meaningful on each row's real columns)
+
+    def at(self, k: int) -> StepView:
+        """The readouts after column k's token, [B, V] per stream (bind ``positions[:, k]``)."""
+        m = self.main
+        return StepView(
+            m.log_p[:, k],
+            {layer: v[:, k] for layer, v in m.layers.items()},
+            {key: v[:, k] for key, v in self.aux.items()},
+            None if m.hidden is None else m.hidden[:, k],
+        )
 
 
 def _view(outs: dict[str | None, Readout]) -> StepView:
@@ -303,13 +339,32 @@ class Problem:
         ``alpha`` a float or one per row, [B]). Rows with ``exclude[b]`` ≥ 0 draw from q
         conditioned on x_t ≠ exclude[b] (see :func:`~smcdecode.samplers.kernels.divergence`); log q
         is always q's own. ``ctx``: see :meth:`context` (proposals with rollouts need it)."""
+        log_q_all, phi, twist = self._log_q(view, alpha, ctx)
+        u = self.rng.rand(log_q_all.shape[0], 1, dtype=torch.float64)  # [B, 1]
+        tok, _ = sample(log_q_all, None, exclude, u)  # [B]
+        return self._scalars(view, tok, log_q_all, phi, twist)
+
+    def score(self, view: StepView, alpha: float | Tensor, tokens: Tensor) -> Drawn:
+        """The per-token scalars of given ``tokens`` [B] read at ``view`` (teacher-forced), by the
+        same path as :meth:`draw`: log q is the proposal's own, with the target factor α·φ.
+        (Proposals with rollouts have no q of a given token without their draw: they refuse.)"""
+        log_q_all, phi, _ = self._log_q(view, alpha, None)
+        return self._scalars(view, tokens, log_q_all, phi, None)
+
+    def _log_q(
+        self, view: StepView, alpha: float | Tensor, ctx: Context | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(log q [B, V], the base factor φ [B, V] or None, the proposal's twist table or None)."""
         phi = self.base_factor(view)  # [B, V] or None
         a = alpha[:, None] if isinstance(alpha, Tensor) else alpha
-        log_q_all, twist = self.proposal.propose(view, lambda _v: None if phi is None else a * phi, ctx)
-        u = self.rng.rand(log_q_all.shape[0], 1, dtype=torch.float64)  # [B, 1]
-        tok, lq = sample(log_q_all, None, exclude, u)  # [B], [B]
+        log_q, twist = self.proposal.propose(view, lambda _v: None if phi is None else a * phi, ctx)
+        return log_q, phi, (twist if self.twist else None)
+
+    @staticmethod
+    def _scalars(view: StepView, tok: Tensor, log_q_all: Tensor, phi: Tensor | None, twist: Tensor | None) -> Drawn:
+        lq = log_q_all.gather(1, tok[:, None])[:, 0]
         lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
-        lt = None if twist is None or not self.twist else twist.gather(1, tok[:, None])[:, 0]
+        lt = None if twist is None else twist.gather(1, tok[:, None])[:, 0]
         return Drawn(tok, lq, lphi, view.log_p.gather(1, tok[:, None])[:, 0], lt)
 
     def twist_of(self, chains: Chains, drawn: Drawn, ends: Tensor) -> Tensor:

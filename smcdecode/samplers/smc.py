@@ -11,8 +11,11 @@ completion, and the twist on partial sequences when the target is ``Reward(..., 
 Finished particles keep their weight. When ESS = 1/Σ W² < κ·N for a prompt its particles are
 resampled with the chosen scheme and their log weights all set to the group's log-mean, so
 log Ẑ = logmeanexp(log w) stays unbiased (:class:`~smcdecode.samplers.weights.Weights`).
-``rejuvenate=k`` then runs k suffix-MH moves (:func:`~smcdecode.samplers.kernels.mh_move`) on the
-current intermediate target, whose exponent α_t is part of the loop's state.
+``rejuvenate=k`` then runs k MH moves on the current intermediate target (π restricted to the
+longest particle's length, with the exponent α_t that is part of the loop's state): suffix moves
+(:func:`~smcdecode.samplers.kernels.mh_move`), interior-block moves of ``span`` tokens
+(:func:`~smcdecode.samplers.kernels.block_move`, ``move="block"``) or both alternating
+(``move="mix"``, suffix first); each leaves that target invariant, so any sequence of them does.
 With ``LocallyOptimal`` q the token term equals logsumexp_v α·log φ(v) (Power-SMC).
 
 Lookahead twist (``twist=True``, with a proposal that provides one: :class:`~smcdecode.proposals.Lookahead`).
@@ -48,14 +51,16 @@ import torch
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
-from smcdecode.samplers.base import Sampler, bar
+from smcdecode.samplers.base import Sampler, bar, check_target_proposal
 from smcdecode.samplers.core import Anneal, collect, extend, make_problem, start_chains
-from smcdecode.samplers.kernels import MoveInfo, mh_move
+from smcdecode.samplers.kernels import MoveInfo, block_move, mh_move
 from smcdecode.samplers.resampling import SCHEMES
 from smcdecode.samplers.result import Result, Trace
 from smcdecode.samplers.weights import Weights
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
+
+MOVES = ("suffix", "block", "mix")
 
 
 class SMC(Sampler):
@@ -70,12 +75,13 @@ class SMC(Sampler):
         rejuvenate: int = 0,
         anneal: int | None = None,
         delimiter: str | None = None,
+        move: str = "suffix",
+        span: int = 16,
         twist: bool = False,
     ):
-        if not isinstance(target, Potential):
-            raise ArgumentTypeError("target", f"expected a Potential, got {type(target).__name__}")
-        if not isinstance(proposal, Proposal):
-            raise ArgumentTypeError("proposal", f"expected a Proposal, got {type(proposal).__name__}")
+        """``rejuvenate=k`` runs k MH moves after every resampling: suffix moves (``move="suffix"``),
+        interior-block moves of ``span`` tokens (``"block"``), or the two alternating (``"mix"``)."""
+        check_target_proposal(target, proposal)
         if resampling not in SCHEMES:
             raise ArgumentError("resampling", f"unknown scheme {resampling!r}; use one of {sorted(SCHEMES)}")
         if not (isinstance(ess_threshold, (int, float)) and 0 <= ess_threshold <= 1):
@@ -90,6 +96,14 @@ class SMC(Sampler):
             check_int("anneal", anneal, 1)
             if delimiter is not None:
                 raise ArgumentError("anneal", "annealing needs token-synchronous blocks (block_size), not a delimiter")
+        if move not in MOVES:
+            raise ArgumentError("move", f"unknown move {move!r}; use one of {', '.join(MOVES)}")
+        if move != "suffix" and delimiter is not None:
+            raise ArgumentError(
+                "move", "interior-block moves need token-synchronous blocks (block_size), not a delimiter"
+            )
+        self.move = move
+        self.span = check_int("span", span, 1)
         if not isinstance(twist, bool):
             raise ArgumentTypeError("twist", f"expected a bool, got {type(twist).__name__}")
         if twist and not proposal.provides_twist:
@@ -97,6 +111,12 @@ class SMC(Sampler):
                 "twist", f"{proposal!r} provides no twist; use a lookahead proposal (proposals.Lookahead)"
             )
         self.twist = twist
+        if move != "suffix" and proposal.auxiliary:
+            raise ArgumentError(
+                "move",
+                f"interior-block moves keep the suffix, whose rollouts {proposal!r} drew given the old prefix: "
+                "not exact with a rollout proposal; use move='suffix'",
+            )
         self.target = target
         self.proposal = proposal
         self.particles = check_int("particles", particles, 1)
@@ -106,6 +126,12 @@ class SMC(Sampler):
         self.rejuvenate = check_int("rejuvenate", rejuvenate, 0)
         self.anneal = anneal
         self.delimiter = delimiter
+
+    def kernel(self, s: int) -> str:
+        """ "suffix" or "block": the kernel of rejuvenation move ``s`` (0-based) after a resampling."""
+        if self.move == "mix":
+            return "suffix" if s % 2 == 0 else "block"
+        return self.move
 
     def _stop_tokens(self, engine: Backend) -> torch.Tensor | None:
         """Vocabulary mask of tokens whose text contains the delimiter (a block ends after one)."""
@@ -171,16 +197,26 @@ class SMC(Sampler):
                     unique=_unique_counts(idx),
                 )
                 if self.rejuvenate and any_resample:
+                    h_mh, a_mh = int(chains.length.max()), alpha_t if anneal is not None else None
                     for s in range(self.rejuvenate):
-                        chains, info = mh_move(
-                            problem,
-                            decoder,
-                            chains,
-                            int(chains.length.max()),
-                            alpha=alpha_t if anneal is not None else None,
-                            q_schedule=anneal,
-                        )
-                        trace.log("move", step=step, rejuvenation=s, **_move_record(info))
+                        kernel = self.kernel(s)
+                        # partial_ok: the moves target this step's twisted intermediate target
+                        if kernel == "suffix":
+                            chains, info = mh_move(
+                                problem, decoder, chains, h_mh, alpha=a_mh, q_schedule=anneal, partial_ok=True
+                            )
+                        else:
+                            chains, info = block_move(
+                                problem,
+                                decoder,
+                                chains,
+                                h_mh,
+                                self.span,
+                                alpha=a_mh,
+                                q_schedule=anneal,
+                                partial_ok=True,
+                            )
+                        trace.log("move", step=step, rejuvenation=s, kernel=kernel, **_move_record(info))
                 decoder.compact()
                 pbar.update(max(0, min(horizon, max_new_tokens) - pbar.n))
                 step += 1
@@ -194,6 +230,8 @@ class SMC(Sampler):
         how = f"delimiter={self.delimiter!r}" if self.delimiter is not None else f"block_size={self.block_size}"
         extra = f", anneal={self.anneal}" if self.anneal else ""
         extra += ", twist=True" if self.twist else ""
+        if self.move != "suffix":
+            extra += f", move={self.move!r}, span={self.span}"
         return (
             f"SMC({self.target!r}, {self.proposal!r}, particles={self.particles}, "
             f"ess_threshold={self.ess_threshold:g}, resampling={self.resampling!r}, {how}, "
@@ -202,13 +240,16 @@ class SMC(Sampler):
 
 
 def _move_record(info: MoveInfo) -> dict[str, torch.Tensor]:
-    return {
+    rec = {
         "accepted": info.accepted,
         "index": info.i,
         "reused": info.reused,
         "old_length": info.old_length,
         "new_length": info.new_length,
     }
+    if info.proposed is not None and info.invalid is not None:
+        rec.update(proposed=info.proposed, invalid=info.invalid)
+    return rec
 
 
 def _unique_counts(idx: torch.Tensor) -> torch.Tensor:

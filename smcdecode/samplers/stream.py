@@ -35,6 +35,13 @@ from smcdecode.targets.base import StepView
 COMPACT_EVERY = 32  # iterations between compaction checks
 
 
+def check_every(device: torch.device) -> int:
+    """Iterations between the host checks for finished problems: every iteration on the CPU (where
+    reading a flag costs nothing and a finished problem's rows would otherwise idle for up to
+    CHECK_EVERY − 1 forwards), every CHECK_EVERY on an accelerator (each check is a sync)."""
+    return 1 if device.type == "cpu" else CHECK_EVERY
+
+
 @dataclass
 class Finished:
     """One problem's samples, as soon as they are done."""
@@ -93,13 +100,13 @@ def stream(
     cur = empty_chains(problem, decoder.start())
     rows = Rows(cur, cur.clone(), RowSchedule.start(len(first) * n, dev))
     rows.sch.ids = _ids(slot_of, n, dev)
-    iteration, exhausted = 0, False
+    iteration, exhausted, every = 0, False, check_every(dev)
     while True:
         rows, _, _ = async_step(problem, decoder, rows, moves.block_size, moves.steps, moves.reuse_suffix)
         iteration += 1
         if iteration % COMPACT_EVERY == 0:
             decoder.compact()
-        if iteration % CHECK_EVERY != 0:
+        if iteration % every != 0:
             continue
         done = rows.sch.done.view(-1, n).all(1).tolist()  # host sync, [slots]
         finished = [s for s, d in enumerate(done) if d and slot_of[s] >= 0]

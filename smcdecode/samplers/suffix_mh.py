@@ -37,7 +37,7 @@ from torch import Tensor
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
-from smcdecode.samplers.base import Sampler, bar
+from smcdecode.samplers.base import Sampler, bar, check_target_proposal
 from smcdecode.samplers.core import CHECK_EVERY, Decoder, Problem, collect, make_problem, start_chains
 from smcdecode.samplers.kernels import MoveInfo
 from smcdecode.samplers.result import Result, Trace
@@ -60,10 +60,7 @@ class SuffixMH(Sampler):
     ):
         """``reuse_suffix=False`` draws every proposal from i afresh (same law, no coupling with
         the current suffix): slower, kept for comparison."""
-        if not isinstance(target, Potential):
-            raise ArgumentTypeError("target", f"expected a Potential, got {type(target).__name__}")
-        if not isinstance(proposal, Proposal):
-            raise ArgumentTypeError("proposal", f"expected a Proposal, got {type(proposal).__name__}")
+        check_target_proposal(target, proposal)
         self.target = target
         self.proposal = proposal
         self.chains = check_int("chains", chains, 1)

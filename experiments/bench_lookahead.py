@@ -28,8 +28,8 @@ Targets of issue 19: Lookahead at ≤ 3× plain sampling's sequential forwards a
 SuffixMH's, SMC + Lookahead at ≤ SuffixMH's, at equal or better accuracy. The table says where it
 falls short; the rollout-token column is what the CPU pays.
 
-    python experiments/bench_lookahead.py --model embedded --limit 24
-    python experiments/bench_lookahead.py --model qwen2.5-coder-0.5b-instruct --limit 24 --tag _qwen
+    python experiments/bench_lookahead.py --model embedded --limit 24 --data math500.jsonl
+    python experiments/bench_lookahead.py --model qwen2.5-coder-0.5b-instruct --data math500.jsonl --tag _qwen
 
 Results: ``experiments/results/bench_lookahead[TAG].json``.
 """
@@ -64,7 +64,6 @@ METHODS = {
         "smc:particles=4,twist=true;target=power:alpha=4;proposal=lookahead:alpha=4,candidates=4,rollouts=4,horizon=16"
     ),
 }
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "math500.jsonl")
 
 
 def tasks(names: list[str], limit: int, data: str, tokenizer: object) -> dict[str, tuple[TaskAdapter, object]]:
@@ -92,12 +91,14 @@ def main() -> None:
     ap.add_argument("--model", default="embedded", help="'embedded', a registry name or a path (default embedded)")
     ap.add_argument("--limit", type=int, default=24, help="first N problems of each task (default 24)")
     ap.add_argument("--tasks", default="humaneval,math500", help="comma-separated from humaneval, math500")
-    ap.add_argument("--data", default=DATA, help="MATH-500 jsonl (default ../shared/data/math500.jsonl)")
+    ap.add_argument("--data", default=None, help="MATH-500 JSONL (required when the tasks include math500)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {sorted(METHODS)}")
     ap.add_argument("--out", default="runs/bench_lookahead", help="record directories (default runs/bench_lookahead)")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args()
+    if "math500" in args.tasks.split(",") and not args.data:
+        ap.error("--data: give the MATH-500 JSONL (a 'problem', 'answer', 'level' per line) for the math500 task")
     torch.set_num_threads(os.cpu_count() or 1)
     engine = sd.Engine.embedded() if args.model == "embedded" else sd.Engine.from_pretrained(resolve(args.model))
     rows, payload = [], []

@@ -391,8 +391,9 @@ class Backend(ABC):
         Ragged rows: row b's real tokens are its *last* ``n_tokens[b]`` (0 ≤ n ≤ Q; left
         padding, never attended to), so ``readout[:, -1]`` is every row's next-token distribution
         after its new context (a placeholder for rows with n = 0, whose context is unchanged).
-        Counted as decode tokens (rollout tokens on a :meth:`fork`). Rows left pending by :meth:`truncate` must be re-read with
-        :meth:`decode` first (their pending token would otherwise be lost): that is refused."""
+        Counted as decode tokens (rollout tokens on a :meth:`fork`). Rows left pending by
+        :meth:`truncate` must be re-read with :meth:`decode` first (their pending token would
+        otherwise be lost): that is refused."""
         if bool((batch.rows.pending >= 0).any()):  # one host sync per call
             raise ArgumentError("batch", "rows truncated by truncate() must be re-read with decode() before score()")
         n_real = torch.full_like(batch.lengths, tokens.shape[1]) if n_tokens is None else n_tokens.to(self.device)

@@ -26,10 +26,10 @@ import torch
 
 import smcdecode as sd
 from smcdecode.cli import parse_stop
-from smcdecode.evaluate import TaskAdapter, run_eval
+from smcdecode.evaluate import run_eval
 from smcdecode.models import resolve
 from smcdecode.spec import method_name, parse_method
-from smcdecode.tasks import humaneval as h
+from smcdecode.tasks import load_task
 
 from common import print_table, write_results
 
@@ -91,8 +91,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     engine = sd.Engine.embedded() if args.model == "embedded" else sd.Engine.from_pretrained(resolve(args.model))
-    problems = h.load()[: args.limit]
-    task = TaskAdapter("humaneval", problems, lambda p: h.prompt(p, "raw"), h.extract, h.grade, grade_all=True)
+    humaneval = load_task("humaneval")
+    task = humaneval.adapter
+    task.problems = task.problems[: args.limit]
     plain = plain_decode_rate(engine, args.batch_size)
     print(f"plain batched decode, {args.batch_size} rows: {plain:.1f} tok/s")
     rows, payload = [], []
@@ -101,7 +102,7 @@ def main() -> None:
         spec = METHODS[name]
         sampler = parse_method(spec, {}).sampler
         for label, stops_label, continuous in (c for c in CONFIGS if c[0] in wanted):
-            stop = parse_stop(None, h.STOP_SEQUENCES) if stops_label == "harness" else None
+            stop = parse_stop(None, humaneval.stop) if stops_label == "harness" else None
             out = os.path.join(args.out, f"{args.model}-{name}-{label}")
             os.makedirs(out, exist_ok=True)
             path, total = run_wall(

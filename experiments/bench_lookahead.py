@@ -48,8 +48,7 @@ from smcdecode.cli import parse_stop
 from smcdecode.evaluate import TaskAdapter, run_eval
 from smcdecode.models import resolve
 from smcdecode.spec import method_name, parse_method
-from smcdecode.tasks import humaneval as h
-from smcdecode.tasks import math500 as m
+from smcdecode.tasks import load_task
 
 from common import print_table, write_results
 
@@ -66,23 +65,14 @@ METHODS = {
 }
 
 
-def tasks(names: list[str], limit: int, data: str, tokenizer: object) -> dict[str, tuple[TaskAdapter, object]]:
-    """name -> (task, stop patterns)."""
+def tasks(names: list[str], limit: int, data: str | None, tokenizer: object) -> dict[str, tuple[TaskAdapter, object]]:
+    """name -> (task adapter with the first ``limit`` problems, parsed default stop patterns);
+    MATH-500: level 1, raw prompt."""
     out: dict[str, tuple[TaskAdapter, object]] = {}
-    if "humaneval" in names:
-        problems = h.load()[:limit]
-        task = TaskAdapter("humaneval", problems, lambda p: h.prompt(p, "raw"), h.extract, h.grade, grade_all=True)
-        out["humaneval"] = (task, parse_stop(None, h.STOP_SEQUENCES))
-    if "math500" in names:
-        problems = m.select(m.load(data), levels=[1])[:limit]
-        task = TaskAdapter(
-            "math500",
-            problems,
-            lambda p: m.prompt(p, "raw", tokenizer),
-            m.last_boxed,
-            lambda p, a: m.grade(a, p["answer"]),
-        )
-        out["math500"] = (task, None)
+    for name in names:
+        task = load_task(name, data=data, tokenizer=tokenizer, levels=[1] if name == "math500" else None)
+        task.adapter.problems = task.adapter.problems[:limit]
+        out[name] = (task.adapter, parse_stop(None, task.stop))
     return out
 
 

@@ -29,7 +29,7 @@ from smcdecode.evaluate import TaskAdapter, run_eval
 from smcdecode.executors import RayExecutor
 from smcdecode.records import read_jsonl
 from smcdecode.spec import method_name, parse_method
-from smcdecode.tasks import math500
+from smcdecode.tasks import Task, load_task
 
 from common import print_table, write_results
 
@@ -37,14 +37,20 @@ METHOD = "smc:particles=4;target=power:alpha=4;proposal=tempered:temperature=0.5
 
 
 def adapter(data: str, problems: int) -> TaskAdapter:
-    items = math500.load(data)[:problems]
-    return TaskAdapter("math500", items, math500.prompt, math500.last_boxed, lambda p, a: math500.grade(a, p["answer"]))
+    return build_task(data, problems).adapter
+
+
+def build_task(data: str, problems: int) -> Task:
+    task = load_task("math500", data=data)
+    task.adapter.problems = task.adapter.problems[:problems]
+    return task
 
 
 def build(data: str, problems: int, method: str, device: str) -> tuple[TaskAdapter, Engine, Any]:
     """Task, engine and sampler of the benchmark (called here, and inside each Ray worker)."""
     engine = Engine.embedded(device=device)
-    return adapter(data, problems), engine, parse_method(method, {"boxed": math500.boxed_parses}).sampler
+    task = build_task(data, problems)
+    return task.adapter, engine, parse_method(method, task.rewards).sampler
 
 
 def timed(label: str, fn: Any, out: str) -> dict[str, Any]:

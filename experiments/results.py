@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from smcdecode.cli import _default_stop, _engine, _task, build_parser, parse_stop
+from smcdecode.cli import _engine, _task, build_parser, parse_stop
 from smcdecode.demo import wilson
 from smcdecode.evaluate import run_eval
 from smcdecode.report import busy_wall, mcnemar, plot, summarise, table
@@ -54,7 +54,8 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
         if label not in methods:
             sys.exit(f"unknown method {label!r}; choose from {', '.join(methods)}")
         spec, select = methods[label]
-        adapter, rewards = _task(args, engine)
+        built = _task(args, engine)
+        adapter, rewards = built.adapter, built.rewards
         sampler = parse_method(spec, rewards).sampler
         out = os.path.join(ours.out, label)
         os.makedirs(out, exist_ok=True)
@@ -70,7 +71,7 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
                 max_new_tokens=args.max_new_tokens,
                 select=select,
                 batch_size=args.batch_size,
-                stop=parse_stop(args.stop, _default_stop(args)),
+                stop=parse_stop(args.stop, built.stop),
             )
         if not os.path.exists(path):
             continue

@@ -13,6 +13,7 @@ import torch
 
 from smcdecode.errors import SmcdecodeError
 from smcdecode.evaluate import TaskAdapter
+from smcdecode.tasks import Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,31 +86,25 @@ def cmd_sample(args: argparse.Namespace) -> None:
         res.save(args.out)
 
 
-def _task(args: argparse.Namespace, engine: Any) -> tuple[TaskAdapter, dict[str, Any]]:
+def _task(args: argparse.Namespace, engine: Any) -> Task:
+    """The task of ``args`` (:func:`smcdecode.tasks.load_task`: adapter, rewards and default stop
+    strings), sharded and limited."""
     from smcdecode.evaluate import parse_shard, shard
+    from smcdecode.tasks import load_task
 
-    style, tok = args.prompt, getattr(engine, "tokenizer", None)  # no engine: a Ray driver needs only the problems
-    if args.task == "math500":
-        from smcdecode.tasks import math500 as m
-
-        problems = m.select(m.load(args.data), args.levels, args.subjects)
-        rewards = {"boxed": m.boxed_parses}
-        adapter = TaskAdapter(
-            "math500", problems, lambda p: m.prompt(p, style, tok), m.last_boxed, lambda p, a: m.grade(a, p["answer"])
-        )
-    else:
-        from smcdecode.tasks import humaneval as h
-
-        problems = h.load()
-        rewards = {"public-tests": h.public_tests_reward(problems)}
-        adapter = TaskAdapter(
-            "humaneval", problems, lambda p: h.prompt(p, style, tok), h.extract, h.grade, grade_all=True
-        )
+    task = load_task(
+        args.task,
+        data=getattr(args, "data", None),
+        prompt=args.prompt,
+        tokenizer=getattr(engine, "tokenizer", None),  # no engine: a Ray driver needs only the problems
+        levels=getattr(args, "levels", None),
+        subjects=getattr(args, "subjects", None),
+    )
     i, n = parse_shard(args.shard)
-    adapter.problems = shard(adapter.problems, i, n)
+    task.adapter.problems = shard(task.adapter.problems, i, n)
     if args.limit is not None:
-        adapter.problems = adapter.problems[: args.limit]
-    return adapter, rewards
+        task.adapter.problems = task.adapter.problems[: args.limit]
+    return task
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -118,11 +113,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     executor = _ray_executor(args)
     engine = _engine(args) if executor is None else None  # Ray workers load their own
-    adapter, rewards = _task(args, engine)
-    method = parse_method(args.method, rewards)  # on the driver too: a bad spec fails before Ray starts
+    task = _task(args, engine)
+    method = parse_method(args.method, task.rewards)  # on the driver too: a bad spec fails before Ray starts
     try:
         path = run_eval(
-            adapter,
+            task.adapter,
             engine,
             method.sampler if executor is None else None,
             method_name(args.method),
@@ -132,22 +127,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
             select=args.select,
             batch_size=args.batch_size,
             executor=executor,
-            stop=parse_stop(args.stop, _default_stop(args)),
+            stop=parse_stop(args.stop, task.stop),
         )
     except KeyboardInterrupt:
         print(f"interrupted: the records so far are in {args.out}; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
     print(f"records: {path}")
-
-
-def _default_stop(args: argparse.Namespace) -> tuple[str, ...] | None:
-    """HumanEval: the extractor's own stop sequences (plus a closing fence for chat prompts), so
-    generation ends where grading would cut; MATH-500: EOS only."""
-    if args.task != "humaneval":
-        return None
-    from smcdecode.tasks import humaneval as h
-
-    return h.STOP_SEQUENCES + (("\n```",) if args.prompt == "chat" else ())
 
 
 def _ray_executor(args: argparse.Namespace) -> Any:
@@ -180,8 +165,8 @@ def _worker_parts(options: dict[str, Any], device: str) -> tuple[TaskAdapter, An
 
     args = argparse.Namespace(**dict(options, device=device))
     engine = _engine(args)
-    adapter, rewards = _task(args, engine)
-    return adapter, engine, parse_method(args.method, rewards).sampler
+    task = _task(args, engine)
+    return task.adapter, engine, parse_method(args.method, task.rewards).sampler
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -10,10 +9,10 @@ import pytest
 from smcdecode import Engine
 from smcdecode import proposals as Q
 from smcdecode import samplers as S
-from smcdecode.cli import _default_stop, parse_stop
+from smcdecode.cli import parse_stop
 from smcdecode.errors import ArgumentError, SmcdecodeError
 from smcdecode.evaluate import TaskAdapter, run_eval
-from smcdecode.tasks import humaneval
+from smcdecode.tasks import TASKS, humaneval, load_task
 from smcdecode.testing import CharTokenizer, tiny_llama
 
 
@@ -47,10 +46,33 @@ def test_stop_option_parsing_and_task_defaults():
     assert parse_stop(None, ("a",)) == ["a"]
     with pytest.raises(SmcdecodeError, match="ids:"):
         parse_stop(["ids:1,x"])
-    he = argparse.Namespace(task="humaneval", prompt="raw")
-    assert _default_stop(he) == humaneval.STOP_SEQUENCES
-    assert _default_stop(argparse.Namespace(task="humaneval", prompt="chat"))[-1] == "\n```"
-    assert _default_stop(argparse.Namespace(task="math500", prompt="raw")) is None
+    assert load_task("humaneval").stop == humaneval.STOP_SEQUENCES
+    assert load_task("humaneval", prompt="chat").stop == (*humaneval.STOP_SEQUENCES, "\n```")
     # generation stops where the extractor cuts: the extracted completion never holds a stop
     text = "    return x\n\ndef main():\n    pass"
     assert humaneval.extract(text) == "    return x\n"
+
+
+def test_task_registry(tmp_path):
+    """Every task is built by name, with its rewards and default stops; bad arguments are named."""
+    assert sorted(TASKS) == ["humaneval", "math500"]
+    data = tmp_path / "m.jsonl"
+    rows = [
+        {"problem": "1+1?", "answer": "2", "level": 1, "subject": "Algebra", "unique_id": "a"},
+        {"problem": "2+2?", "answer": "4", "level": 2, "subject": "Algebra", "unique_id": "b"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = load_task("math500", data=str(data), levels=[1])
+    assert [p["unique_id"] for p in m.adapter.problems] == ["a"] and m.stop is None
+    assert m.adapter.grade(m.adapter.problems[0], "2") and not m.adapter.grade(m.adapter.problems[0], "3")
+    assert set(m.rewards) == {"boxed"}
+    he = load_task("humaneval")
+    assert len(he.adapter.problems) == 164 and set(he.rewards) == {"public-tests"}
+    with pytest.raises(ArgumentError, match="task"):
+        load_task("gsm8k")
+    with pytest.raises(ArgumentError, match="data"):
+        load_task("math500")
+    with pytest.raises(ArgumentError, match="levels"):
+        load_task("humaneval", levels=[1])
+    with pytest.raises(ArgumentError, match="prompt"):
+        load_task("humaneval", prompt="fewshot")

@@ -85,7 +85,7 @@ def measure(kind: str, engine: sd.Backend, prompts: list[str], args: argparse.Na
     moves = res.trace.of("move")
     n_chain_moves = sum(len(m["accepted"]) for m in moves)
     reuse = diagnostics.suffix_reuse(res) or {"unchanged": 0.0}
-    invalid = sum(sum(m.get("invalid", [])) for m in moves)
+    invalid = sum(sum(m["invalid"]) for m in moves)
     cost = {k: res.counters[k] - base.counters[k] for k in ("decode_tokens", "forwards", "positions_computed")}
     wall = res.wall_time - base.wall_time
     log_p = diagnostics.chain_log_target(res) / args.alpha  # [P, chains, moves]: log p(x) after each move

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smcdecode.samplers.result import Result
+from smcdecode.samplers.result import MoveTrace, Result, StepTrace
 
 
 def weight_ess(log_w: Tensor, dim: int = -1) -> Tensor:
@@ -23,16 +23,16 @@ def weight_ess(log_w: Tensor, dim: int = -1) -> Tensor:
 
 
 def acceptance_by_block(result: Result) -> dict[int, float]:
-    acc: dict[int, list[float]] = {}
-    for rec in result.trace.of("move"):
-        block = int(rec.get("block", rec.get("step", 0)))
-        acc.setdefault(block, []).extend(float(a) for a in rec["accepted"])
-    return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+    """Per stage (MH block, or the SMC step a rejuvenation move ran at): fraction accepted."""
+    acc: dict[int, list[Tensor]] = {}
+    for m in result.trace.infos(MoveTrace):
+        acc.setdefault(m.stage, []).append(m.accepted)
+    return {k: float(torch.cat(v).double().mean()) for k, v in sorted(acc.items())}
 
 
 def acceptance_rate(result: Result) -> float | None:
-    moves = [float(a) for rec in result.trace.of("move") for a in rec["accepted"]]
-    return sum(moves) / len(moves) if moves else None
+    moves = result.trace.infos(MoveTrace)
+    return float(torch.cat([m.accepted for m in moves]).double().mean()) if moves else None
 
 
 def suffix_reuse(result: Result) -> dict[str, float] | None:
@@ -40,12 +40,11 @@ def suffix_reuse(result: Result) -> dict[str, float] | None:
     (``tokens`` = Σ reused / Σ |y|, |y| = |x'| − i for a suffix move, the block for an
     interior-block move) and the fraction of moves whose proposal was x itself, so needed no
     forward (``unchanged``; these count as accepted). None without move records."""
-    moves = [m for m in result.trace.of("move") if "reused" in m]
+    moves = result.trace.infos(MoveTrace)
     if not moves:
         return None
-    reused = torch.tensor([r for m in moves for r in m["reused"]], dtype=torch.float64)
-    sizes = [m["proposed"] if "proposed" in m else [n - i for n, i in zip(m["new_length"], m["index"])] for m in moves]
-    proposed = torch.tensor([p for s in sizes for p in s], dtype=torch.float64)
+    reused = torch.cat([m.reused for m in moves]).double()
+    proposed = torch.cat([m.proposed for m in moves]).double()
     return {
         "tokens": float(reused.sum() / proposed.sum().clamp_min(1)),
         "unchanged": float((reused == proposed).double().mean()),
@@ -54,12 +53,12 @@ def suffix_reuse(result: Result) -> dict[str, float] | None:
 
 def ess_trace(result: Result) -> tuple[Tensor, Tensor]:
     """(ESS [steps, P], resampled [steps, P] bool) of an SMC run."""
-    steps = result.trace.of("step")
+    steps = result.trace.infos(StepTrace)
     if not steps:
         return torch.zeros(0, len(result.samples)), torch.zeros(0, len(result.samples), dtype=torch.bool)
     return (
-        torch.tensor([r["ess"] for r in steps], dtype=torch.float64),
-        torch.tensor([r["resampled"] for r in steps], dtype=torch.bool),
+        torch.stack([s.ess.double().cpu() for s in steps]),
+        torch.stack([s.resampled.bool().cpu() for s in steps]),
     )
 
 
@@ -69,11 +68,11 @@ def unique_particles(result: Result) -> list[int]:
 
 def chain_log_target(result: Result) -> Tensor:
     """[P, chains, moves] log π of every chain after each move of an MH run."""
-    moves = result.trace.of("move")
+    moves = [m.log_target for m in result.trace.infos(MoveTrace) if m.log_target is not None]
     p = len(result.samples)
-    if not moves or "log_target" not in moves[0]:
+    if not moves:
         return torch.zeros(p, 0, 0)
-    x = torch.tensor([m["log_target"] for m in moves], dtype=torch.float64)  # [moves, P*chains]
+    x = torch.stack([t.double().cpu() for t in moves])  # [moves, P*chains]
     return x.T.reshape(p, -1, x.shape[0])
 
 

@@ -164,7 +164,7 @@ def test_block_mh_matches_exact_target(engine, name):
     check_scalars(res.samples[0], ex)
     moves = res.trace.of("move")
     assert {m["kernel"] for m in moves} == {"block"}
-    interior = [i + 2 < n for m in moves for i, n in zip(m["index"], m["old_length"])]  # e = i + span < |x|
+    interior = [i + 2 < n for m in moves for i, n in zip(m["i"], m["old_length"])]  # e = i + span < |x|
     assert any(interior) and not all(interior)  # both interior and tail moves ran
 
 
@@ -259,7 +259,7 @@ def test_rescoring_runs_every_stream_and_the_proposals_own_q(engine, name):
         a and r < p and i + 1 < n  # accepted, changed the block, interior (e = i + span < |x|)
         for m in res.trace.of("move")
         if m["kernel"] == "block"
-        for a, r, p, i, n in zip(m["accepted"], m["reused"], m["proposed"], m["index"], m["old_length"])
+        for a, r, p, i, n in zip(m["accepted"], m["reused"], m["proposed"], m["i"], m["old_length"])
     ]
     assert any(moved)  # accepted interior moves that changed the block (their suffix was rescored)
 

@@ -14,7 +14,7 @@ from smcdecode import proposals as Q
 from smcdecode import samplers as S
 from smcdecode import targets as T
 from smcdecode.cli import main
-from smcdecode.samplers.result import Result
+from smcdecode.samplers.result import MoveTrace, Result
 from smcdecode.spec import parse_method, parse_proposal, parse_target
 from smcdecode.testing import tiny_llama
 
@@ -68,6 +68,13 @@ def test_cli_plot_draws_pngs_from_saved_results(tmp_path):
     res.save(str(path))
     again = Result.load(str(path))
     assert again.log_evidence == res.log_evidence and again.trace.records == res.trace.records
+    assert D.acceptance_by_block(again) == D.acceptance_by_block(res) and D.acceptance_rate(res) is not None
+    assert torch.equal(D.ess_trace(again)[0], D.ess_trace(res)[0].double())
+    # a move record written before the typed trace (SuffixMH's block/step keys) still loads
+    old = {"kind": "move", "block": 2, "step": 1, "accepted": [True, False], "index": [0, 1], "reused": [0, 0]}
+    old.update(old_length=[2, 3], new_length=[3, 3], log_target=[-1.0, -2.0])
+    (m,) = Result.from_dict({"samples": [], "trace": [old]}).trace.infos(MoveTrace)
+    assert (m.stage, m.sweep, m.kernel, m.proposed.tolist(), m.invalid.tolist()) == (2, 1, "suffix", [3, 2], [0, 0])
     assert main(["plot", str(path), "--out", str(tmp_path / "plots")]) == 0
     for name in ("ess.png", "acceptance.png", "loglik.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 1000
@@ -97,7 +104,12 @@ def test_suffix_reuse_by_hand():
 
     trace = Trace()
     # proposals of 4, 2 and 3 tokens (new_length − index), of which 4, 1 and 0 kept from x
-    trace.log("move", index=[0, 1, 2], new_length=[4, 3, 5], reused=[4, 1, 0], accepted=[True, True, False])
+    t = torch.tensor
+    index, new = t([0, 1, 2]), t([4, 3, 5])
+    move = MoveTrace(1, 0, "suffix", t([True, True, False]), index, t([4, 1, 0]), new - index, t([False] * 3), new, new)
+    trace.log(move)
+    with pytest.raises(TypeError, match="MoveTrace"):
+        trace.log({"kind": "move"})
     res = Result([[]], [None], trace)
     assert D.suffix_reuse(res) == pytest.approx({"tokens": 5 / 9, "unchanged": 1 / 3})
     assert D.summary(res)["reused_tokens"] == pytest.approx(5 / 9)
@@ -115,7 +127,7 @@ def test_mh_diagnostics_from_a_run():
     assert x[1, 2, 3] == pytest.approx(moves[3]["log_target"][4 + 2])  # prompt 1, chain 2, move 3
     acc = D.acceptance_by_block(res)
     assert set(acc) == {1, 2}
-    first = [a for m in moves if m["block"] == 1 for a in m["accepted"]]
+    first = [a for m in moves if m["stage"] == 1 for a in m["accepted"]]
     assert acc[1] == pytest.approx(sum(first) / len(first))
     assert D.chain_ess(x).shape == (2,) and D.summary(res)["max_rhat"] is not None
     assert D.unique_particles(res)[0] <= 4

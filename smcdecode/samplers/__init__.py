@@ -7,7 +7,7 @@ from smcdecode.samplers.block_lookahead import BlockLookahead
 from smcdecode.samplers.block_mh import BlockMH
 from smcdecode.samplers.pool import RolloutPool
 from smcdecode.samplers.resampling import SCHEMES, multinomial, residual, stratified, systematic
-from smcdecode.samplers.result import Result, Sample, Trace
+from smcdecode.samplers.result import ExtendTrace, MoveTrace, Result, Sample, StepTrace, Trace
 from smcdecode.samplers.smc import SMC
 from smcdecode.samplers.suffix_mh import SuffixMH
 
@@ -22,6 +22,9 @@ __all__ = [
     "Result",
     "Sample",
     "Trace",
+    "MoveTrace",
+    "StepTrace",
+    "ExtendTrace",
     "ess",
     "SCHEMES",
     "multinomial",

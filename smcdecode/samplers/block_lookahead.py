@@ -49,7 +49,7 @@ from smcdecode.proposals.tempered import Tempered
 from smcdecode.samplers.base import Sampler, bar
 from smcdecode.samplers.core import Drawn, collect, logmeanexp, make_problem, start_chains
 from smcdecode.samplers.resampling import SCHEMES
-from smcdecode.samplers.result import Result, Trace
+from smcdecode.samplers.result import Result, StepTrace, Trace
 from smcdecode.samplers.weights import Weights
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import StepView
@@ -171,8 +171,8 @@ class BlockLookahead(Sampler):
                 # 3. choose a block per particle
                 pick, _ = sample(torch.log_softmax(log_w, dim=-1), None, None, u_sel[rows])  # [A]
                 sel = torch.arange(a, device=dev) * big_l + pick  # [A] candidate row
+                incr = torch.zeros(b_all, device=dev)
                 if self.exact:
-                    incr = torch.zeros(b_all, device=dev)
                     incr[rows] = logmeanexp(log_w, dim=-1) - chains.current_twist()[rows]
                     weights = weights.add(incr)
                 # 4. the chosen block becomes the particle's: one teacher-forced forward
@@ -214,7 +214,7 @@ class BlockLookahead(Sampler):
                     weights = weights.resampled(resample)
                     decoder.select(flat)
                     chains = chains.index_select(flat)
-                trace.log("step", step=step, ess=ess, resampled=resample, log_z_increment=weights.log_mean)
+                trace.log(StepTrace(step, ess, resample, Weights(incr.view(n_prompts, n)).log_mean))
                 decoder.compact()
                 pbar.update(max(0, min(int(chains.length.max()), t_max) - pbar.n))
                 step += 1

@@ -28,7 +28,7 @@ from smcdecode.proposals.base import Proposal
 from smcdecode.samplers import kernels
 from smcdecode.samplers.base import Sampler, bar, check_target_proposal
 from smcdecode.samplers.core import collect, extend, make_problem, start_chains
-from smcdecode.samplers.result import Result, Trace
+from smcdecode.samplers.result import ExtendTrace, MoveTrace, Result, Trace
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
 
@@ -80,7 +80,7 @@ class BlockMH(Sampler):
                 old = cur.length.clone()
                 extend(problem, decoder, cur, horizon)
                 problem.update_psi(cur, everyone, partial_ok=False)
-                trace.log("extend", block=k, old_length=old, new_length=cur.length.clone())
+                trace.log(ExtendTrace(k, old, cur.length.clone()))
                 pbar.update(1)
                 for s in range(self.steps):
                     move += 1
@@ -93,19 +93,20 @@ class BlockMH(Sampler):
                         assert info.proposed is not None and info.invalid is not None
                         proposed, invalid = info.proposed, info.invalid
                     trace.log(
-                        "move",
-                        block=k,
-                        step=s,
-                        kernel=kernel,
-                        horizon=horizon,
-                        accepted=info.accepted,
-                        index=info.i,
-                        reused=info.reused,
-                        proposed=proposed,
-                        invalid=invalid,
-                        old_length=info.old_length,
-                        new_length=info.new_length,
-                        log_target=problem.log_target(cur),
+                        MoveTrace(
+                            stage=k,
+                            sweep=s,
+                            kernel=kernel,
+                            accepted=info.accepted,
+                            i=info.i,
+                            reused=info.reused,
+                            proposed=proposed,
+                            invalid=invalid,
+                            old_length=info.old_length,
+                            new_length=info.new_length,
+                            horizon=horizon,
+                            log_target=problem.log_target(cur),
+                        )
                     )
                     pbar.update(1)
         return collect(problem, cur, None, trace)

@@ -19,7 +19,7 @@ from smcdecode.proposals.eglr import EGLR
 from smcdecode.proposals.tempered import Tempered
 from smcdecode.samplers.ancestral import Ancestral
 from smcdecode.samplers.base import Sampler
-from smcdecode.samplers.result import Result, Sample, Trace
+from smcdecode.samplers.result import CellTrace, Result, Sample, Trace
 from smcdecode.stopping import StopSet
 
 
@@ -58,7 +58,7 @@ class RolloutPool(Sampler):
                 for s in per:
                     s.meta = {"span": span, "temperature": temp}
             pooled = res.samples if pooled is None else [a + b for a, b in zip(pooled, res.samples)]
-            trace.log("cell", span=span, temperature=temp, wall_time=res.wall_time)
+            trace.log(CellTrace(span, temp, res.wall_time))
         assert pooled is not None
         for per in pooled:
             for s in per:

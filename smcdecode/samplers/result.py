@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import torch
+from torch import Tensor
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -20,25 +23,92 @@ class Sample:
     meta: dict[str, Any] | None = None  # e.g. the RolloutPool cell that drew it
 
 
+class ExtendTrace(NamedTuple):
+    """An MH sampler grew every chain to its next horizon (trace kind ``extend``); [B] per row."""
+
+    block: int  # 1-based MH block
+    old_length: Tensor  # long
+    new_length: Tensor  # long
+
+
+class MoveTrace(NamedTuple):
+    """One MH move of every row (kind ``move``); tensors [B], one per row."""
+
+    stage: int  # the MH block it ran in (SuffixMH, BlockMH; 1-based) or the SMC step it rejuvenated
+    sweep: int  # the move's index within its stage
+    kernel: str  # "suffix" or "block"
+    accepted: Tensor  # bool
+    i: Tensor  # long: the regeneration point (a block move: the block's start)
+    reused: Tensor  # long: proposal tokens kept from the current state
+    proposed: Tensor  # long: tokens the proposal covered (suffix: |x'| − i)
+    invalid: Tensor  # bool: the proposal left the sequence space (A = 0)
+    old_length: Tensor  # long: |x|
+    new_length: Tensor  # long: |x'|
+    horizon: int | None = None  # the length cap in force (MH samplers)
+    log_target: Tensor | None = None  # log π of each chain after the move (MH samplers)
+
+
+class StepTrace(NamedTuple):
+    """One SMC step (kind ``step``); tensors [P], one per prompt."""
+
+    step: int
+    ess: Tensor  # effective sample size before resampling
+    resampled: Tensor  # bool
+    log_z_increment: Tensor  # log of the mean incremental weight
+    horizon: int | None = None  # the length every particle has reached (token-synchronous SMC)
+    unique: Tensor | None = None  # distinct ancestors after the step
+
+
+class ShrinkTrace(NamedTuple):
+    """SuffixMH dropped finished rows from its batch (kind ``shrink``)."""
+
+    iteration: int
+    rows: int  # rows left
+
+
+class CellTrace(NamedTuple):
+    """One cell of a RolloutPool grid (kind ``cell``)."""
+
+    span: int
+    temperature: float
+    wall_time: float
+
+
+KINDS: dict[str, Any] = {
+    "extend": ExtendTrace,
+    "move": MoveTrace,
+    "step": StepTrace,
+    "shrink": ShrinkTrace,
+    "cell": CellTrace,
+}
+_KIND_OF = {cls: kind for kind, cls in KINDS.items()}
+
+
 class Trace:
-    """Per-step diagnostics. ``log(kind, **values)`` keeps tensors on device (no sync); ``records``
-    converts them to Python lists once, at the end."""
+    """Per-step diagnostics as typed infos (:data:`KINDS`). ``log(info)`` keeps tensors on the
+    device (no sync); :meth:`infos` returns them by type (what :mod:`smcdecode.diagnostics`
+    reads); ``records`` converts them to JSON-ready dicts once, at the end."""
 
     def __init__(self) -> None:
-        self._raw: list[tuple[str, dict[str, Any]]] = []
+        self._infos: list[Any] = []
         self._records: list[dict[str, Any]] | None = None
 
-    def log(self, kind: str, **values: Any) -> None:
-        self._raw.append((kind, values))
+    def log(self, info: Any) -> None:
+        if type(info) not in _KIND_OF:
+            raise TypeError(f"trace infos are one of {sorted(c.__name__ for c in _KIND_OF)}, got {type(info).__name__}")
+        self._infos.append(info)
         self._records = None
+
+    def infos(self, cls: type[T]) -> list[T]:
+        return [i for i in self._infos if isinstance(i, cls)]
 
     @property
     def records(self) -> list[dict[str, Any]]:
         if self._records is None:
             out = []
-            for kind, values in self._raw:
-                rec: dict[str, Any] = {"kind": kind}
-                for k, v in values.items():
+            for info in self._infos:
+                rec: dict[str, Any] = {"kind": _KIND_OF[type(info)]}
+                for k, v in info._asdict().items():
                     rec[k] = v.detach().cpu().tolist() if isinstance(v, torch.Tensor) else v
                 out.append(rec)
             self._records = out
@@ -46,6 +116,33 @@ class Trace:
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r["kind"] == kind]
+
+    @classmethod
+    def from_records(cls, records: list[dict[str, Any]]) -> Trace:
+        """The inverse of :attr:`records` (lists become CPU tensors). Move records written before
+        the typed trace (``block``/``step`` and ``step``/``rejuvenation`` instead of
+        ``stage``/``sweep``) are read too; unknown kinds are skipped."""
+        trace = cls()
+        for rec in records:
+            rec = dict(rec)
+            info_cls = KINDS.get(rec.pop("kind", ""))
+            if info_cls is None:
+                continue
+            if info_cls is MoveTrace and "stage" not in rec:
+                stage, sweep = ("block", "step") if "block" in rec else ("step", "rejuvenation")
+                rec["stage"], rec["sweep"], rec["i"] = rec.pop(stage), rec.pop(sweep, 0), rec.pop("index")
+                n = len(rec["accepted"])
+                rec.setdefault("kernel", "suffix")
+                rec.setdefault("proposed", [b - a for a, b in zip(rec["i"], rec["new_length"])])
+                rec.setdefault("invalid", [False] * n)
+            values: dict[str, Any] = {k: _tensor(v) if isinstance(v, list) else v for k, v in rec.items()}
+            trace.log(info_cls(**{k: v for k, v in values.items() if k in info_cls._fields}))
+        return trace
+
+
+def _tensor(values: list[Any]) -> Tensor:
+    t = torch.tensor(values)
+    return torch.tensor(values, dtype=torch.float64) if t.is_floating_point() else t  # exact round trip
 
 
 @dataclass
@@ -73,11 +170,7 @@ class Result:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
-        trace = Trace()
-        for rec in d.get("trace", []):
-            rec = dict(rec)
-            kind = rec.pop("kind")
-            trace.log(kind, **rec)
+        trace = Trace.from_records(d.get("trace", []))
         samples = [[Sample(**s) for s in per] for per in d["samples"]]
         return cls(
             samples,

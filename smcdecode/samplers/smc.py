@@ -55,7 +55,7 @@ from smcdecode.samplers.base import Sampler, bar, check_target_proposal
 from smcdecode.samplers.core import Anneal, collect, extend, make_problem, start_chains
 from smcdecode.samplers.kernels import MoveInfo, block_move, mh_move
 from smcdecode.samplers.resampling import SCHEMES
-from smcdecode.samplers.result import Result, Trace
+from smcdecode.samplers.result import MoveTrace, Result, StepTrace, Trace
 from smcdecode.samplers.weights import Weights
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
@@ -188,13 +188,14 @@ class SMC(Sampler):
                     decoder.select(rows)
                     chains = chains.index_select(rows)
                 trace.log(
-                    "step",
-                    step=step,
-                    horizon=horizon,
-                    ess=ess,
-                    resampled=resample,
-                    log_z_increment=Weights(incr.view(n_prompts, n)).log_mean,
-                    unique=_unique_counts(idx),
+                    StepTrace(
+                        step=step,
+                        ess=ess,
+                        resampled=resample,
+                        log_z_increment=Weights(incr.view(n_prompts, n)).log_mean,
+                        horizon=horizon,
+                        unique=_unique_counts(idx),
+                    )
                 )
                 if self.rejuvenate and any_resample:
                     h_mh, a_mh = int(chains.length.max()), alpha_t if anneal is not None else None
@@ -216,7 +217,7 @@ class SMC(Sampler):
                                 q_schedule=anneal,
                                 partial_ok=True,
                             )
-                        trace.log("move", step=step, rejuvenation=s, kernel=kernel, **_move_record(info))
+                        trace.log(_move_trace(step, s, kernel, info))
                 decoder.compact()
                 pbar.update(max(0, min(horizon, max_new_tokens) - pbar.n))
                 step += 1
@@ -239,17 +240,20 @@ class SMC(Sampler):
         )
 
 
-def _move_record(info: MoveInfo) -> dict[str, torch.Tensor]:
-    rec = {
-        "accepted": info.accepted,
-        "index": info.i,
-        "reused": info.reused,
-        "old_length": info.old_length,
-        "new_length": info.new_length,
-    }
-    if info.proposed is not None and info.invalid is not None:
-        rec.update(proposed=info.proposed, invalid=info.invalid)
-    return rec
+def _move_trace(step: int, sweep: int, kernel: str, info: MoveInfo) -> MoveTrace:
+    """The trace of a rejuvenation move at SMC step ``step``."""
+    return MoveTrace(
+        stage=step,
+        sweep=sweep,
+        kernel=kernel,
+        accepted=info.accepted,
+        i=info.i,
+        reused=info.reused,
+        proposed=info.new_length - info.i if info.proposed is None else info.proposed,
+        invalid=torch.zeros_like(info.accepted) if info.invalid is None else info.invalid,
+        old_length=info.old_length,
+        new_length=info.new_length,
+    )
 
 
 def _unique_counts(idx: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler, bar, check_target_proposal
 from smcdecode.samplers.core import CHECK_EVERY, Decoder, Problem, collect, make_problem, start_chains
 from smcdecode.samplers.kernels import MoveInfo
-from smcdecode.samplers.result import Result, Trace
+from smcdecode.samplers.result import ExtendTrace, MoveTrace, Result, ShrinkTrace, Trace
 from smcdecode.samplers.schedule import Moves, Rows, RowsPlan, Schedule, async_step
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
@@ -120,7 +120,7 @@ class SuffixMH(Sampler):
                         out.put(sch.ids[sch.done], cur.index_select(torch.nonzero(sch.done).view(-1)))
                         left = torch.nonzero(~sch.done).view(-1)
                         decoder.keep_rows(left)
-                        trace.log("shrink", iteration=iteration, rows=int(left.shape[0]))
+                        trace.log(ShrinkTrace(iteration, int(left.shape[0])))
                         problem.rng.select(left)
                         rows = Rows(cur.index_select(left), prop.index_select(left), sch.index_select(left))
                         sch = rows.sch
@@ -129,20 +129,26 @@ class SuffixMH(Sampler):
                 if iteration % COMPACT_EVERY == 0:
                     decoder.compact()
         for k in range(n_blocks):
-            trace.log("extend", block=k + 1, old_length=ext["old"][:, k].long(), new_length=ext["new"][:, k].long())
+            trace.log(ExtendTrace(k + 1, ext["old"][:, k].long(), ext["new"][:, k].long()))
             for s in range(n_steps):
                 mi = k * n_steps + s
+                accepted, index = hist["accepted"][:, mi].bool(), hist["index"][:, mi].long()
+                new = hist["new"][:, mi].long()
                 trace.log(
-                    "move",
-                    block=k + 1,
-                    step=s,
-                    horizon=min((k + 1) * self.block_size, t_max),
-                    accepted=hist["accepted"][:, mi].bool(),
-                    index=hist["index"][:, mi].long(),
-                    reused=hist["reused"][:, mi].long(),
-                    old_length=hist["old"][:, mi].long(),
-                    new_length=hist["new"][:, mi].long(),
-                    log_target=hist["lt"][:, mi],
+                    MoveTrace(
+                        stage=k + 1,
+                        sweep=s,
+                        kernel="suffix",
+                        accepted=accepted,
+                        i=index,
+                        reused=hist["reused"][:, mi].long(),
+                        proposed=new - index,
+                        invalid=torch.zeros_like(accepted),
+                        old_length=hist["old"][:, mi].long(),
+                        new_length=new,
+                        horizon=min((k + 1) * self.block_size, t_max),
+                        log_target=hist["lt"][:, mi],
+                    )
                 )
         return collect(problem, out, None, trace)
 

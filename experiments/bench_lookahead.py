@@ -5,7 +5,8 @@ Per (model, task, method) it runs ``smcdecode.evaluate.run_eval`` one problem pe
 (resumable: rerun the same command and finished problems are skipped), then reads the records
 back and reports per problem:
 
-* accuracy (pass@1 / exact answer);
+* accuracy (pass@1 / exact answer) and the answer's length in tokens (weighted by the samples'
+  normalised weights);
 * decode tokens (kept work: the sampler's own rows) and rollout tokens (lookahead work), both
   from the backend's counters: the *work*, which is what wall time tracks on a compute-bound CPU;
 * sequential forwards (the backend's ``forwards`` counter, every forward of the call, rollouts
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -81,6 +83,11 @@ def tasks(names: list[str], limit: int, data: str | None, tokenizer: object) -> 
         task.adapter.problems = task.adapter.problems[:limit]
         out[name] = (task.adapter, parse_stop(None, task.stop))
     return out
+
+
+def weighted_length(rec: dict) -> float:
+    """Σ_s W_s · |x_s| over the record's samples (W: their normalised weights)."""
+    return sum(math.exp(s["log_weight"]) * s["tokens"] for s in rec["samples"])
 
 
 def main() -> None:
@@ -130,6 +137,7 @@ def main() -> None:
                 "spec": spec,
                 "problems": len(recs),
                 "accuracy": sum(bool(r["correct"]) for r in recs) / n,
+                "length": sum(weighted_length(r) for r in recs) / n,
                 "decode_tokens": mean("decode_tokens"),
                 "rollout_tokens": mean("rollout_tokens"),
                 "forwards": mean("forwards"),
@@ -143,13 +151,14 @@ def main() -> None:
                     name,
                     row["problems"],
                     f"{row['accuracy']:.3f}",
+                    f"{row['length']:.0f}",
                     f"{row['decode_tokens']:.0f}",
                     f"{row['rollout_tokens']:.0f}",
                     f"{row['forwards']:.0f}",
                     f"{row['wall_s']:.2f}",
                 ]
             )
-    header = ["task", "method", "problems", "accuracy", "decode tok", "rollout tok", "forwards", "wall s"]
+    header = ["task", "method", "problems", "accuracy", "length", "decode tok", "rollout tok", "forwards", "wall s"]
     print("per problem:")
     print_table(header, rows)
     by = {(r["task"], r["method"]): r for r in payload}

@@ -75,16 +75,21 @@ def test_smc_with_lookahead_matches_exact_power(engine, ex, setting, twist):
     assert c["forwards"] >= c["rollout_forwards"]
 
 
-@pytest.mark.parametrize("twist", [False, True])
-def test_smc_with_lookahead_evidence_is_unbiased(engine, ex, twist):
-    """E[Ẑ/Z] = 1 with the poorest settings (K = 2, M = 1, H = 1) and resampling at every step."""
-    reps = 300
+def evidence_ratio(engine, ex, twist: bool, reps: int = 300):
+    """(result, Ẑ/Z per replicate, its standard error): SMC + Lookahead with K = 2, M = 1, H = 1,
+    8 particles resampled at every step, ``reps`` independent copies of the prompt."""
     proposal = Q.Lookahead(ALPHA, candidates=2, rollouts=1, horizon=1)
     res = S.SMC(T.Power(ALPHA), proposal, particles=8, ess_threshold=1.0, twist=twist).run(
         engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=13
     )
     ratio = torch.tensor(res.log_evidence, dtype=torch.float64).sub(ex.log_z).exp()
-    se = float(ratio.std()) / math.sqrt(reps)
+    return res, ratio, float(ratio.std()) / math.sqrt(reps)
+
+
+@pytest.mark.parametrize("twist", [False, True])
+def test_smc_with_lookahead_evidence_is_unbiased(engine, ex, twist):
+    """E[Ẑ/Z] = 1 with the poorest settings (K = 2, M = 1, H = 1) and resampling at every step."""
+    res, ratio, se = evidence_ratio(engine, ex, twist)
     print(f"\nSMC + Lookahead (K=2, M=1, H=1) twist={twist}: E[Z^/Z] = {float(ratio.mean()):.4f} +- {se:.4f}")
     assert abs(float(ratio.mean()) - 1.0) < 3 * se + 1e-9
     assert any(any(r["resampled"]) for r in res.trace.of("step"))
@@ -145,13 +150,7 @@ def test_mutation_not_dividing_by_the_stored_twist_is_detected(engine, ex, monke
     Π_t Ẑ(x_≤t) in the weights, and the evidence check that passes with the right bookkeeping
     (test_smc_with_lookahead_evidence_is_unbiased, same settings and seed) fails: E[Ẑ/Z] ≈ 0.5."""
     monkeypatch.setattr(core, "twist_increment", lambda chains, drawn: drawn.log_twist)
-    reps = 300
-    proposal = Q.Lookahead(ALPHA, candidates=2, rollouts=1, horizon=1)
-    res = S.SMC(T.Power(ALPHA), proposal, particles=8, ess_threshold=1.0, twist=True).run(
-        engine, [PROMPT] * reps, max_new_tokens=MAX_NEW, seed=13
-    )
-    ratio = torch.tensor(res.log_evidence, dtype=torch.float64).sub(ex.log_z).exp()
-    se = float(ratio.std()) / math.sqrt(reps)
+    _, ratio, se = evidence_ratio(engine, ex, twist=True)
     assert abs(float(ratio.mean()) - 1.0) > 3 * se, f"the mutation went unnoticed: {float(ratio.mean()):.4f} ± {se:.4f}"
 
 

@@ -202,9 +202,7 @@ def test_mh_move_costs_regenerated_tokens_and_no_prefill(engine):
     )
     moves = res.trace.of("move")
     assert len(moves) == 6 and all(len(m["accepted"]) == 6 for m in moves)
-    regenerated = sum(
-        n - i - r for m in moves for n, i, r in zip(m["new_length"], m["i"], m["reused"], strict=True)
-    )
+    regenerated = sum(n - i - r for m in moves for n, i, r in zip(m["new_length"], m["i"], m["reused"], strict=True))
     reused = [r for m in moves for r in m["reused"]]
     assert min(reused) >= 0 and sum(reused) > 0
     (extension,) = res.trace.of("extend")

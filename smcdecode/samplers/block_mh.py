@@ -28,7 +28,7 @@ from smcdecode.proposals.base import Proposal
 from smcdecode.samplers import kernels
 from smcdecode.samplers.base import Sampler, bar, check_target_proposal
 from smcdecode.samplers.core import collect, extend, make_problem, start_chains
-from smcdecode.samplers.result import ExtendTrace, MoveTrace, Result, Trace
+from smcdecode.samplers.result import ExtendTrace, Result, Trace
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
 
@@ -87,27 +87,9 @@ class BlockMH(Sampler):
                     kernel = self.kernel(move)
                     if kernel == "suffix":
                         cur, info = kernels.mh_move(problem, decoder, cur, horizon)
-                        proposed, invalid = info.new_length - info.i, torch.zeros_like(info.accepted)
                     else:
                         cur, info = kernels.block_move(problem, decoder, cur, horizon, self.span)
-                        assert info.proposed is not None and info.invalid is not None
-                        proposed, invalid = info.proposed, info.invalid
-                    trace.log(
-                        MoveTrace(
-                            stage=k,
-                            sweep=s,
-                            kernel=kernel,
-                            accepted=info.accepted,
-                            i=info.i,
-                            reused=info.reused,
-                            proposed=proposed,
-                            invalid=invalid,
-                            old_length=info.old_length,
-                            new_length=info.new_length,
-                            horizon=horizon,
-                            log_target=problem.log_target(cur),
-                        )
-                    )
+                    trace.log(kernels.move_trace(k, s, kernel, info, horizon, problem.log_target(cur)))
                     pbar.update(1)
         return collect(problem, cur, None, trace)
 

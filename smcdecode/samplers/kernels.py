@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from smcdecode.samplers.core import CHECK_EVERY, Anneal, Chains, Decoder, Problem, extend
+from smcdecode.samplers.result import MoveTrace
 from smcdecode.samplers.rng import Rng
 
 
@@ -63,6 +64,26 @@ class MoveInfo(NamedTuple):
     new_length: Tensor  # |x'|
     proposed: Tensor | None = None  # tokens the proposal covered (block moves: e' − i; suffix: |x'| − i)
     invalid: Tensor | None = None  # bool: the proposal left the sequence space (block moves; A = 0)
+
+
+def move_trace(
+    stage: int, sweep: int, kernel: str, info: MoveInfo, horizon: int | None = None, log_target: Tensor | None = None
+) -> MoveTrace:
+    """The trace record of a decided move (``stage``: the MH block or SMC step it ran at)."""
+    return MoveTrace(
+        stage=stage,
+        sweep=sweep,
+        kernel=kernel,
+        accepted=info.accepted,
+        i=info.i,
+        reused=info.reused,
+        proposed=info.new_length - info.i if info.proposed is None else info.proposed,
+        invalid=torch.zeros_like(info.accepted) if info.invalid is None else info.invalid,
+        old_length=info.old_length,
+        new_length=info.new_length,
+        horizon=horizon,
+        log_target=log_target,
+    )
 
 
 def mh_log_accept(

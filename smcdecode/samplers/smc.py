@@ -53,9 +53,9 @@ from smcdecode.errors import ArgumentError, ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
 from smcdecode.samplers.base import Sampler, bar, check_target_proposal
 from smcdecode.samplers.core import Anneal, collect, extend, make_problem, start_chains
-from smcdecode.samplers.kernels import MoveInfo, block_move, mh_move
+from smcdecode.samplers.kernels import block_move, mh_move, move_trace
 from smcdecode.samplers.resampling import SCHEMES
-from smcdecode.samplers.result import MoveTrace, Result, StepTrace, Trace
+from smcdecode.samplers.result import Result, StepTrace, Trace
 from smcdecode.samplers.weights import Weights
 from smcdecode.stopping import StopSet
 from smcdecode.targets.base import Potential
@@ -217,7 +217,7 @@ class SMC(Sampler):
                                 q_schedule=anneal,
                                 partial_ok=True,
                             )
-                        trace.log(_move_trace(step, s, kernel, info))
+                        trace.log(move_trace(step, s, kernel, info))
                 decoder.compact()
                 pbar.update(max(0, min(horizon, max_new_tokens) - pbar.n))
                 step += 1
@@ -238,22 +238,6 @@ class SMC(Sampler):
             f"ess_threshold={self.ess_threshold:g}, resampling={self.resampling!r}, {how}, "
             f"rejuvenate={self.rejuvenate}{extra})"
         )
-
-
-def _move_trace(step: int, sweep: int, kernel: str, info: MoveInfo) -> MoveTrace:
-    """The trace of a rejuvenation move at SMC step ``step``."""
-    return MoveTrace(
-        stage=step,
-        sweep=sweep,
-        kernel=kernel,
-        accepted=info.accepted,
-        i=info.i,
-        reused=info.reused,
-        proposed=info.new_length - info.i if info.proposed is None else info.proposed,
-        invalid=torch.zeros_like(info.accepted) if info.invalid is None else info.invalid,
-        old_length=info.old_length,
-        new_length=info.new_length,
-    )
 
 
 def _unique_counts(idx: torch.Tensor) -> torch.Tensor:

@@ -100,33 +100,41 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {sorted(METHODS)}")
     ap.add_argument("--out", default="runs/bench_lookahead", help="record directories (default runs/bench_lookahead)")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--summary-only", action="store_true", help="summarise the records so far; run nothing")
     args = ap.parse_args()
     if "math500" in args.tasks.split(",") and not args.data:
         ap.error("--data: give the MATH-500 JSONL (a 'problem', 'answer', 'level' per line) for the math500 task")
     torch.set_num_threads(os.cpu_count() or 1)
-    engine = sd.Engine.embedded() if args.model == "embedded" else sd.Engine.from_pretrained(resolve(args.model))
+    engine = None
+    if not args.summary_only:
+        engine = sd.Engine.embedded() if args.model == "embedded" else sd.Engine.from_pretrained(resolve(args.model))
     rows, payload = [], []
-    for task_name, (task, stop) in tasks(args.tasks.split(","), args.limit, args.data, engine.tokenizer).items():
+    tokenizer = getattr(engine, "tokenizer", None)  # raw prompts: only a chat template would need it
+    for task_name, (task, stop) in tasks(args.tasks.split(","), args.limit, args.data, tokenizer).items():
         for name in args.methods.split(","):
             spec = METHODS[name]
             sampler = parse_method(spec, {}).sampler
             out = os.path.join(args.out, f"{args.model}-{task_name}-{name}")
             os.makedirs(out, exist_ok=True)
-            t0 = time.perf_counter()
-            path = run_eval(
-                task,
-                engine,
-                sampler,
-                method_name(spec),
-                out,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=1,  # one problem per call: the counters (forwards above all) are its own
-                stop=stop,  # type: ignore[arg-type]
-                continuous=False,
-                progress=True,
-            )
+            t0, path = time.perf_counter(), os.path.join(out, "results.jsonl")
+            if engine is not None:
+                path = run_eval(
+                    task,
+                    engine,
+                    sampler,
+                    method_name(spec),
+                    out,
+                    max_new_tokens=args.max_new_tokens,
+                    batch_size=1,  # one problem per call: the counters (forwards above all) are its own
+                    stop=stop,  # type: ignore[arg-type]
+                    continuous=False,
+                    progress=True,
+                )
             ran = time.perf_counter() - t0
-            recs = [json.loads(x) for x in open(path)]
+            if not os.path.exists(path):
+                continue
+            wanted = {p["unique_id"] for p in task.problems}
+            recs = [r for r in map(json.loads, open(path)) if r["uid"] in wanted]
             recs = [r for r in recs if "error" not in r]
             n = max(1, len(recs))
             mean = lambda key: sum(float(r.get(key) or 0) for r in recs) / n  # noqa: E731
@@ -142,7 +150,7 @@ def main() -> None:
                 "rollout_tokens": mean("rollout_tokens"),
                 "forwards": mean("forwards"),
                 "wall_s": mean("wall_time"),
-                "this_run_s": ran,
+                "this_run_s": ran if engine is not None else None,
             }
             payload.append(row)
             rows.append(

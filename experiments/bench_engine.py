@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from smcdecode.proposals import Tempered, sample
-from smcdecode.targets import StepView
 
 from smcdecode import Engine
+from smcdecode.proposals import Tempered, sample
+from smcdecode.readouts import Layer
 
 from common import best_of, print_table, write_results  # type: ignore[import-not-found]
 
@@ -34,10 +34,9 @@ PROMPTS = [
 def engine_decode(engine: Engine, prompts: list[str], new_tokens: int, layers: tuple[int, ...], seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     proposal = Tempered(1.0)
-    batch, r = engine.prefill(prompts, layers=layers)
+    batch, r = engine.prefill(prompts, [Layer(i) for i in layers])
     for _ in range(new_tokens):
-        view = StepView(r.log_p, r.layers)
-        tok, _lq = sample(proposal.log_q(view, lambda v: None), gen)
+        tok, _lq = sample(proposal.log_q(r, lambda v: None), gen)
         r = engine.decode(batch, tok)
 
 

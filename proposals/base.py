@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from smcdecode.targets.base import Requirements, StepView
 from torch import Tensor
+
+from smcdecode.readouts import Readouts, Requirements
 
 if TYPE_CHECKING:
     from smcdecode.backends import Backend, Batch
     from smcdecode.stopping import StopSet
 
-TargetFactor = Callable[[StepView], "Tensor | None"]
+TargetFactor = Callable[[Readouts], "Tensor | None"]
 
 
 @dataclass
@@ -56,13 +57,13 @@ class Proposal:
         return Requirements()
 
     def propose(
-        self, view: StepView, target_factor: TargetFactor, ctx: Context | None = None
+        self, view: Readouts, target_factor: TargetFactor, ctx: Context | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """(normalised log q [B, V], log twist [B, V] or None): the twist of x_≤t = x_<t ⊕ v for
         every v, a positive function of the state and of this draw's auxiliary variables."""
         return self.log_q(view, target_factor), None
 
-    def log_q(self, view: StepView, target_factor: TargetFactor) -> Tensor:
+    def log_q(self, view: Readouts, target_factor: TargetFactor) -> Tensor:
         """Normalised log q_t(v) for every v, [B, V] (−inf where q is 0)."""
         raise NotImplementedError  # abstract
 

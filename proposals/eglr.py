@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from smcdecode.proposals.base import Proposal, TargetFactor
-from smcdecode.targets.base import Requirements, StepView
 from torch import Tensor
 
 from smcdecode.distributions import entropy, kl
 from smcdecode.errors import ArgumentError, check_finite, check_finite_positive, check_int
+from smcdecode.proposals.base import Proposal, TargetFactor
+from smcdecode.readouts import HIDDEN, Readouts, Requirements
 
 if TYPE_CHECKING:
     from smcdecode.backends import Backend
@@ -42,18 +42,19 @@ class EGLR(Proposal):
     def requirements(self, engine: Backend) -> Requirements:
         if self.span > engine.num_layers:
             raise ArgumentError("span", f"must lie in 1..{engine.num_layers}, got {self.span}")
-        return Requirements(hidden=self.max_iters > 0)
+        return Requirements(frozenset({HIDDEN}) if self.max_iters > 0 else frozenset())
 
-    def recursed_log_p(self, view: StepView) -> tuple[Tensor, Tensor, Tensor]:
+    def recursed_log_p(self, view: Readouts) -> tuple[Tensor, Tensor, Tensor]:
         """(log p_K [B, V], iterations run per row [B], gated rows [B] bool)."""
         log_p = view.log_p
         gated = entropy(log_p) > self.entropy_threshold  # [B]
         iters = torch.zeros_like(gated, dtype=torch.long)
         if self.max_iters == 0 or not bool(gated.any()):
             return log_p, iters, gated
-        if view.hidden is None or view.recur is None:
-            raise ArgumentError("proposal", "EGLR needs the sampler to provide hidden states (requirements.hidden)")
-        h, cur, active = view.hidden, log_p, gated.clone()
+        h = view.get(HIDDEN)
+        if h is None or view.recur is None:
+            raise ArgumentError("proposal", "EGLR needs the sampler to provide the HIDDEN readout and recur")
+        cur, active = log_p, gated.clone()
         for _ in range(self.max_iters):
             h_new, lp_new = view.recur(h, self.span)  # [B, D], [B, V]
             h = torch.where(active[:, None], h_new.to(h.dtype), h)
@@ -65,7 +66,7 @@ class EGLR(Proposal):
                 break
         return cur, iters, gated
 
-    def log_q(self, view: StepView, target_factor: TargetFactor) -> Tensor:
+    def log_q(self, view: Readouts, target_factor: TargetFactor) -> Tensor:
         log_p, _, _ = self.recursed_log_p(view)
         if self.temperature == 1.0:
             return log_p

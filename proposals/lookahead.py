@@ -49,12 +49,12 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-from smcdecode.proposals.base import Context, Proposal, TargetFactor, sample
-from smcdecode.targets.base import StepView
 from torch import Tensor
 
 from smcdecode.distributions import entropy
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, check_finite_positive, check_int
+from smcdecode.proposals.base import Context, Proposal, TargetFactor, sample
+from smcdecode.readouts import Readouts
 
 if TYPE_CHECKING:
     from smcdecode.backends import Backend, Batch
@@ -94,7 +94,7 @@ class Lookahead(Proposal):
             None if entropy_threshold is None else check_finite("entropy_threshold", entropy_threshold)
         )
 
-    def log_q(self, view: StepView, target_factor: TargetFactor) -> Tensor:
+    def log_q(self, view: Readouts, target_factor: TargetFactor) -> Tensor:
         raise ArgumentTypeError(
             "proposal", "Lookahead's q depends on rollouts drawn by a sampler; use it inside Ancestral, SMC or SuffixMH"
         )
@@ -108,7 +108,7 @@ class Lookahead(Proposal):
             roll &= entropy(log_p) > self.entropy_threshold
         return roll
 
-    def propose(self, view: StepView, target_factor: TargetFactor, ctx: Context | None = None) -> tuple[Tensor, Tensor]:
+    def propose(self, view: Readouts, target_factor: TargetFactor, ctx: Context | None = None) -> tuple[Tensor, Tensor]:
         if ctx is None:
             self.log_q(view, target_factor)  # raises: no closed form without a sampler's rows
         assert ctx is not None

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-from smcdecode.proposals.base import Proposal, TargetFactor
-from smcdecode.targets.base import StepView
 from torch import Tensor
 
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, check_finite_positive
+from smcdecode.proposals.base import Proposal, TargetFactor
+from smcdecode.readouts import Readouts
 
 NORMAL_MIN_LOG = math.log(torch.finfo(torch.float32).tiny)
 
@@ -52,7 +52,7 @@ class Tempered(Proposal):
         self.top_k = top_k
         self.top_p = top_p
 
-    def log_q(self, view: StepView, target_factor: TargetFactor) -> Tensor:
+    def log_q(self, view: Readouts, target_factor: TargetFactor) -> Tensor:
         if self.temperature == 1.0:
             log_q = view.log_p  # already normalised
         else:
@@ -67,7 +67,7 @@ class Tempered(Proposal):
 class LocallyOptimal(Proposal):
     """q_t ∝ the target's token factor (the variance-minimising prefix-only proposal)."""
 
-    def log_q(self, view: StepView, target_factor: TargetFactor) -> Tensor:
+    def log_q(self, view: Readouts, target_factor: TargetFactor) -> Tensor:
         f = target_factor(view)
         if f is None:
             raise ArgumentTypeError("proposal", "LocallyOptimal needs a target with token factors")

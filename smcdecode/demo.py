@@ -19,7 +19,8 @@ from typing import Any
 
 from smcdecode import proposals, samplers, targets
 from smcdecode.backends import Backend, Engine
-from smcdecode.samplers.result import Result, Sample
+from smcdecode.evaluate import choose
+from smcdecode.samplers.result import Result
 from smcdecode.tasks import arithmetic
 
 
@@ -31,12 +32,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def pick(samples: list[Sample], rng: random.Random) -> Sample:
-    """One sample drawn with probability exp(log_weight) (uniform for Ancestral / MH)."""
-    weights = [math.exp(s.log_weight) for s in samples]
-    return rng.choices(samples, weights=weights, k=1)[0]
 
 
 def methods(alpha: float) -> list[tuple[str, samplers.Sampler]]:
@@ -106,7 +101,7 @@ def run_demo(
             rng = random.Random(seed)
             correct, ll, ntok = 0, 0.0, 0
             for prob, per in zip(probs, res.samples):
-                s = pick(per, rng)
+                s = per[choose(per, [], "sample", rng)]  # drawn by weight (uniform for one sample)
                 ok = arithmetic.grade(prob, s.text)
                 correct += ok
                 ll += s.log_p

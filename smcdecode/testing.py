@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcdecode.backends import Backend, Engine, Readout
+from smcdecode.backends import Backend, Engine
 from smcdecode.errors import ArgumentError
 from smcdecode.proposals.base import Proposal
+from smcdecode.readouts import Layer, Readouts
 from smcdecode.stopping import StopSet, StopSpec, stop_set
-from smcdecode.targets.base import Potential, Sequences, StepView
+from smcdecode.targets.base import Potential, Sequences
 
 # ---------------------------------------------------------------------------------- tiny models
 
@@ -147,24 +148,23 @@ class Exact:
 
 def _views(
     engine: Backend, target: Potential | None, proposal: Proposal | None, prompt: list[int], seqs: list[tuple[int, ...]]
-) -> list[tuple[int, StepView, list[int]]]:
-    """Per generated position t: the StepView of the rows that have a token t (from one
+) -> list[tuple[int, Readouts, list[int]]]:
+    """Per generated position t: the Readouts of the rows that have a token t (from one
     uncached forward over prompt + x per engine/stream), and which rows those are."""
     req = target.requirements(engine) if target is not None else None
     if proposal is not None:
         r2 = proposal.requirements(engine)
         req = r2 if req is None else req | r2
-    layers = sorted(req.layers) if req is not None else []
     full = [prompt + list(s) for s in seqs]
     want_hidden = req is not None and req.hidden
-    batch, main = engine.forward_batch(full, layers=layers, hidden=want_hidden)
+    batch, main = engine.forward_batch(full, req.backend_keys() if req is not None else ())
     q = main.log_p.shape[1]
-    aux: dict[str, tuple[Tensor, int, int]] = {}
+    aux: dict[Any, tuple[Tensor, int, int]] = {}
     for a in req.aux if req is not None else ():
         eng = a.engine if a.engine is not None else engine
-        ctx = eng.encode([a.prompt])[0] if a.prompt is not None else prompt  # type: ignore[arg-type]
+        ctx = a.prompt_ids(eng) or prompt
         r = eng.forward([ctx + list(s) for s in seqs])
-        aux[a.key] = (r.log_p, r.log_p.shape[1], len(ctx))
+        aux[a] = (r.log_p, r.log_p.shape[1], len(ctx))
     out = []
     t_max = max(len(s) for s in seqs)
     for t in range(t_max):
@@ -172,14 +172,11 @@ def _views(
         ridx = torch.tensor(rows)
         # position predicting x_t: the token before it sits at index len(prompt)+t-1 of the row
         col = torch.tensor([q - len(full[i]) + len(prompt) + t - 1 for i in rows])
-        view = StepView(
-            main.log_p[ridx, col],
-            {k: v[ridx, col] for k, v in main.layers.items()},
+        view = main.map(lambda v: v[ridx, col]).merged(
             {
                 k: lp[ridx, torch.tensor([qa - (plen + len(seqs[i])) + plen + t - 1 for i in rows])]
                 for k, (lp, qa, plen) in aux.items()
-            },
-            None if main.hidden is None else main.hidden[ridx, col],
+            }
         )
         if want_hidden:  # re-apply layers over this forward's cache, attending to positions < P+t−1
             position = torch.full((len(rows),), len(prompt) + t - 1)
@@ -325,9 +322,10 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     readouts too when the backend has the ``layers`` capability."""
     assert backend.vocab_size >= 7, "check_backend needs a vocabulary of at least 7 ids"
     layers = (0, 1, backend.num_layers) if "layers" in backend.capabilities else ()
+    keys = [Layer(i) for i in layers]
     prompts = [[1, 2, 3], [4, 2], [2, 2, 5, 6, 1, 3, 4, 5, 6, 2]]  # ragged: prefilled in two groups
     n = 2
-    batch, out = backend.start(prompts, n, layers=layers)
+    batch, out = backend.start(prompts, n, keys)
     seqs = [list(p) for p in prompts for _ in range(n)]
     gen = torch.Generator().manual_seed(0)
 
@@ -336,15 +334,15 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     ) -> None:
         ctx = seqs if contexts is None else contexts
         for r in range(len(ctx)) if rows is None else rows:
-            want = backend.prefill([ctx[r]], layers=layers)[1]
+            want = backend.prefill([ctx[r]], keys)[1]
             got_p = readout.log_p[r].float().cpu()
             if not torch.allclose(got_p, want.log_p[0].float().cpu(), atol=atol, rtol=0):
                 raise AssertionError(f"{op}: row {r} (context {ctx[r]}) reads a different next-token distribution")
             if contexts is not None:
                 continue  # a fork computes no layer readouts
-            for layer in layers:
-                if not torch.allclose(readout.layers[layer][r].cpu(), want.layers[layer][0].cpu(), atol=atol, rtol=0):
-                    raise AssertionError(f"{op}: row {r}, layer {layer} readout differs")
+            for key in keys:
+                if not torch.allclose(readout[key][r].cpu(), want[key][0].cpu(), atol=atol, rtol=0):
+                    raise AssertionError(f"{op}: row {r}, {key} readout differs")
 
     def draw(readout: Any) -> Tensor:
         return torch.multinomial(readout.log_p.float().exp().cpu(), 1, generator=gen).view(-1).to(backend.device)
@@ -471,12 +469,10 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
             s + block[r, 3 - int(n_tok[r]) :][: j + 1 - (3 - int(n_tok[r]))].tolist() for r, s in enumerate(step_seqs)
         ]
         rows_j = [r for r in range(3) if j >= 3 - int(n_tok[r])]
-        check(
-            f"score position {j}", Readout(scored.log_p[:, j], {k: v[:, j] for k, v in scored.layers.items()}), rows_j
-        )
+        check(f"score position {j}", scored.column(j), rows_j)
         seqs = step_seqs
     seqs = [s + block[r, 3 - int(n_tok[r]) :].tolist() for r, s in enumerate(seqs)]
-    tok = draw(Readout(scored.log_p[:, -1]))
+    tok = draw(scored.column(-1))
     out = backend.decode(batch, tok)
     fed += 3
     seqs = [s + [t] for s, t in zip(seqs, tok.tolist())]
@@ -510,15 +506,13 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
         before_j = [list(s) for s in seqs]
         for r in rows_j:
             seqs[r] = seqs[r] + block[r, q - int(n_tok[r]) : j + 1].tolist()
-        at_j = Readout(scored.log_p[:, j], {k: v[:, j] for k, v in scored.layers.items()})
-        check(f"ragged score after truncate, position {j}", at_j, rows_j)
+        check(f"ragged score after truncate, position {j}", scored.column(j), rows_j)
         seqs = before_j
     seqs[0] = seqs[0] + block[0].tolist()
     seqs[2] = seqs[2] + block[2, 2:].tolist()
     backend.restore_rows(batch, torch.tensor([False, False, True], device=backend.device))
     seqs[2] = old2
-    last = Readout(scored.log_p[:, -1], {k: v[:, -1] for k, v in scored.layers.items()})
-    out = last.where(torch.tensor([True, False, False], device=backend.device), out)
+    out = scored.column(-1).where(torch.tensor([True, False, False], device=backend.device), out)
     tok = draw(out)
     out = backend.decode(batch, tok)
     fed += 3

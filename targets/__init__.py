@@ -1,14 +1,7 @@
 """Target potentials (importable only as ``smcdecode.targets``)."""
 
-from smcdecode.targets.base import (
-    AuxStream,
-    Potential,
-    Product,
-    Requirements,
-    Scaled,
-    Sequences,
-    StepView,
-)
+from smcdecode.readouts import Readouts, Requirements
+from smcdecode.targets.base import Potential, Product, Scaled, Sequences
 from smcdecode.targets.lm import (
     LM,
     Contrast,
@@ -31,9 +24,8 @@ __all__ = [
     "Product",
     "Scaled",
     "Requirements",
-    "StepView",
+    "Readouts",
     "Sequences",
-    "AuxStream",
     "dola_candidates",
     "js_divergence",
 ]

@@ -2,100 +2,30 @@
 
     log π(x) = Σ_t log φ_t(x_t | c, x_<t) + log ψ(c, x),
 
-token factors φ computed from the engine's readouts at each step plus sequence potentials ψ.
+token factors φ computed from the backend's readouts at each step (``smcdecode.readouts``) plus
+sequence potentials ψ.
 
 Algebra: ``a * b`` is the product of densities (log densities add: both the token factors and the
 sequence potentials); ``a ** k`` scales a log density by k (a power of the density). Each potential
-declares in :meth:`Potential.requirements` what the engine must compute (layer readouts, auxiliary
-streams), so one forward pass serves every factor of a product.
+declares in :meth:`Potential.requirements` the readout keys it reads (``Layer(L)``, ``Aux(...)``,
+``HIDDEN``), so one forward pass serves every factor of a product.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite
+from smcdecode.readouts import Readouts, Requirements
 
 if TYPE_CHECKING:
     from smcdecode.backends import Backend
-
-
-@dataclass(frozen=True)
-class AuxStream:
-    """A second forward stream fed the same continuation tokens: another engine (contrastive
-    decoding's amateur) and/or another prompt (classifier-free guidance's unconditional
-    context). ``engine=None`` means the main engine; ``prompt=None`` means the row's own prompt."""
-
-    engine: Any = None
-    prompt: Any = None
-
-    @property
-    def key(self) -> str:
-        return f"aux-{id(self.engine)}-{hash(_freeze(self.prompt))}"
-
-
-def _freeze(prompt: Any) -> Any:
-    if prompt is None or isinstance(prompt, str):
-        return prompt
-    return tuple(int(t) for t in prompt)
-
-
-@dataclass(frozen=True)
-class Requirements:
-    """What the engine must compute at every step for a potential or proposal."""
-
-    layers: frozenset[int] = frozenset()
-    aux: tuple[AuxStream, ...] = ()
-    hidden: bool = False  # the last decoder layer's output (latent recursion)
-
-    def __or__(self, other: Requirements) -> Requirements:
-        aux = tuple({a.key: a for a in (*self.aux, *other.aux)}.values())
-        return Requirements(self.layers | other.layers, aux, self.hidden or other.hidden)
-
-    def capabilities(self) -> tuple[str, ...]:
-        """The optional backend capabilities these requirements need (see ``Backend.require``)."""
-        return (("layers",) if self.layers else ()) + (("hidden", "reapply") if self.hidden else ())
-
-
-@dataclass
-class StepView:
-    """Engine outputs for the current step of every row: ``log_p`` [B, V] (final layer),
-    ``layers[L]`` [B, V] (layer readouts) and ``aux[key]`` [B, V] (auxiliary streams), all
-    float32 log-softmax."""
-
-    log_p: Tensor
-    layers: dict[int, Tensor] = field(default_factory=dict)
-    aux: dict[str, Tensor] = field(default_factory=dict)
-    hidden: Tensor | None = None  # [B, D] last decoder layer output, when required
-    #: ``recur(hidden, span) -> (hidden', log_p')`` re-applies the top ``span`` layers at this
-    #: step's position (bound by the sampler to the live cache just before a proposal is used)
-    recur: Callable[[Tensor, int], tuple[Tensor, Tensor]] | None = None
-
-    def index_select(self, idx: Tensor) -> StepView:
-        return StepView(
-            self.log_p[idx],
-            {k: v[idx] for k, v in self.layers.items()},
-            {k: v[idx] for k, v in self.aux.items()},
-            None if self.hidden is None else self.hidden[idx],
-        )
-
-    def where(self, mask: Tensor, other: StepView) -> StepView:
-        m = mask[:, None]
-        h = None
-        if self.hidden is not None and other.hidden is not None:
-            h = torch.where(m, self.hidden, other.hidden)
-        return StepView(
-            torch.where(m, self.log_p, other.log_p),
-            {k: torch.where(m, v, other.layers[k]) for k, v in self.layers.items()},
-            {k: torch.where(m, v, other.aux[k]) for k, v in self.aux.items()},
-            h,
-        )
 
 
 @dataclass
@@ -129,9 +59,11 @@ class Potential:
     prefix: bool = False
 
     def requirements(self, engine: Backend) -> Requirements:
+        """The readout keys this potential reads, checked against ``engine`` (pure: nothing is
+        stored; the keys may depend on the model's depth)."""
         return Requirements()
 
-    def token_log_factor(self, view: StepView) -> Tensor | None:
+    def token_log_factor(self, view: Readouts) -> Tensor | None:
         """log φ_t(v) for every vocabulary item v, [B, V]; None when this potential has no token
         factor (it then contributes 0)."""
         return None
@@ -173,7 +105,7 @@ class Product(Potential):
             req = req | f.requirements(engine)
         return req
 
-    def token_log_factor(self, view: StepView) -> Tensor | None:
+    def token_log_factor(self, view: Readouts) -> Tensor | None:
         parts = [p for f in self.factors if (p := f.token_log_factor(view)) is not None]
         return None if not parts else torch.stack(parts).sum(0)
 
@@ -208,7 +140,7 @@ class Scaled(Potential):
     def requirements(self, engine: Backend) -> Requirements:
         return self.base.requirements(engine)
 
-    def token_log_factor(self, view: StepView) -> Tensor | None:
+    def token_log_factor(self, view: Readouts) -> Tensor | None:
         f = self.base.token_log_factor(view)
         return None if f is None else self.exponent * f
 

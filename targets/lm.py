@@ -18,19 +18,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from smcdecode.targets.base import (
-    AuxStream,
-    Potential,
-    Requirements,
-    Scaled,
-    StepView,
-    check_plausibility,
-    log_relative_top_mask,
-)
 from torch import Tensor
 
 from smcdecode.distributions import entropy, js_divergence
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite, check_finite_positive
+from smcdecode.readouts import Aux, Layer, Readouts, Requirements
+from smcdecode.targets.base import Potential, Scaled, check_plausibility, log_relative_top_mask
 
 if TYPE_CHECKING:
     from smcdecode.backends import Backend
@@ -42,7 +35,7 @@ class LM(Potential):
     def __init__(self, temperature: float = 1.0):
         self.temperature = check_finite_positive("temperature", temperature)
 
-    def token_log_factor(self, view: StepView) -> Tensor:
+    def token_log_factor(self, view: Readouts) -> Tensor:
         if self.temperature == 1.0:
             return view.log_p
         return torch.log_softmax(view.log_p / self.temperature, dim=-1)
@@ -132,40 +125,37 @@ class LayerContrast(Potential):
             if candidates not in ("low", "high"):
                 raise ArgumentError("candidates", f"unknown preset {candidates!r}; use 'low' or 'high'")
         self.candidates = candidates
-        self._resolved: tuple[int, ...] | None = None
 
-    def _layers(self, engine: Backend) -> tuple[int, ...]:
-        if self.layer == "dynamic":
-            cands = (
-                dola_candidates(engine.num_layers, self.candidates)
-                if isinstance(self.candidates, str)
-                else list(self.candidates)
-            )
-            if not cands:
-                raise ArgumentError("candidates", "no candidate layers")
-            layers = engine.check_layers(cands)
-        else:
-            layers = engine.check_layers([int(self.layer)])
+    def _candidates(self, num_layers: int) -> list[int]:
+        if self.layer != "dynamic":
+            return [int(self.layer)]
+        if isinstance(self.candidates, str):
+            return dola_candidates(num_layers, self.candidates)
+        return list(self.candidates)
+
+    def requirements(self, engine: Backend) -> Requirements:
+        cands = self._candidates(engine.num_layers)
+        if not cands:
+            raise ArgumentError("candidates", "no candidate layers")
+        layers = engine.check_layers(cands)
         if engine.num_layers in layers:
             raise ArgumentError(
                 "layer", f"layer {engine.num_layers} is the final layer itself; use 0..{engine.num_layers - 1}"
             )
-        return layers
+        return Requirements(frozenset(Layer(i) for i in layers))
 
-    def requirements(self, engine: Backend) -> Requirements:
-        self._resolved = self._layers(engine)
-        return Requirements(layers=frozenset(self._resolved))
-
-    def premature(self, view: StepView) -> Tensor:
+    def premature(self, view: Readouts) -> Tensor:
         """log p_L per row: the fixed layer, or per row the candidate of largest JS divergence."""
         if self.layer != "dynamic":
-            return view.layers[int(self.layer)]
-        cands = self._resolved if self._resolved is not None else tuple(sorted(view.layers))
-        stacked = torch.stack([view.layers[c] for c in cands])  # [C, B, V]
+            return view[Layer(int(self.layer))]
+        if isinstance(self.candidates, str) and view.num_layers is None:
+            raise ArgumentError("view", "a DoLa preset needs the readouts' num_layers (set by the backend)")
+        cands = sorted(set(self._candidates(view.num_layers or 0)))
+        stacked = torch.stack([view[Layer(c)] for c in cands])  # [C, B, V]
         choice = js_divergence(view.log_p[None], stacked).argmax(0)  # [B]
         return stacked.gather(0, choice[None, :, None].expand(1, *stacked.shape[1:]))[0]
 
-    def token_log_factor(self, view: StepView) -> Tensor:
+    def token_log_factor(self, view: Readouts) -> Tensor:
         return _guided(view.log_p, self.premature(view), self.beta, self.plausibility)
 
     def __repr__(self) -> str:
@@ -192,7 +182,7 @@ class Contrast(Potential):
         if prompt is not None and not isinstance(prompt, str):
             if not isinstance(prompt, Sequence) or not all(isinstance(t, int) for t in prompt):
                 raise ArgumentTypeError("prompt", "expected a string or a list of token ids")
-        self.stream = AuxStream(engine=amateur, prompt=prompt)
+        self.stream = Aux(engine=amateur, prompt=prompt)
 
     def requirements(self, engine: Backend) -> Requirements:
         amateur = self.stream.engine
@@ -201,10 +191,10 @@ class Contrast(Potential):
                 "amateur",
                 f"vocabulary size {amateur.vocab_size} differs from the main model's {engine.vocab_size}",
             )
-        return Requirements(aux=(self.stream,))
+        return Requirements(frozenset({self.stream}))
 
-    def token_log_factor(self, view: StepView) -> Tensor:
-        return _guided(view.log_p, view.aux[self.stream.key], self.beta, self.plausibility)
+    def token_log_factor(self, view: Readouts) -> Tensor:
+        return _guided(view.log_p, view[self.stream], self.beta, self.plausibility)
 
     def __repr__(self) -> str:
         kind = "amateur" if self.stream.engine is not None else "prompt"

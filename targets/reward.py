@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from smcdecode.targets.base import Potential, Sequences
 from torch import Tensor
 
 from smcdecode.errors import ArgumentTypeError, RewardError, check_finite
+from smcdecode.targets.base import Potential, Sequences
 
 
 class Reward(Potential):

@@ -14,6 +14,7 @@ import torch
 from smcdecode import Engine, ReferenceBackend, proposals, samplers
 from smcdecode.backends import CapabilityError
 from smcdecode.backends.rows import Rows
+from smcdecode.readouts import Layer
 from smcdecode.testing import check_backend, tiny_gemma3, tiny_gpt2, tiny_llama
 
 MODELS = {
@@ -35,11 +36,12 @@ def test_backends_agree_on_layer_readouts():
     model = tiny_gemma3(vocab=8)
     hf, ref = Engine(model, eos_token_ids=[0]), ReferenceBackend(model, eos_token_ids=[0])
     seqs = [[1, 2, 3, 4, 5], [6, 2]]
-    a, b = hf.forward(seqs, layers=(0, 1, 3)), ref.forward(seqs, layers=(0, 1, 3))
+    keys = [Layer(0), Layer(1), Layer(3)]
+    a, b = hf.forward(seqs, keys), ref.forward(seqs, keys)
     torch.testing.assert_close(a.log_p[0], b.log_p[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(a.log_p[1, -2:], b.log_p[1, -2:], atol=1e-4, rtol=0)
-    for layer in (0, 1, 3):
-        torch.testing.assert_close(a.layers[layer][0], b.layers[layer][0], atol=1e-4, rtol=0)
+    for key in keys:
+        torch.testing.assert_close(a[key][0], b[key][0], atol=1e-4, rtol=0)
 
 
 def test_check_backend_catches_rows_that_lose_a_refed_prompt_token(monkeypatch):

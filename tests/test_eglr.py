@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from smcdecode.targets.base import StepView
 
 from smcdecode import ArgumentError, Engine
 from smcdecode import proposals as Q
 from smcdecode import samplers as S
 from smcdecode import targets as T
+from smcdecode.readouts import HIDDEN, Layer, Readouts
 from smcdecode.testing import check_proposal, chi2_pvalue, exact, tiny_gpt2, tiny_llama
 
 PROMPT = [1, 2]
@@ -24,9 +24,8 @@ def engine():
 
 def live_view(engine, prompts, tokens):
     """Prefill + one decode with hidden states, and the recur handle bound to the live cache."""
-    batch, _ = engine.prefill(prompts, hidden=True)
-    r = engine.decode(batch, torch.tensor(tokens))
-    view = StepView(r.log_p, r.layers, {}, r.hidden)
+    batch, _ = engine.prefill(prompts, [HIDDEN])
+    view = engine.decode(batch, torch.tensor(tokens))
     view.recur = lambda h, span: engine.reapply(batch, h, span, batch.lengths - 1)
     return batch, view
 
@@ -69,13 +68,13 @@ def test_one_iteration_by_hand(engine):
     the first pass's inputs to li at earlier positions and the recursed state at the last one."""
     seq = [1, 2, 3, 3]
     _, view = live_view(engine, [seq[:-1]], [seq[-1]])
-    h_rec, lp_rec = view.recur(view.hidden, 2)
+    h_rec, lp_rec = view.recur(view[HIDDEN], 2)
     model, n = engine.model, engine.num_layers
     with torch.no_grad():
         inputs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states  # [k] = input to layer k
         pos = torch.arange(len(seq))[None]
         mask = torch.full((len(seq), len(seq)), float("-inf")).triu(1)[None, None]
-        h = view.hidden[0]
+        h = view[HIDDEN][0]
         for li in range(n - 2, n):
             x = inputs[li].clone()
             x[0, -1] = h
@@ -114,7 +113,7 @@ def test_entropy_gate_beta_by_hand():
     beta = gate(torch.stack([sharp, flat]))
     torch.testing.assert_close(beta, torch.tensor([[0.25], [-0.5]]))
     p_l = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    view = StepView(torch.stack([sharp, flat]), {1: torch.stack([p_l, p_l])})
+    view = Readouts(torch.stack([sharp, flat]), {Layer(1): torch.stack([p_l, p_l])})
     f = T.LayerContrast(layer=1, beta=gate).token_log_factor(view)
     for row, b in ((0, 0.25), (1, -0.5)):
         g = (1 - b) * view.log_p[row] + b * p_l

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smcdecode import ArgumentError, ArgumentTypeError, Engine
+from smcdecode import ArgumentError, ArgumentTypeError, Engine, Layer
 from smcdecode.testing import tiny_gemma3, tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gemma3": tiny_gemma3, "gpt2": tiny_gpt2}
@@ -90,17 +90,17 @@ def test_layer_readouts(name):
     engine = Engine(model, eos_token_ids=[0])
     n = engine.num_layers
     prompts = [[1, 2, 3, 1], [4, 2]]
-    batch, r = engine.prefill(prompts, layers=range(n + 1))
+    batch, r = engine.prefill(prompts, [Layer(i) for i in range(n + 1)])
     for i, p in enumerate(prompts):
-        torch.testing.assert_close(r.layers[n][i], r.log_p[i], atol=ATOL, rtol=0)  # L = N is the model
+        torch.testing.assert_close(r[Layer(n)][i], r.log_p[i], atol=ATOL, rtol=0)  # L = N is the model
         for layer in range(n):  # hidden_states[N] is already normed in HF: only L < N here
             torch.testing.assert_close(
-                r.layers[layer][i], independent_readout(model, name, p, layer), atol=1e-4, rtol=0
+                r[Layer(layer)][i], independent_readout(model, name, p, layer), atol=1e-4, rtol=0
             )
     r2 = engine.decode(batch, torch.tensor([2, 3]))
-    torch.testing.assert_close(r2.layers[n], r2.log_p, atol=ATOL, rtol=0)
+    torch.testing.assert_close(r2[Layer(n)], r2.log_p, atol=ATOL, rtol=0)
     torch.testing.assert_close(
-        r2.layers[1][0], independent_readout(model, name, prompts[0] + [2], 1), atol=1e-4, rtol=0
+        r2[Layer(1)][0], independent_readout(model, name, prompts[0] + [2], 1), atol=1e-4, rtol=0
     )
 
 
@@ -140,9 +140,9 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ArgumentError, match="longer than the context"):
         engine.prefill([[1] * 65])
     with pytest.raises(ArgumentError, match="layer"):
-        engine.prefill([[1]], layers=[engine.num_layers + 1])
+        engine.prefill([[1]], [Layer(engine.num_layers + 1)])
     with pytest.raises(ArgumentError, match="layer"):
-        engine.prefill([[1]], layers=[-1])
+        engine.prefill([[1]], [Layer(-1)])
     with pytest.raises(ArgumentTypeError, match="tokenizer"):
         engine.prefill(["hello"])
     with pytest.raises(ArgumentError, match="prompts"):

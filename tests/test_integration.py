@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import smcdecode as sd
+from smcdecode import Layer
 from smcdecode import proposals as Q
 from smcdecode import samplers as S
 from smcdecode import targets as T
@@ -30,8 +31,8 @@ def test_embedded_decodes_like_hf_generate(engine):
     res = S.Ancestral(Q.Tempered(1.0, top_k=1)).run(engine, [prompt], max_new_tokens=5, seed=0)
     assert res.samples[0][0].tokens == ref[: len(res.samples[0][0].tokens)]
     assert res.samples[0][0].text == engine.tokenizer.decode(res.samples[0][0].tokens, skip_special_tokens=True)
-    batch, r = engine.prefill([prompt], layers=[engine.num_layers, 10])
-    torch.testing.assert_close(r.layers[engine.num_layers], r.log_p, atol=1e-4, rtol=0)
+    batch, r = engine.prefill([prompt], [Layer(engine.num_layers), Layer(10)])
+    torch.testing.assert_close(r[Layer(engine.num_layers)], r.log_p, atol=1e-4, rtol=0)
 
 
 def test_power_samplers_run_on_the_real_model(engine):

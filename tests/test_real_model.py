@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import smcdecode as sd
-from smcdecode import models
+from smcdecode import Layer, models
 from smcdecode import proposals as Q
 from smcdecode import samplers as S
 
@@ -35,5 +35,5 @@ def test_qwen_loads_decodes_like_generate_and_reads_out_its_last_layer(engine):
         ref = engine.model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :].tolist()
     res = S.Ancestral(Q.Tempered(1.0, top_k=1)).run(engine, [prompt], max_new_tokens=6, seed=0)
     assert res.samples[0][0].tokens == ref[: len(res.samples[0][0].tokens)]
-    _, r = engine.prefill([prompt], layers=[engine.num_layers])
-    torch.testing.assert_close(r.layers[engine.num_layers], r.log_p, atol=1e-4, rtol=0)
+    _, r = engine.prefill([prompt], [Layer(engine.num_layers)])
+    torch.testing.assert_close(r[Layer(engine.num_layers)], r.log_p, atol=1e-4, rtol=0)

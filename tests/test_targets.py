@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from smcdecode.targets.base import StepView
 
 from smcdecode import ArgumentError, ArgumentTypeError, Engine, RewardError
 from smcdecode import proposals as Q
 from smcdecode import samplers as S
 from smcdecode import targets as T
+from smcdecode.readouts import Layer, Readouts
 from smcdecode.testing import check_algebra, check_potential, check_proposal, exact, tiny_llama
 
 PROMPT = [1, 2]
@@ -99,11 +99,9 @@ def test_top_p_keeps_the_smallest_nucleus_by_hand():
 
 
 def view_of(log_p, layers=None, aux=None):
-    return StepView(
-        torch.log_softmax(log_p, -1),
-        {k: torch.log_softmax(v, -1) for k, v in (layers or {}).items()},
-        {k: torch.log_softmax(v, -1) for k, v in (aux or {}).items()},
-    )
+    values = {Layer(k): torch.log_softmax(v, -1) for k, v in (layers or {}).items()}
+    values.update({k: torch.log_softmax(v, -1) for k, v in (aux or {}).items()})
+    return Readouts(torch.log_softmax(log_p, -1), values)
 
 
 def test_plausibility_mask_by_hand():
@@ -134,20 +132,20 @@ def test_dynamic_layer_choice_is_per_row_max_js():
     for row in range(3):
         p = view.log_p[row].exp()
         best, best_js = None, -1.0
-        for layer, lq in view.layers.items():
-            q = lq[row].exp()
+        for layer in (0, 2, 4):
+            q = view[Layer(layer)][row].exp()
             m = 0.5 * (p + q)
             js = 0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum()
             if js > best_js:
                 best, best_js = layer, float(js)
-        g = 1.5 * view.log_p[row] - 0.5 * view.layers[best][row]
+        g = 1.5 * view.log_p[row] - 0.5 * view[Layer(best)][row]
         torch.testing.assert_close(got[row], torch.log_softmax(g, -1))
     # rows differ in their choice in this fixture, so a batch-averaged choice would fail
     assert (
         len(
             {
                 int(js_arg)
-                for js_arg in torch.stack([T.js_divergence(view.log_p, view.layers[k]) for k in (0, 2, 4)]).argmax(0)
+                for js_arg in torch.stack([T.js_divergence(view.log_p, view[Layer(k)]) for k in (0, 2, 4)]).argmax(0)
             }
         )
         > 1

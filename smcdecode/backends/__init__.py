@@ -7,7 +7,7 @@
   samplers are checked against.
 """
 
-from smcdecode.backends.base import CAPABILITIES, Backend, Batch, CapabilityError, Prompts, Readout
+from smcdecode.backends.base import CAPABILITIES, Backend, Batch, CapabilityError, Prompts
 from smcdecode.backends.hf import Engine, HFBackend, embedded_model_path
 from smcdecode.backends.reference import ReferenceBackend
 from smcdecode.backends.rows import Rows
@@ -15,7 +15,6 @@ from smcdecode.backends.rows import Rows
 __all__ = [
     "Backend",
     "Batch",
-    "Readout",
     "Rows",
     "Prompts",
     "CAPABILITIES",

@@ -26,8 +26,10 @@ the forward and what it does to its cache on select and compaction. Optional cap
 :attr:`Backend.capabilities` and checked once per run against what the target and the proposal
 require (:meth:`Backend.require`).
 
-Readouts are float32 log-softmax tensors: ``log_p`` of the final logits and ``layers[L]`` of
-layer L's logit-lens readout (0 = embeddings, N = final layer, equal to ``log_p``).
+Readouts (:class:`~smcdecode.readouts.Readouts`) are float32 log-softmax tensors: ``log_p`` of the
+final logits plus, keyed, the readouts a batch was started with: ``Layer(L)``, layer L's logit-lens
+readout (0 = embeddings, N = final layer, equal to ``log_p``) and ``HIDDEN``, the last layer's
+output. ``Aux`` keys are not a backend's business: the sampler runs them as separate streams.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +45,7 @@ from torch import Tensor
 
 from smcdecode.backends.rows import Rows
 from smcdecode.errors import ArgumentError, ArgumentTypeError, SmcdecodeError
+from smcdecode.readouts import HIDDEN, Key, Layer, Readouts
 
 Prompts = Sequence[str] | Sequence[Sequence[int]]
 
@@ -58,49 +61,12 @@ class CapabilityError(SmcdecodeError, TypeError):
 
 
 @dataclass
-class Readout:
-    """Next-token distributions at one position per row ([B, V]), or at every scored position
-    ([B, Q, V]). ``log_p``: log softmax of the final logits; ``layers[L]``: of layer L's readout;
-    ``hidden``: output of the last decoder layer (before the final norm), when asked for."""
-
-    log_p: Tensor
-    layers: dict[int, Tensor] = field(default_factory=dict)
-    hidden: Tensor | None = None
-
-    def index_select(self, indices: Tensor) -> Readout:
-        h = None if self.hidden is None else self.hidden[indices]
-        return Readout(self.log_p[indices], {k: v[indices] for k, v in self.layers.items()}, h)
-
-    def where(self, mask: Tensor, other: Readout) -> Readout:
-        """Rows where ``mask`` is True from ``self``, the others from ``other``."""
-        m = mask.view(-1, *([1] * (self.log_p.dim() - 1)))
-        h = None
-        if self.hidden is not None and other.hidden is not None:
-            h = torch.where(mask.view(-1, *([1] * (self.hidden.dim() - 1))), self.hidden, other.hidden)
-        return Readout(
-            torch.where(m, self.log_p, other.log_p),
-            {k: torch.where(m, v, other.layers[k]) for k, v in self.layers.items()},
-            h,
-        )
-
-    @staticmethod
-    def cat(parts: Sequence[Readout]) -> Readout:
-        hs = [r.hidden for r in parts]
-        return Readout(
-            torch.cat([r.log_p for r in parts]),
-            {k: torch.cat([r.layers[k] for r in parts]) for k in parts[0].layers},
-            torch.cat([h for h in hs if h is not None]) if all(h is not None for h in hs) else None,
-        )
-
-
-@dataclass
 class Batch:
     """A backend's state for B rows: its cache (backend-specific) and the row bookkeeping."""
 
     cache: Any
     rows: Rows
-    layers: tuple[int, ...]  # layer readouts produced by every forward on this batch
-    hidden: bool = False  # also return the last decoder layer's output
+    readouts: tuple[Key, ...] = ()  # keys computed by every forward on this batch (Layer, HIDDEN)
     counter: str = "decode_tokens"  # what decode/score on this batch count ("rollout_tokens" on a fork)
 
     @property
@@ -122,6 +88,14 @@ class Batch:
     @property
     def shared(self) -> int:
         return self.rows.shared
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(k.index for k in self.readouts if isinstance(k, Layer))
+
+    @property
+    def hidden(self) -> bool:
+        return HIDDEN in self.readouts
 
 
 class Backend(ABC):
@@ -150,13 +124,13 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------ what subclasses implement
     @abstractmethod
-    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readout:
+    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readouts:
         """Append ``tokens`` [B, Q] (row b's real tokens are its last ``n_real[b]``) to the batch
         — cache and rows (``batch.rows.append``) — count them under ``kind``, and return the
         readouts after every position ([B, Q, V], ``keep_all``) or after the last one ([B, V])."""
 
     @abstractmethod
-    def _empty_batch(self, size: int, layers: tuple[int, ...], hidden: bool) -> Batch: ...
+    def _empty_batch(self, size: int, readouts: tuple[Key, ...]) -> Batch: ...
 
     def _select_cache(self, batch: Batch, idx: Tensor, start: int) -> None:
         """Reorder the cache's rows (columns from ``start`` on when the batch size is kept).
@@ -241,6 +215,22 @@ class Backend(ABC):
         other._eos = torch.tensor(other.eos_token_ids, device=self.device)
         return other
 
+    def check_readouts(self, readouts: Iterable[Key]) -> tuple[Key, ...]:
+        """The keys a forward of this backend will compute: ``Layer`` keys in 0..N (sorted, then
+        ``HIDDEN``); anything else, or a key whose capability is missing, raises."""
+        keys = set(readouts)
+        for key in keys:
+            if not isinstance(key, Layer) and key is not HIDDEN:
+                raise ArgumentTypeError(
+                    "readouts", f"{key!r} is not a backend readout (Layer(L) or HIDDEN; Aux keys are separate streams)"
+                )
+        layers = self.check_layers(k.index for k in keys if isinstance(k, Layer))
+        if layers:
+            self.require(("layers",), "layer readouts")
+        if HIDDEN in keys:
+            self.require(("hidden",), "the HIDDEN readout")
+        return (*(Layer(i) for i in layers), *((HIDDEN,) if HIDDEN in keys else ()))
+
     def check_layers(self, layers: Iterable[int]) -> tuple[int, ...]:
         out = []
         for layer in layers:
@@ -282,11 +272,9 @@ class Backend(ABC):
             self._rollout_forwards += 1
 
     # ------------------------------------------------------------------ operations
-    def _left_padded(
-        self, prompts: Prompts, layers: Iterable[int], hidden: bool = False
-    ) -> tuple[Batch, Tensor, Tensor]:
+    def _left_padded(self, prompts: Prompts, readouts: Iterable[Key]) -> tuple[Batch, Tensor, Tensor]:
         ids = self.encode(prompts)
-        batch = self._empty_batch(len(ids), self.check_layers(layers), hidden)
+        batch = self._empty_batch(len(ids), self.check_readouts(readouts))
         q = max(len(p) for p in ids)
         tokens = torch.zeros(len(ids), q, dtype=torch.long)
         for b, p in enumerate(ids):
@@ -296,10 +284,11 @@ class Backend(ABC):
 
     @torch.no_grad()
     def prefill(
-        self, prompts: Prompts, layers: Iterable[int] = (), max_padding: float = 0.25, hidden: bool = False
-    ) -> tuple[Batch, Readout]:
-        """Run the prompts (ragged lengths) and return the batch and the readout of the
-        next-token distribution after each prompt.
+        self, prompts: Prompts, readouts: Iterable[Key] = (), max_padding: float = 0.25
+    ) -> tuple[Batch, Readouts]:
+        """Run the prompts (ragged lengths) and return the batch and the readouts of the
+        next-token distribution after each prompt; every forward on the batch computes the keys
+        ``readouts`` (``Layer(L)``, ``HIDDEN``).
 
         One left-padded forward when padding would add at most ``max_padding`` of the real
         tokens; otherwise prompts are prefilled in groups of similar length and the caches are
@@ -310,14 +299,14 @@ class Backend(ABC):
             groups = [list(range(len(ids)))]  # one forward, in the given order
         parts = []
         for g in groups:
-            batch, tokens, n_real = self._left_padded([ids[i] for i in g], layers, hidden)
+            batch, tokens, n_real = self._left_padded([ids[i] for i in g], readouts)
             parts.append((batch, self._forward(batch, tokens, n_real, keep_all=False, kind="prefill_tokens")))
         if len(parts) == 1:
             return parts[0]
         batches = [b for b, _ in parts]
         rows = Rows.stack([b.rows for b in batches])
-        batch = Batch(self._concat_caches(batches, rows.width), rows, batches[0].layers, batches[0].hidden)
-        readout = Readout.cat([r for _, r in parts])
+        batch = Batch(self._concat_caches(batches, rows.width), rows, batches[0].readouts)
+        readout = Readouts.cat([r for _, r in parts])
         order = torch.empty(len(ids), dtype=torch.long)
         order[torch.tensor([i for g in groups for i in g])] = torch.arange(len(ids))
         self.select(batch, order.to(self.device))
@@ -325,33 +314,31 @@ class Backend(ABC):
 
     @torch.no_grad()
     def start(
-        self, prompt_ids: list[list[int]], rows_per_prompt: int, layers: Iterable[int] = (), hidden: bool = False
-    ) -> tuple[Batch, Readout]:
+        self, prompt_ids: list[list[int]], rows_per_prompt: int, readouts: Iterable[Key] = ()
+    ) -> tuple[Batch, Readouts]:
         """Prefill each prompt once and repeat it into ``rows_per_prompt`` rows (prompt-major);
         the rows of a prompt share its columns, so resampling within a prompt copies only what
         follows them."""
-        batch, readout = self.prefill(prompt_ids, layers=layers, hidden=hidden)
+        batch, readout = self.prefill(prompt_ids, readouts)
         rep = torch.arange(len(prompt_ids), device=self.device).repeat_interleave(rows_per_prompt)
         self.select(batch, rep)
         batch.rows.shared = batch.rows.width
         return batch, readout.index_select(rep)
 
     @torch.no_grad()
-    def forward(self, sequences: Prompts, layers: Iterable[int] = ()) -> Readout:
+    def forward(self, sequences: Prompts, readouts: Iterable[Key] = ()) -> Readouts:
         """One uncached forward over whole sequences (left-padded to Q): readouts at every
         position, [B, Q, V]. Row b's sequence occupies its last len(sequences[b]) positions."""
-        return self.forward_batch(sequences, layers)[1]
+        return self.forward_batch(sequences, readouts)[1]
 
     @torch.no_grad()
-    def forward_batch(
-        self, sequences: Prompts, layers: Iterable[int] = (), hidden: bool = False
-    ) -> tuple[Batch, Readout]:
+    def forward_batch(self, sequences: Prompts, readouts: Iterable[Key] = ()) -> tuple[Batch, Readouts]:
         """:meth:`forward`, also returning the batch whose cache holds the sequences."""
-        batch, tokens, n_real = self._left_padded(sequences, layers, hidden)
+        batch, tokens, n_real = self._left_padded(sequences, readouts)
         return batch, self._forward(batch, tokens, n_real, keep_all=True, kind="prefill_tokens")
 
     @torch.no_grad()
-    def decode(self, batch: Batch, tokens: Tensor, active: Tensor | None = None) -> Readout:
+    def decode(self, batch: Batch, tokens: Tensor, active: Tensor | None = None) -> Readouts:
         """Append one token per row (``tokens``: [B]) and return the next-token readout [B, V].
 
         Rows with ``active`` False are computed but their column is dead (never attended to).
@@ -361,13 +348,13 @@ class Backend(ABC):
         return self._forward(batch, tok.view(-1, 1), act.long(), keep_all=False, kind=batch.counter)
 
     @torch.no_grad()
-    def admit(self, batch: Batch, rows: Tensor, prompt_ids: list[list[int]]) -> Readout:
+    def admit(self, batch: Batch, rows: Tensor, prompt_ids: list[list[int]]) -> Readouts:
         """Rows ``rows`` (long [k], distinct) start afresh on ``prompt_ids`` (one prompt per row):
         their old context, snapshot and pending re-feed are dropped; the prompts are prefilled on
         their own (no forward over the batch's other rows) and their KV is written into new
-        columns. Returns the admitted rows' next-token readouts ([k], with the batch's layer and
-        hidden readouts). The other rows are unchanged. Used to keep a batch full: a finished
-        problem's rows take the next problem (dead columns go at the next compaction)."""
+        columns. Returns the admitted rows' next-token readouts ([k], with the batch's keys). The
+        other rows are unchanged. Used to keep a batch full: a finished problem's rows take the
+        next problem (dead columns go at the next compaction)."""
         idx = rows.to(self.device).long().view(-1)
         k = int(idx.shape[0])
         if k == 0 or bool(((idx < 0) | (idx >= batch.size)).any()) or int(idx.unique().shape[0]) != k:
@@ -377,13 +364,13 @@ class Backend(ABC):
         for p in prompt_ids:
             if not p or len(p) > self.max_positions:
                 raise ArgumentError("prompt_ids", f"a prompt needs 1 to {self.max_positions} tokens, got {len(p)}")
-        part, readout = self.prefill(prompt_ids, layers=batch.layers, hidden=batch.hidden)
+        part, readout = self.prefill(prompt_ids, batch.readouts)
         self._splice_cache(batch, part, idx)
         batch.rows.admit(idx, part.rows)
         return readout
 
     @torch.no_grad()
-    def score(self, batch: Batch, tokens: Tensor, n_tokens: Tensor | None = None) -> Readout:
+    def score(self, batch: Batch, tokens: Tensor, n_tokens: Tensor | None = None) -> Readouts:
         """Teacher-forced: append ``tokens`` [B, Q] to every row's context in one forward and
         return readouts at every position, [B, Q, V]: position j is the distribution of the token
         that follows ``tokens[:, :j+1]``.
@@ -416,7 +403,7 @@ class Backend(ABC):
         ``batch``'s row ``rows[r]`` — its cache columns and bookkeeping, a pending re-feed included
         — so decoding on it continues that row's context without any re-prefill. ``batch`` is
         untouched; the fork has no snapshot (``save_rows``), shares no prefix across rows, computes
-        no layer or hidden readouts, and counts its forwards as ``rollout_tokens`` /
+        no readouts beyond ``log_p``, and counts its forwards as ``rollout_tokens`` /
         ``rollout_forwards`` (lookahead work, reported apart from the sampler's own decode work).
         ``reserve``: columns the fork is expected to grow by (a preallocating cache makes room).
         Cost: a copy of the R rows' cache."""
@@ -426,7 +413,7 @@ class Backend(ABC):
         if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
             raise ArgumentError("reserve", f"must be an int >= 0, got {reserve!r}")
         cache = self._fork_cache(batch, idx, reserve)
-        return Batch(cache, batch.rows.fork(idx), (), False, counter="rollout_tokens")
+        return Batch(cache, batch.rows.fork(idx), (), counter="rollout_tokens")
 
     def truncate(self, batch: Batch, rows: Tensor, lengths: Tensor) -> None:
         """For ``rows`` (bool [B]): keep the first ``lengths[b]`` ≥ 1 tokens of the context. The

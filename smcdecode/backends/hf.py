@@ -21,9 +21,11 @@ Sliding-window layers (Gemma3, Qwen2 with ``use_sliding_window``) get their own 
 eviction), which costs memory for very long sliding-window sequences only.
 
 Readouts. For a decoder layer L (1 ≤ L ≤ N; 0 = embeddings) the output h_L is captured with a
-forward hook, and its logits are ``lm_head(final_norm(h_L))`` followed by the family's logit
-post-processing (Gemma soft-capping, Granite ``logits_scaling``, Cohere ``logit_scale``); Gemma's
-(1+w) RMSNorm is the model's own norm module, so it is applied exactly as the model does.
+forward hook (registered once per module, the first time a batch asks for that layer, and idle
+unless the running forward wants it: no hooks are added or removed per step), and its logits are
+``lm_head(final_norm(h_L))`` followed by the family's logit post-processing (Gemma soft-capping,
+Granite ``logits_scaling``, Cohere ``logit_scale``); Gemma's (1+w) RMSNorm is the model's own norm
+module, so it is applied exactly as the model does.
 Readouts are returned as float32 log-softmax tensors. Only per-row tensors for the *current*
 position are returned by ``decode``; nothing of vocabulary size is kept per position.
 
@@ -41,9 +43,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smcdecode.backends.base import Backend, Batch, Readout
+from smcdecode.backends.base import Backend, Batch
 from smcdecode.backends.rows import Rows
 from smcdecode.errors import ArgumentError, ArgumentTypeError
+from smcdecode.readouts import HIDDEN, Key, Layer, Readouts
+
+
+class _Capture:
+    """What the forward hooks keep during one forward: the outputs of modules ``want`` (0 = the
+    embeddings, L = decoder layer L), at the last position only when ``last_only``."""
+
+    def __init__(self) -> None:
+        self.want: frozenset[int] = frozenset()
+        self.last_only = True
+        self.out: dict[int, Tensor] = {}
+        self.hooked: set[int] = set()
+
+    def hook(self, index: int) -> Any:
+        def keep(_m: nn.Module, _i: Any, out: Any) -> None:
+            if index in self.want:
+                h = out[0] if isinstance(out, tuple) else out
+                self.out[index] = h[:, -1:] if self.last_only else h
+
+        return keep
 
 
 def _growable_cache() -> Any:
@@ -149,6 +171,7 @@ class HFBackend(Backend):
         self.eos_token_ids = sorted({int(i) for i in ids})
         self._eos = torch.tensor(self.eos_token_ids, device=self.device)
         self.compact_ratio = compact_ratio
+        self._capture = _Capture()  # shared with with_eos_tokens() views of this backend
         self._find_modules()
         weight = self.lm_head.weight
         assert isinstance(weight, Tensor)
@@ -237,8 +260,8 @@ class HFBackend(Backend):
         self._sliding_window = int(window) if (types and "sliding_attention" in types and window) else None
 
     # ------------------------------------------------------------------ the cache
-    def _empty_batch(self, size: int, layers: tuple[int, ...], hidden: bool) -> Batch:
-        return Batch(cache=_growable_cache(), rows=Rows(size, self.device), layers=layers, hidden=hidden)
+    def _empty_batch(self, size: int, readouts: tuple[Key, ...]) -> Batch:
+        return Batch(cache=_growable_cache(), rows=Rows(size, self.device), readouts=readouts)
 
     def _kv_layers(self, batch: Batch) -> list[Any]:
         return [la for la in batch.cache.layers if getattr(la, "keys", None) is not None and la.keys.numel()]
@@ -327,7 +350,7 @@ class HFBackend(Backend):
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
-    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readout:
+    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readouts:
         # tokens: [B, Q]; row b's real tokens are its last n_real[b] columns (left padding)
         b, q = tokens.shape
         if b != batch.size:
@@ -343,23 +366,13 @@ class HFBackend(Backend):
                 "full_attention": mask,
                 "sliding_attention": self._mask(batch, real_new, pos_new, self._sliding_window),
             }
-        captured: dict[int, Tensor] = {}
-        hooks = []
-        for layer in batch.layers:
-            module: nn.Module = self.embedding_module if layer == 0 else self.decoder_layers[layer - 1]
-
-            def hook(_m: nn.Module, _i: Any, out: Any, layer: int = layer) -> None:
-                h = out[0] if isinstance(out, tuple) else out
-                captured[layer] = h if keep_all else h[:, -1:]
-
-            hooks.append(module.register_forward_hook(hook))
-        if batch.hidden:
-
-            def hook_hidden(_m: nn.Module, _i: Any, out: Any) -> None:
-                h = out[0] if isinstance(out, tuple) else out
-                captured[-1] = h if keep_all else h[:, -1:]
-
-            hooks.append(self.decoder_layers[self.num_layers - 1].register_forward_hook(hook_hidden))
+        modules = frozenset({*batch.layers, *((self.num_layers,) if batch.hidden else ())})
+        cap = self._capture
+        for index in modules - cap.hooked:
+            module: nn.Module = self.embedding_module if index == 0 else self.decoder_layers[index - 1]
+            module.register_forward_hook(cap.hook(index))
+            cap.hooked.add(index)
+        cap.want, cap.last_only, cap.out = modules, not keep_all, {}
         try:
             out = self.model(
                 input_ids=tokens,
@@ -370,19 +383,16 @@ class HFBackend(Backend):
                 logits_to_keep=0 if keep_all else 1,
             )
         finally:
-            for h in hooks:
-                h.remove()
+            cap.want = frozenset()
         batch.rows.append(tokens, real_new, pos_new)
         self._count(kind, n_real, b * q)
         logits = out.logits.float()  # [B, Q or 1, V]; the model applied its own logit quirks
-        hidden = captured.pop(-1, None)
-        layers = {k: torch.log_softmax(self._readout(v), dim=-1) for k, v in captured.items()}
-        log_p = torch.log_softmax(logits, dim=-1)
-        if keep_all:
-            return Readout(log_p, layers, hidden)
-        return Readout(
-            log_p[:, -1], {k: v[:, -1] for k, v in layers.items()}, None if hidden is None else hidden[:, -1]
-        )
+        values: dict[Key, Tensor] = {Layer(i): torch.log_softmax(self._readout(cap.out[i]), -1) for i in batch.layers}
+        if batch.hidden:
+            values[HIDDEN] = cap.out[self.num_layers]
+        cap.out = {}
+        readouts = Readouts(torch.log_softmax(logits, dim=-1), values, self.num_layers)
+        return readouts if keep_all else readouts.column(-1)
 
     # ------------------------------------------------------------------ latent recursion (EGLR)
     @torch.no_grad()

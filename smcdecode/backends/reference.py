@@ -5,7 +5,7 @@ order); appending tokens y runs the model once, uncached and unpadded, on contex
 the distributions after each token of y:
 
     log_p[b, j]     = log softmax(logits(context ⊕ y)[|context| + j])
-    layers[L][b, j] = log softmax(readout(h_L(context ⊕ y)[|context| + j]))   (L < N; L = N is log_p)
+    Layer(L)[b, j]  = log softmax(readout(h_L(context ⊕ y)[|context| + j]))   (L < N; L = N is log_p)
 
 No cache means select, rollback, checkpoints and compaction act on the row bookkeeping alone, so
 the backend is obviously correct and slow (O(T²) per sequence). It exists to prove the backend
@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smcdecode.backends.base import Backend, Batch, Readout
+from smcdecode.backends.base import Backend, Batch
 from smcdecode.backends.hf import HFBackend
 from smcdecode.backends.rows import Rows
+from smcdecode.readouts import Key, Layer, Readouts
 
 
 class ReferenceBackend(Backend):
@@ -39,10 +40,10 @@ class ReferenceBackend(Backend):
         self._eos = self._hf._eos
         self._init_counters()
 
-    def _empty_batch(self, size: int, layers: tuple[int, ...], hidden: bool) -> Batch:
-        return Batch(cache=None, rows=Rows(size, self.device), layers=layers, hidden=hidden)
+    def _empty_batch(self, size: int, readouts: tuple[Key, ...]) -> Batch:
+        return Batch(cache=None, rows=Rows(size, self.device), readouts=readouts)
 
-    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readout:
+    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readouts:
         b, q = tokens.shape
         contexts = batch.rows.contexts()
         counts = n_real.tolist()
@@ -67,6 +68,5 @@ class ReferenceBackend(Backend):
         pos = (batch.rows.lengths[:, None] + j[None, :] - (q - n_real)[:, None]).clamp_min(0)
         batch.rows.append(tokens, real, pos)
         self._count(kind, n_real, sum(len(c) for c in contexts) + int(n_real.sum()))
-        if keep_all:
-            return Readout(log_p, layers)
-        return Readout(log_p[:, -1], {k: v[:, -1] for k, v in layers.items()})
+        readouts = Readouts(log_p, {Layer(k): v for k, v in layers.items()}, self.num_layers)
+        return readouts if keep_all else readouts.column(-1)

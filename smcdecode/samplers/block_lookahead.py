@@ -46,13 +46,13 @@ from smcdecode.errors import ArgumentError, ArgumentTypeError, check_finite_posi
 from smcdecode.proposals.base import sample
 from smcdecode.proposals.lookahead import rollout_log_p
 from smcdecode.proposals.tempered import Tempered
+from smcdecode.readouts import Readouts
 from smcdecode.samplers.base import Sampler, bar
 from smcdecode.samplers.core import Drawn, collect, logmeanexp, make_problem, start_chains
 from smcdecode.samplers.resampling import SCHEMES
 from smcdecode.samplers.result import Result, StepTrace, Trace
 from smcdecode.samplers.weights import Weights
 from smcdecode.stopping import StopSet
-from smcdecode.targets.base import StepView
 from smcdecode.targets.lm import Power
 
 
@@ -201,7 +201,7 @@ class BlockLookahead(Sampler):
                     drawn = Drawn(tk, lpj, lpj, lpj, lt)  # log q: the block's own p (nested IS: no token q)
                     ends, st = problem.ends(chains, tk)
                     chains.append(act, drawn, ends, st)
-                view = StepView(scored.log_p[:, -1])
+                view = Readouts(scored.log_p[:, -1])
                 live = ~problem.complete(chains) & torch.zeros_like(done).index_fill(0, rows, True)
                 chains.view = view.where(live, chains.view)
                 ess = weights.ess

@@ -35,13 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcdecode.backends import Backend, Batch, Readout
+from smcdecode.backends import Backend, Batch
 from smcdecode.errors import ArgumentError
 from smcdecode.proposals.base import Context, Proposal, sample
+from smcdecode.readouts import Aux, Readouts, Requirements
 from smcdecode.samplers.result import Result, Sample, Trace
 from smcdecode.samplers.rng import OneStream, Rng
 from smcdecode.stopping import StopSet
-from smcdecode.targets.base import Potential, Requirements, Sequences, StepView
+from smcdecode.targets.base import Potential, Sequences
 
 CHECK_EVERY = 8  # decode steps between host checks of "are all rows finished?"
 
@@ -69,7 +70,7 @@ class Chains:
     log_p: Tensor  # [B, T] model log-prob of each generated token
     log_psi: Tensor  # [B] base sequence potential (twist while partial, final at completion)
     stop_state: Tensor  # [B, T] long: stop-automaton state after each generated token (0 without stops)
-    view: StepView  # next-token readouts per row
+    view: Readouts  # next-token readouts per row
     log_twist: Tensor  # [B, T] lookahead twist log ψ(x_≤t) after each generated token (0: none, or finished)
 
     def index_select(self, idx: Tensor) -> Chains:
@@ -142,63 +143,56 @@ class Chains:
 @dataclass
 class Stream:
     engine: Backend
-    key: str | None  # None for the main stream
+    key: Aux | None  # None for the main stream
     batch: Batch
     prompt_len: Tensor  # [B]
+    own_prompt: list[int] | None  # an Aux stream's fixed prompt (None: each row's own)
 
 
 class Decoder:
-    """The main backend plus the auxiliary streams a target needs, driven in lockstep."""
+    """The main backend plus one stream per ``Aux`` key, driven in lockstep; returns the main
+    backend's readouts merged with each stream's final log-probs under its key."""
 
     def __init__(self, engine: Backend, req: Requirements, prompt_ids: list[list[int]], rows_per_prompt: int):
         self.engine = engine
         self.rows_per_prompt = rows_per_prompt
         self.hidden = req.hidden
-        specs: list[tuple[Backend, str | None, list[list[int]], tuple[int, ...]]] = [
-            (engine, None, prompt_ids, tuple(sorted(req.layers)))
-        ]
-        self.aux_prompts: list[list[int] | None] = [None]  # per stream: its own fixed prompt
-        for aux in req.aux:
-            eng = aux.engine if aux.engine is not None else engine
-            if aux.prompt is None:
-                ids, own = prompt_ids, None
-            else:
-                own = eng.encode([aux.prompt])[0]
-                ids = [own] * len(prompt_ids)
-            specs.append((eng, aux.key, ids, ()))
-            self.aux_prompts.append(own)
-        self.specs = specs
+        self.prompt_ids = prompt_ids
+        self.backend_keys = req.backend_keys()
+        self.aux = req.aux
         self.streams: list[Stream] = []
 
-    def start(self) -> StepView:
+    def start(self) -> Readouts:
         """Prefill every stream once per prompt, then repeat rows for the chains/particles."""
         n = self.rows_per_prompt
-        readouts: dict[str | None, Any] = {}
-        for eng, key, ids, layers in self.specs:
-            batch, r = eng.start(ids, n, layers=layers, hidden=self.hidden and key is None)
+        outs: dict[Aux | None, Readouts] = {}
+        for key in (None, *self.aux):
+            eng = self.engine if key is None or key.engine is None else key.engine
+            own = None if key is None else key.prompt_ids(eng)
+            ids = self.prompt_ids if own is None else [own] * len(self.prompt_ids)
+            batch, outs[key] = eng.start(ids, n, self.backend_keys if key is None else ())
             plen = torch.tensor([len(p) for p in ids], device=eng.device).repeat_interleave(n)
-            self.streams.append(Stream(eng, key, batch, plen))
-            readouts[key] = r
-        return _view(readouts)
+            self.streams.append(Stream(eng, key, batch, plen, own))
+        return _merged(outs)
 
-    def decode(self, tokens: Tensor, active: Tensor) -> StepView:
+    def decode(self, tokens: Tensor, active: Tensor) -> Readouts:
         """One token per row (rows with ``active`` False are not added). Rows truncated by
         :meth:`start_moves` feed their last kept token again instead (see ``Backend.truncate``)."""
-        outs: dict[str | None, Readout] = {}
+        outs: dict[Aux | None, Readouts] = {}
         for s in self.streams:
             outs[s.key] = s.engine.decode(s.batch, tokens.to(s.engine.device), active.to(s.engine.device))
-        return _view(outs)
+        return _merged(outs)
 
-    def admit(self, rows: Tensor, prompt_ids: list[list[int]]) -> StepView:
+    def admit(self, rows: Tensor, prompt_ids: list[list[int]]) -> Readouts:
         """Rows ``rows`` (long [k]) start afresh on ``prompt_ids`` (one per row) in every stream
         (see ``Backend.admit``); returns their next-token readouts, [k]."""
-        outs: dict[str | None, Readout] = {}
-        for s, own in zip(self.streams, self.aux_prompts):
-            ids = prompt_ids if own is None else [own] * len(prompt_ids)
+        outs: dict[Aux | None, Readouts] = {}
+        for s in self.streams:
+            ids = prompt_ids if s.own_prompt is None else [s.own_prompt] * len(prompt_ids)
             r = rows.to(s.engine.device)
             outs[s.key] = s.engine.admit(s.batch, r, ids)
             s.prompt_len[r] = torch.tensor([len(p) for p in ids], device=s.engine.device)
-        return _view(outs)
+        return _merged(outs)
 
     def start_moves(self, rows: Tensor, keep: Tensor) -> None:
         """For ``rows``: snapshot the context (for :meth:`restore_rows`) and truncate it to prompt +
@@ -212,17 +206,15 @@ class Decoder:
         """Teacher-force ``tokens`` [B, Q] on every stream in one forward each (row b appends its
         last ``n_tokens[b]``, see :meth:`Backend.score`) and return the readouts at every column;
         ``Scored.at(Q − 1)`` is each row's next-token view after its new context."""
-        outs: dict[str | None, Readout] = {}
+        outs: dict[Aux | None, Readouts] = {}
         for s in self.streams:
             outs[s.key] = s.engine.score(s.batch, tokens.to(s.engine.device), n_tokens.to(s.engine.device))
-        main = outs[None]
         q = tokens.shape[1]
         lengths = self.streams[0].batch.lengths  # after the forward
         positions = (lengths[:, None] - q + torch.arange(q, device=lengths.device)[None, :]).clamp_min(0)
-        aux = {k: v.log_p.to(main.log_p.device) for k, v in outs.items() if k is not None}
-        return Scored(main, aux, positions)
+        return Scored(_merged(outs), positions)
 
-    def bind(self, view: StepView, positions: Tensor | None = None) -> StepView:
+    def bind(self, view: Readouts, positions: Tensor | None = None) -> Readouts:
         """Attach ``recur`` for the main stream's cache: at each row's last position, or at
         ``positions`` [B] (the position of the token whose readout ``view`` is: a scored column)."""
         if self.hidden:
@@ -256,29 +248,21 @@ class Decoder:
 
 @dataclass
 class Scored:
-    """Readouts of one teacher-forced forward at every column: the main stream's ([B, Q, V]) and
-    the auxiliary streams' final log-probs; column k's token sits at ``positions[:, k]``."""
+    """Readouts of one teacher-forced forward at every column ([B, Q, ·], every stream's keys);
+    column k's token sits at ``positions[:, k]``."""
 
-    main: Readout
-    aux: dict[str, Tensor]
+    readouts: Readouts
     positions: Tensor  # [B, Q] long (meaningful on each row's real columns)
 
-    def at(self, k: int) -> StepView:
-        """The readouts after column k's token, [B, V] per stream (bind ``positions[:, k]``)."""
-        m = self.main
-        return StepView(
-            m.log_p[:, k],
-            {layer: v[:, k] for layer, v in m.layers.items()},
-            {key: v[:, k] for key, v in self.aux.items()},
-            None if m.hidden is None else m.hidden[:, k],
-        )
+    def at(self, k: int) -> Readouts:
+        """The readouts after column k's token, [B, ·] (bind ``positions[:, k]``)."""
+        return self.readouts.column(k)
 
 
-def _view(outs: dict[str | None, Readout]) -> StepView:
-    """Main stream's readout (key None) plus the auxiliary streams' final log-probs."""
+def _merged(outs: dict[Aux | None, Readouts]) -> Readouts:
+    """The main stream's readouts (key None) plus each auxiliary stream's final log-probs."""
     main = outs[None]
-    aux = {k: v.log_p.to(main.log_p.device) for k, v in outs.items() if k is not None}
-    return StepView(main.log_p, main.layers, aux, main.hidden)
+    return main.merged({k: v.log_p.to(main.log_p.device) for k, v in outs.items() if k is not None})
 
 
 @dataclass
@@ -311,7 +295,7 @@ class Problem:
             req = req | t_req
         self.requirements = req
 
-    def base_factor(self, view: StepView) -> Tensor | None:
+    def base_factor(self, view: Readouts) -> Tensor | None:
         return None if self.base is None else self.base.token_log_factor(view)
 
     def context(self, decoder: Decoder, chains: Chains, active: Tensor) -> Context | None:
@@ -333,7 +317,7 @@ class Problem:
         )
 
     def draw(
-        self, view: StepView, alpha: float | Tensor, exclude: Tensor | None = None, ctx: Context | None = None
+        self, view: Readouts, alpha: float | Tensor, exclude: Tensor | None = None, ctx: Context | None = None
     ) -> Drawn:
         """Draw x_t ~ q_t for every row; q may use the target's factor α·φ (LocallyOptimal;
         ``alpha`` a float or one per row, [B]). Rows with ``exclude[b]`` ≥ 0 draw from q
@@ -344,7 +328,7 @@ class Problem:
         tok, _ = sample(log_q_all, None, exclude, u)  # [B]
         return self._scalars(view, tok, log_q_all, phi, twist)
 
-    def score(self, view: StepView, alpha: float | Tensor, tokens: Tensor) -> Drawn:
+    def score(self, view: Readouts, alpha: float | Tensor, tokens: Tensor) -> Drawn:
         """The per-token scalars of given ``tokens`` [B] read at ``view`` (teacher-forced), by the
         same path as :meth:`draw`: log q is the proposal's own, with the target factor α·φ.
         (Proposals with rollouts have no q of a given token without their draw: they refuse.)"""
@@ -352,7 +336,7 @@ class Problem:
         return self._scalars(view, tokens, log_q_all, phi, None)
 
     def _log_q(
-        self, view: StepView, alpha: float | Tensor, ctx: Context | None
+        self, view: Readouts, alpha: float | Tensor, ctx: Context | None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(log q [B, V], the base factor φ [B, V] or None, the proposal's twist table or None)."""
         phi = self.base_factor(view)  # [B, V] or None
@@ -361,7 +345,7 @@ class Problem:
         return log_q, phi, (twist if self.twist else None)
 
     @staticmethod
-    def _scalars(view: StepView, tok: Tensor, log_q_all: Tensor, phi: Tensor | None, twist: Tensor | None) -> Drawn:
+    def _scalars(view: Readouts, tok: Tensor, log_q_all: Tensor, phi: Tensor | None, twist: Tensor | None) -> Drawn:
         lq = log_q_all.gather(1, tok[:, None])[:, 0]
         lphi = torch.zeros_like(lq) if phi is None else phi.gather(1, tok[:, None])[:, 0]
         lt = None if twist is None else twist.gather(1, tok[:, None])[:, 0]
@@ -430,7 +414,7 @@ def start_chains(problem: Problem) -> tuple[Decoder, Chains]:
     return decoder, empty_chains(problem, decoder.start())
 
 
-def empty_chains(problem: Problem, view: StepView) -> Chains:
+def empty_chains(problem: Problem, view: Readouts) -> Chains:
     """Chains with no generated token, one per row of ``view`` (the readouts after the prompts)."""
     eng = problem.engine
     b, t = view.log_p.shape[0], problem.max_new_tokens

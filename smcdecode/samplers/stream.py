@@ -24,13 +24,13 @@ import torch
 
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentError
+from smcdecode.readouts import Readouts
 from smcdecode.samplers.core import CHECK_EVERY, Decoder, Problem, check_run_args, collect, empty_chains
 from smcdecode.samplers.result import Sample, Trace
 from smcdecode.samplers.rng import ProblemStreams
 from smcdecode.samplers.schedule import Rows, RowsPlan, async_step
 from smcdecode.samplers.schedule import Schedule as RowSchedule
 from smcdecode.stopping import StopSet
-from smcdecode.targets.base import StepView
 
 COMPACT_EVERY = 32  # iterations between compaction checks
 
@@ -163,7 +163,7 @@ def _ids(slot_of: list[int], n: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([k * n + j for k in slot_of for j in range(n)], device=device)
 
 
-def _reset(rows: Rows, idx: torch.Tensor, view: StepView, problem: Problem) -> Rows:
+def _reset(rows: Rows, idx: torch.Tensor, view: Readouts, problem: Problem) -> Rows:
     """Rows ``idx`` start afresh (a newly admitted problem) with next-token readouts ``view``."""
 
     b = rows.cur.length.shape[0]

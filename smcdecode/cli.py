@@ -86,9 +86,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
         res.save(args.out)
 
 
+def _count(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {value}")
+    return value
+
+
 def _task(args: argparse.Namespace, engine: Any) -> Task:
     """The task of ``args`` (:func:`smcdecode.tasks.load_task`: adapter, rewards and default stop
-    strings), sharded and limited."""
+    strings), sharded, with the first ``--skip`` problems left out and at most ``--limit`` kept."""
     from smcdecode.evaluate import parse_shard, shard
     from smcdecode.tasks import load_task
 
@@ -101,7 +112,7 @@ def _task(args: argparse.Namespace, engine: Any) -> Task:
         subjects=getattr(args, "subjects", None),
     )
     i, n = parse_shard(args.shard)
-    task.adapter.problems = shard(task.adapter.problems, i, n)
+    task.adapter.problems = shard(task.adapter.problems, i, n)[getattr(args, "skip", 0) :]
     if args.limit is not None:
         task.adapter.problems = task.adapter.problems[: args.limit]
     return task
@@ -292,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         t.add_argument("--out", required=True, help="directory of results.jsonl; rerun the same command to resume")
         t.add_argument("--limit", type=int, default=None, help="only the first N problems (default all)")
+        t.add_argument(
+            "--skip", type=_count, default=0, help="leave out the first N problems, before --limit (default 0)"
+        )
         t.add_argument(
             "--max-new-tokens", type=int, default=512, help="tokens generated per sample at most (default 512)"
         )

@@ -76,3 +76,20 @@ def test_task_registry(tmp_path):
         load_task("humaneval", levels=[1])
     with pytest.raises(ArgumentError, match="prompt"):
         load_task("humaneval", prompt="fewshot")
+
+
+def test_eval_skip_and_limit_select_a_held_out_slice(capsys):
+    """``--skip N`` leaves out the first N problems before ``--limit`` (a held-out split); a
+    negative count is refused by the parser."""
+    from smcdecode.cli import _task, build_parser
+
+    args = build_parser().parse_args(["eval", "humaneval", "--method", "ancestral", "--out", "x", "--skip", "144"])
+    uids = [p["unique_id"] for p in _task(args, None).adapter.problems]
+    assert len(uids) == 20 and uids[0] == "HumanEval/144" and uids[-1] == "HumanEval/163"
+    args = build_parser().parse_args(
+        ["eval", "humaneval", "--method", "ancestral", "--out", "x", "--skip", "2", "--limit", "3"]
+    )
+    assert [p["unique_id"] for p in _task(args, None).adapter.problems] == [f"HumanEval/{i}" for i in (2, 3, 4)]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "humaneval", "--method", "ancestral", "--out", "x", "--skip", "-1"])
+    assert "--skip" in capsys.readouterr().err

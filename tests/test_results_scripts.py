@@ -33,3 +33,22 @@ def test_results_script_runs_every_method_and_resumes(tmp_path, task):
         lines = (tmp_path / "runs" / m / "results.jsonl").read_text().splitlines()
         assert len(lines) == 2  # not duplicated by the rerun
     assert (tmp_path / "results" / f"results_{task}.png").exists()
+
+
+def test_contrast_layer_is_chosen_on_the_held_out_problems_and_then_run(tmp_path):
+    script = [sys.executable, os.path.join(ROOT, "experiments", "results_humaneval.py"), "--model", "embedded"]
+    common = ["--max-new-tokens", "4", "--results-dir", str(tmp_path / "results")]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    select = [*script, "--select-contrast-layer", "10,20", "--limit", "1", "--out", str(tmp_path / "sel"), *common]
+    subprocess.run(select, check=True, env=env, capture_output=True, timeout=900)
+    rows = json.loads((tmp_path / "results" / "results_humaneval_contrast_layers.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"contrast_L10", "contrast_L20"}
+    for layer in (10, 20):  # held out: the candidates ran on the last problems only
+        rec = json.loads((tmp_path / "sel" / f"contrast_L{layer}" / "results.jsonl").read_text())
+        assert rec["uid"] == "HumanEval/144"
+    missing = subprocess.run([*script, "--methods", "layer_contrast"], env=env, capture_output=True, text=True)
+    assert missing.returncode != 0 and "--contrast-layer" in missing.stderr
+    run = [*script, "--contrast-layer", "20", "--methods", "layer_contrast", "--limit", "1", *common]
+    subprocess.run([*run, "--out", str(tmp_path / "runs")], check=True, env=env, capture_output=True, timeout=900)
+    rec = json.loads((tmp_path / "runs" / "layer_contrast" / "results.jsonl").read_text())
+    assert rec["uid"] == "HumanEval/0" and "layer=20" in rec["method"]

@@ -2,7 +2,8 @@
 
 Per (model, task, method) it runs ``smcdecode.evaluate.run_eval`` one problem per sampler call
 (so the backend's counters are each problem's own) into its own directory under ``--out``
-(resumable: rerun the same command and finished problems are skipped), then reads the records
+(default ``experiments/records/bench_lookahead``, committed; resumable: rerun the same command
+and finished problems are skipped), then reads the records
 back and reports per problem:
 
 * accuracy (pass@1 / exact answer) and the answer's length in tokens (weighted by the samples'
@@ -58,7 +59,7 @@ from smcdecode.models import resolve
 from smcdecode.spec import method_name, parse_method
 from smcdecode.tasks import load_task
 
-from common import print_table, write_results
+from common import RECORDS, print_table, write_results
 
 METHODS = {
     "t4": "ancestral:n=1;proposal=tempered:temperature=0.25",
@@ -98,7 +99,11 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="MATH-500 JSONL (required when the tasks include math500)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {sorted(METHODS)}")
-    ap.add_argument("--out", default="runs/bench_lookahead", help="record directories (default runs/bench_lookahead)")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(RECORDS, "bench_lookahead"),
+        help="record directories (default experiments/records/bench_lookahead, committed)",
+    )
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--summary-only", action="store_true", help="summarise the records so far; run nothing")
     args = ap.parse_args()

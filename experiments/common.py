@@ -14,6 +14,8 @@ import torch
 from smcdecode.demo import format_table
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Eval records of the long experiments, committed so a run resumes on another machine or checkout.
+RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "records")
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:

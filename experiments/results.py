@@ -1,11 +1,13 @@
 """Shared runner of the results scripts: several methods on one task, one model loaded once.
 
 Each method runs through ``smcdecode.evaluate.run_eval`` (the path ``smcdecode eval`` takes, with
-its continuous batching, stop sequences and durable records) into ``OUT/LABEL``; rerunning the
-same command resumes every method where it stopped. Then ``smcdecode.report`` prints the table
-and the accuracy-vs-decode-tokens plot (``experiments/results/results_TASK[TAG].png``); a summary table
-(accuracy with its 95% Wilson interval, decode tokens, wall seconds per problem) is printed and
-written to ``experiments/results/results_TASK[TAG].json``.
+its continuous batching, stop sequences and durable records) into ``OUT/LABEL`` (default
+``experiments/records/results_TASK/LABEL``, committed with the repository, so a run stopped on one
+machine resumes on another); rerunning the same command resumes every method where it stopped.
+Then ``smcdecode.report`` prints the table and the accuracy-vs-decode-tokens plot
+(``experiments/results/results_TASK[TAG].png``); a summary table (accuracy with its 95% Wilson
+interval, decode tokens, wall seconds per problem) is printed and written to
+``experiments/results/results_TASK[TAG].json``.
 
 Per-problem wall seconds of continuously batched methods overlap (several problems share the
 batch), so the summary's wall time per problem is the method's busy time (the union of its
@@ -28,8 +30,8 @@ from smcdecode.evaluate import run_eval
 from smcdecode.report import busy_wall, mcnemar, plot, summarise, table
 from smcdecode.spec import method_name, parse_method
 
+from common import RECORDS, print_table, write_results
 from common import RESULTS as RESULTS_DIR
-from common import print_table, write_results
 
 
 def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], argv: list[str] | None = None) -> None:
@@ -37,7 +39,11 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
     arguments of this task (the command line may override them)."""
     ap = argparse.ArgumentParser(description=f"{task} results: every method, one model, resumable")
     ap.add_argument("--methods", default=",".join(methods), help=f"comma-separated from {', '.join(methods)}")
-    ap.add_argument("--out", default=f"runs/results_{task}", help="one directory per method under it")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(RECORDS, f"results_{task}"),
+        help=f"one directory per method under it (default experiments/records/results_{task}, committed)",
+    )
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--results-dir", default=RESULTS_DIR, help="where the summary JSON and PNG go")
     ap.add_argument("--summary-only", action="store_true", help="summarise the records so far; run nothing")

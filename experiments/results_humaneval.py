@@ -24,6 +24,8 @@ import sys
 
 from results import run  # type: ignore[import-not-found]
 
+from common import RECORDS  # type: ignore[import-not-found]
+
 T, POWER = "proposal=tempered:temperature=0.25", "target=power:alpha=4"
 METHODS = {  # label -> (method spec, answer selection)
     "base": ("ancestral:n=1;proposal=tempered:temperature=1", "sample"),
@@ -50,7 +52,7 @@ if __name__ == "__main__":
     if ours.select_contrast_layer:
         layers = [int(x) for x in ours.select_contrast_layer.split(",")]
         candidates = {f"contrast_L{layer}": contrast(layer) for layer in layers}
-        held_out = ["--skip", str(164 - HELD_OUT), "--tag", "_contrast_layers", "--out", "runs/contrast_layers"]
+        held_out = ["--skip", str(164 - HELD_OUT), "--tag", "_contrast_layers", "--out", f"{RECORDS}/contrast_layers"]
         run("humaneval", candidates, DEFAULTS, held_out + rest)
         sys.exit(0)
     methods = dict(METHODS)

@@ -5,11 +5,16 @@
     --proposal tempered:temperature=0.25[,top_k=50,top_p=0.95] | optimal
                | lookahead:alpha=4,candidates=4,rollouts=4,horizon=16[,epsilon=0.05,jackknife=true,
                every=1,entropy_threshold=2.0]
+               | eglr:span=4[,max_iters=4,entropy_threshold=2.0,tol=0.001,temperature=1.0]
     --sampler  ancestral:n=8 | mh:chains=1,block_size=192,steps=10[,reuse_suffix=false]
                | block:chains=1,block_size=192,steps=10,span=16[,suffix_every=2]
                | smc:particles=16,block_size=1,
                ess_threshold=0.5,resampling=systematic,rejuvenate=0[,anneal=32,twist=true][,move=block,span=16]
                | block-lookahead:alpha=4,particles=8,block_size=16,candidates=4,rollouts=4,horizon=16[,keep=2]
+               | pool:spans=0/4/8,temperatures=0.5/1.0[,per_cell=2,max_iters=4,entropy_threshold=2.0,tol=0.001]
+
+Lists are written with ``/`` (``candidates=12/16/20``). ``targets.Contrast`` (a second model or a
+second prompt) has no spec string: its amateur is an engine object, so it is built in Python.
 
 A method spec joins them with spaces or semicolons, e.g. ``"smc:particles=16 target=power:alpha=4
 proposal=tempered:temperature=0.25"``; see :func:`parse_method`.
@@ -116,6 +121,7 @@ PROPOSALS = {
     "tempered": _params(proposals.Tempered),
     "optimal": _params(proposals.LocallyOptimal),
     "lookahead": _params(proposals.Lookahead),
+    "eglr": _params(proposals.EGLR),
 }
 
 
@@ -129,6 +135,8 @@ def parse_proposal(spec: str) -> proposals.Proposal:
         if "alpha" not in kw:
             raise SpecError("proposal", "lookahead needs alpha (the target's exponent), e.g. lookahead:alpha=4")
         return _call("proposal", name, proposals.Lookahead, kw, PROPOSALS[name])
+    if name == "eglr":
+        return _call("proposal", name, proposals.EGLR, kw, PROPOSALS[name])
     raise SpecError(
         "proposal", f"unknown proposal {name!r}; accepted: {', '.join(PROPOSALS)} (e.g. tempered:temperature=0.25)"
     )
@@ -140,6 +148,7 @@ SAMPLERS = {
     "block": _params(samplers.BlockMH, ("target", "proposal")),
     "smc": _params(samplers.SMC, ("target", "proposal")),
     "block-lookahead": _params(samplers.BlockLookahead),
+    "pool": _params(samplers.RolloutPool),
 }
 
 
@@ -174,6 +183,13 @@ def build_sampler(spec: str, target: targets.Potential | None, proposal: proposa
         if target is not None and repr(target) != repr(sampler.target):
             raise SpecError("target", f"block-lookahead samples {sampler.target!r} (its alpha); got target {target!r}")
         return sampler
+    if name == "pool":
+        if target is not None:
+            raise SpecError("target", "the pool sampler draws from its own EGLR cells; it takes no target")
+        for key, cast in (("spans", int), ("temperatures", float)):
+            if key in kw:
+                kw[key] = [cast(x) for x in str(kw[key]).split("/")]
+        return _call("sampler", name, samplers.RolloutPool, kw, SAMPLERS[name])
     raise SpecError("sampler", f"unknown sampler {name!r}; accepted: {', '.join(SAMPLERS)} (e.g. smc:particles=16)")
 
 

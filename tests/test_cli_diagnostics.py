@@ -40,6 +40,22 @@ def test_every_sampler_argument_is_reachable_from_a_spec():
         parse_method("mh:colour=red target=power:alpha=2")
 
 
+def test_eglr_and_the_rollout_pool_have_spec_strings():
+    e = parse_proposal("eglr:span=3,max_iters=2,temperature=0.5")
+    assert isinstance(e, Q.EGLR) and (e.span, e.max_iters, e.temperature) == (3, 2, 0.5)
+    pool = parse_method("pool:spans=0/2,temperatures=0.5/1.0,per_cell=3").sampler
+    assert isinstance(pool, S.RolloutPool) and pool.spans == [0, 2] and pool.temperatures == [0.5, 1.0]
+    assert parse_method("pool:spans=2,temperatures=1").sampler.spans == [2]
+    with pytest.raises(ArgumentError, match="target"):
+        parse_method("pool:spans=0,temperatures=1 target=power:alpha=2")
+    with pytest.raises(ArgumentError, match="accepts span"):
+        parse_proposal("eglr:spam=3")
+    res = parse_method("pool:spans=0/1,temperatures=1.0").sampler.run(
+        Engine(tiny_llama(vocab=5, layers=2, seed=1), eos_token_ids=[0]), [[1, 2]], max_new_tokens=3, seed=0
+    )
+    assert sorted((s.meta["span"], s.meta["temperature"]) for s in res.samples[0]) == [(0, 1.0), (1, 1.0)]
+
+
 @pytest.mark.parametrize(
     "spec,needle",
     [

@@ -42,7 +42,7 @@ class EGLR(Proposal):
     def requirements(self, engine: Backend) -> Requirements:
         if self.span > engine.num_layers:
             raise ArgumentError("span", f"must lie in 1..{engine.num_layers}, got {self.span}")
-        return Requirements(frozenset({HIDDEN}) if self.max_iters > 0 else frozenset())
+        return Requirements([HIDDEN] if self.max_iters > 0 else [])
 
     def recursed_log_p(self, view: Readouts) -> tuple[Tensor, Tensor, Tensor]:
         """(log p_K [B, V], iterations run per row [B], gated rows [B] bool)."""

@@ -99,7 +99,7 @@ def _count(text: str) -> int:
 
 def _task(args: argparse.Namespace, engine: Any) -> Task:
     """The task of ``args`` (:func:`smcdecode.tasks.load_task`: adapter, rewards and default stop
-    strings), sharded, with the first ``--skip`` problems left out and at most ``--limit`` kept."""
+    strings): the first ``--skip`` problems left out, then sharded, then at most ``--limit`` kept."""
     from smcdecode.evaluate import parse_shard, shard
     from smcdecode.tasks import load_task
 
@@ -112,7 +112,7 @@ def _task(args: argparse.Namespace, engine: Any) -> Task:
         subjects=getattr(args, "subjects", None),
     )
     i, n = parse_shard(args.shard)
-    task.adapter.problems = shard(task.adapter.problems, i, n)[getattr(args, "skip", 0) :]
+    task.adapter.problems = shard(task.adapter.problems[getattr(args, "skip", 0) :], i, n)
     if args.limit is not None:
         task.adapter.problems = task.adapter.problems[: args.limit]
     return task
@@ -304,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--out", required=True, help="directory of results.jsonl; rerun the same command to resume")
         t.add_argument("--limit", type=int, default=None, help="only the first N problems (default all)")
         t.add_argument(
-            "--skip", type=_count, default=0, help="leave out the first N problems, before --limit (default 0)"
+            "--skip",
+            type=_count,
+            default=0,
+            help="leave out the first N problems, before --shard and --limit (default 0)",
         )
         t.add_argument(
             "--max-new-tokens", type=int, default=512, help="tokens generated per sample at most (default 512)"

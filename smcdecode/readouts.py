@@ -5,8 +5,9 @@ layer-L output is h_L (h_0 = the embeddings):
 
     log_p          = log softmax(lm_head(norm(h_N)))        [B, V]  always computed
     Layer(L)       = log softmax(lm_head(norm(h_L)))        [B, V]  the logit lens; Layer(N) = log_p
-    Aux(engine, c) = log p_aux(x_t | c ⊕ x_<t)              [B, V]  a second stream: another model
-                                                                    and/or another prompt c
+    Aux(engine, c) = log p_aux(x_t | c ⊕ y_<t)              [B, V]  a second stream: another model
+                                                                    and/or another prompt c, fed the
+                                                                    row's generated tokens y_<t
     HIDDEN         = h_N (before the final norm)            [B, D]  latent recursion (EGLR)
 
 A target or proposal declares the keys it reads in ``requirements(backend)`` (a pure function:
@@ -19,7 +20,7 @@ Teacher-forced forwards return the same value with a column axis: [B, Q, V].
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,8 @@ class Aux:
     backend (``engine``: contrastive decoding's amateur) and/or another prompt (``prompt``:
     classifier-free guidance's unconditional context). ``engine=None`` is the main backend;
     ``prompt=None`` is each row's own prompt. Two keys are equal when they name the same engine
-    object and the same prompt."""
+    object and the same prompt (``Aux(None, c)`` and ``Aux(main_backend, c)`` are two keys, so two
+    identical streams: name the main backend as ``None``)."""
 
     engine: Any = None
     prompt: str | tuple[int, ...] | None = None
@@ -82,12 +84,16 @@ Key = Layer | Aux | _Hidden
 
 @dataclass(frozen=True)
 class Requirements:
-    """The readout keys a potential or proposal reads beyond ``log_p``."""
+    """The readout keys a potential or proposal reads beyond ``log_p``, in the order they were
+    declared (duplicates dropped), so the auxiliary streams always open in the same order."""
 
-    keys: frozenset[Key] = frozenset()
+    keys: tuple[Key, ...] = ()
+
+    def __init__(self, keys: Iterable[Key] = ()):
+        object.__setattr__(self, "keys", tuple(dict.fromkeys(keys)))
 
     def __or__(self, other: Requirements) -> Requirements:
-        return Requirements(self.keys | other.keys)
+        return Requirements((*self.keys, *other.keys))
 
     @property
     def layers(self) -> tuple[int, ...]:

@@ -160,8 +160,12 @@ class Method:
     sampler: samplers.Sampler
 
 
-def build_sampler(spec: str, target: targets.Potential | None, proposal: proposals.Proposal) -> samplers.Sampler:
+def build_sampler(
+    spec: str, target: targets.Potential | None, given: proposals.Proposal | None = None
+) -> samplers.Sampler:
+    """The sampler of ``spec`` on ``target`` with the proposal ``given`` (default: T = 1)."""
     name, kw = split_spec("sampler", spec)
+    proposal = given or proposals.Tempered(1.0)
     if name == "ancestral":
         return _call("sampler", name, lambda **k: samplers.Ancestral(proposal, target=target, **k), kw, SAMPLERS[name])
     if name in ("mh", "suffix-mh", "suffixmh"):
@@ -184,11 +188,16 @@ def build_sampler(spec: str, target: targets.Potential | None, proposal: proposa
             raise SpecError("target", f"block-lookahead samples {sampler.target!r} (its alpha); got target {target!r}")
         return sampler
     if name == "pool":
-        if target is not None:
-            raise SpecError("target", "the pool sampler draws from its own EGLR cells; it takes no target")
+        if target is not None or given is not None:
+            which = "target" if target is not None else "proposal"
+            raise SpecError(which, f"the pool sampler draws from its own EGLR cells; it takes no {which}")
         for key, cast in (("spans", int), ("temperatures", float)):
             if key in kw:
-                kw[key] = [cast(x) for x in str(kw[key]).split("/")]
+                try:
+                    kw[key] = [cast(x) for x in str(kw[key]).split("/")]
+                except ValueError:
+                    msg = f"pool: {key}={kw[key]!r} is not a /-separated list of numbers"
+                    raise SpecError("sampler", msg) from None
         return _call("sampler", name, samplers.RolloutPool, kw, SAMPLERS[name])
     raise SpecError("sampler", f"unknown sampler {name!r}; accepted: {', '.join(SAMPLERS)} (e.g. smc:particles=16)")
 
@@ -207,4 +216,4 @@ def parse_method(spec: str, rewards: Rewards | None = None) -> Method:
             proposal = parse_proposal(val)
         else:
             raise SpecError("method", f"{part!r}: expected target=... or proposal=...")
-    return Method(spec, build_sampler(sampler_spec, target, proposal or proposals.Tempered(1.0)))
+    return Method(spec, build_sampler(sampler_spec, target, proposal))

@@ -142,7 +142,7 @@ class LayerContrast(Potential):
             raise ArgumentError(
                 "layer", f"layer {engine.num_layers} is the final layer itself; use 0..{engine.num_layers - 1}"
             )
-        return Requirements(frozenset(Layer(i) for i in layers))
+        return Requirements(Layer(i) for i in layers)
 
     def premature(self, view: Readouts) -> Tensor:
         """log p_L per row: the fixed layer, or per row the candidate of largest JS divergence."""
@@ -191,7 +191,7 @@ class Contrast(Potential):
                 "amateur",
                 f"vocabulary size {amateur.vocab_size} differs from the main model's {engine.vocab_size}",
             )
-        return Requirements(frozenset({self.stream}))
+        return Requirements([self.stream])
 
     def token_log_factor(self, view: Readouts) -> Tensor:
         return _guided(view.log_p, view[self.stream], self.beta, self.plausibility)

@@ -48,6 +48,10 @@ def test_eglr_and_the_rollout_pool_have_spec_strings():
     assert parse_method("pool:spans=2,temperatures=1").sampler.spans == [2]
     with pytest.raises(ArgumentError, match="target"):
         parse_method("pool:spans=0,temperatures=1 target=power:alpha=2")
+    with pytest.raises(ArgumentError, match="proposal"):
+        parse_method("pool:spans=0,temperatures=1 proposal=tempered:temperature=0.5")
+    with pytest.raises(ArgumentError, match="spans"):
+        parse_method("pool:spans=a/b,temperatures=1")
     with pytest.raises(ArgumentError, match="accepts span"):
         parse_proposal("eglr:spam=3")
     res = parse_method("pool:spans=0/1,temperatures=1.0").sampler.run(

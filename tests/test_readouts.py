@@ -1,6 +1,8 @@
 """Readout keys: one value type for every readout, keys that compare by what they name, pure
 requirements, and hooks that are registered once and stay idle when not asked for."""
 
+import pickle
+
 import pytest
 import torch
 
@@ -18,8 +20,9 @@ def test_keys_compare_by_what_they_name():
     assert Aux(prompt=[1, 2]) == Aux(prompt=(1, 2))  # a list prompt is frozen
     assert Aux(amateur, "x") == Aux(amateur, "x") and Aux(amateur, "x") != Aux(object(), "x")
     assert len({Aux(amateur), Aux(amateur), Layer(1), Layer(1), HIDDEN}) == 3
-    req = Requirements(frozenset({Layer(4), Aux(amateur)})) | Requirements(frozenset({Layer(1), HIDDEN, Aux(amateur)}))
-    assert req.layers == (1, 4) and req.hidden and req.aux == (Aux(amateur),)
+    other = object()
+    req = Requirements([Layer(4), Aux(amateur)]) | Requirements([Layer(1), HIDDEN, Aux(other), Aux(amateur)])
+    assert req.layers == (1, 4) and req.hidden and req.aux == (Aux(amateur), Aux(other))  # declaration order
     assert req.backend_keys() == (Layer(1), Layer(4), HIDDEN)
     assert req.capabilities() == ("layers", "hidden", "reapply")
 
@@ -70,9 +73,31 @@ def test_layer_hooks_are_registered_once_and_idle_otherwise():
     plain, out = engine.prefill([[1, 2]])
     out = engine.decode(plain, torch.tensor([3]))
     assert set(out) == set() and engine._capture.out == {}
-    # a view with extra EOS ids shares the hooks instead of adding its own
+    # a view with extra EOS ids, and a second backend on the same model, share the hooks
     other = engine.with_eos_tokens([4])
     b2, _ = other.prefill([[1]], [Layer(1)])
+    Engine(model, eos_token_ids=[0]).prefill([[1, 2]], [Layer(1)])
     assert len(layer1._forward_hooks) == n_hooks + 1
     want = engine.prefill([[1, 2]], [Layer(1)])[1][Layer(1)]
     torch.testing.assert_close(other.decode(b2, torch.tensor([2]))[Layer(1)], want)
+    pickle.loads(pickle.dumps(model))  # the hooks do not stop a model from being saved
+    engine.remove_hooks()
+    assert len(layer1._forward_hooks) == n_hooks
+    torch.testing.assert_close(engine.prefill([[1, 2]], (k for k in [Layer(1)]))[1][Layer(1)], want)
+
+
+def test_a_failed_forward_keeps_no_activations_and_keys_may_be_a_generator(monkeypatch):
+    engine = Engine(tiny_llama(vocab=5, layers=2, seed=1), eos_token_ids=[0])
+    ragged = [[1], [1, 2, 3, 4, 2, 3]]  # prefilled in two length groups
+    _, r = engine.prefill(ragged, (k for k in (Layer(1), Layer(2))))  # a generator, read once
+    assert r[Layer(1)].shape == r[Layer(2)].shape == (2, 5)
+    batch, _ = engine.prefill([[1, 2]], [Layer(1)])
+    norm = engine.model.model.layers[1]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(norm, "forward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.decode(batch, torch.tensor([3]))  # fails after layer 1's hook has fired
+    assert engine._capture.out == {} and engine._capture.want == frozenset()

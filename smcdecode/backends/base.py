@@ -294,6 +294,7 @@ class Backend(ABC):
         tokens; otherwise prompts are prefilled in groups of similar length and the caches are
         merged (padding columns are dead), so long and short prompts do not waste compute."""
         ids = self.encode(prompts)
+        readouts = self.check_readouts(readouts)  # once: a generator would feed only the first group
         groups = _length_groups([len(p) for p in ids], max_padding)
         if len(groups) == 1:
             groups = [list(range(len(ids)))]  # one forward, in the given order

@@ -21,8 +21,9 @@ Sliding-window layers (Gemma3, Qwen2 with ``use_sliding_window``) get their own 
 eviction), which costs memory for very long sliding-window sequences only.
 
 Readouts. For a decoder layer L (1 ≤ L ≤ N; 0 = embeddings) the output h_L is captured with a
-forward hook (registered once per module, the first time a batch asks for that layer, and idle
-unless the running forward wants it: no hooks are added or removed per step), and its logits are
+forward hook (registered once per model and layer, the first time a batch asks for that layer,
+shared by every backend on the model, and idle unless the running forward wants it: no hooks are
+added or removed per step; ``HFBackend.remove_hooks`` takes them off the model), and its logits are
 ``lm_head(final_norm(h_L))`` followed by the family's logit post-processing (Gemma soft-capping,
 Granite ``logits_scaling``, Cohere ``logit_scale``); Gemma's (1+w) RMSNorm is the model's own norm
 module, so it is applied exactly as the model does.
@@ -35,8 +36,10 @@ read (synchronising) only through ``counters``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,21 +54,39 @@ from smcdecode.readouts import HIDDEN, Key, Layer, Readouts
 
 class _Capture:
     """What the forward hooks keep during one forward: the outputs of modules ``want`` (0 = the
-    embeddings, L = decoder layer L), at the last position only when ``last_only``."""
+    embeddings, L = decoder layer L), at the last position only when ``last_only``. One per model
+    (:func:`_capture_of`), shared by every backend wrapping it; its hooks are picklable."""
 
     def __init__(self) -> None:
         self.want: frozenset[int] = frozenset()
         self.last_only = True
         self.out: dict[int, Tensor] = {}
-        self.hooked: set[int] = set()
+        self.handles: dict[int, Any] = {}  # module index -> hook handle
 
-    def hook(self, index: int) -> Any:
-        def keep(_m: nn.Module, _i: Any, out: Any) -> None:
-            if index in self.want:
-                h = out[0] if isinstance(out, tuple) else out
-                self.out[index] = h[:, -1:] if self.last_only else h
+    def keep(self, index: int, _m: nn.Module, _i: Any, out: Any) -> None:
+        if index in self.want:
+            h = out[0] if isinstance(out, tuple) else out
+            self.out[index] = h[:, -1:] if self.last_only else h
 
-        return keep
+    def ensure(self, modules: dict[int, nn.Module]) -> None:
+        """Register the hook of every module not hooked yet (once per model and module)."""
+        for index, module in modules.items():
+            if index not in self.handles:
+                self.handles[index] = module.register_forward_hook(functools.partial(self.keep, index))
+
+    def remove(self) -> None:
+        for handle in self.handles.values():
+            handle.remove()
+        self.handles.clear()
+
+
+_CAPTURES: weakref.WeakKeyDictionary[nn.Module, _Capture] = weakref.WeakKeyDictionary()
+
+
+def _capture_of(model: nn.Module) -> _Capture:
+    if model not in _CAPTURES:
+        _CAPTURES[model] = _Capture()
+    return _CAPTURES[model]
 
 
 def _growable_cache() -> Any:
@@ -171,7 +192,7 @@ class HFBackend(Backend):
         self.eos_token_ids = sorted({int(i) for i in ids})
         self._eos = torch.tensor(self.eos_token_ids, device=self.device)
         self.compact_ratio = compact_ratio
-        self._capture = _Capture()  # shared with with_eos_tokens() views of this backend
+        self._capture = _capture_of(self.model)  # one per model: backends on it share the hooks
         self._find_modules()
         weight = self.lm_head.weight
         assert isinstance(weight, Tensor)
@@ -368,10 +389,7 @@ class HFBackend(Backend):
             }
         modules = frozenset({*batch.layers, *((self.num_layers,) if batch.hidden else ())})
         cap = self._capture
-        for index in modules - cap.hooked:
-            module: nn.Module = self.embedding_module if index == 0 else self.decoder_layers[index - 1]
-            module.register_forward_hook(cap.hook(index))
-            cap.hooked.add(index)
+        cap.ensure({i: self.embedding_module if i == 0 else self.decoder_layers[i - 1] for i in modules})
         cap.want, cap.last_only, cap.out = modules, not keep_all, {}
         try:
             out = self.model(
@@ -382,17 +400,22 @@ class HFBackend(Backend):
                 use_cache=True,
                 logits_to_keep=0 if keep_all else 1,
             )
+            captured = cap.out
         finally:
-            cap.want = frozenset()
+            cap.want, cap.out = frozenset(), {}
         batch.rows.append(tokens, real_new, pos_new)
         self._count(kind, n_real, b * q)
         logits = out.logits.float()  # [B, Q or 1, V]; the model applied its own logit quirks
-        values: dict[Key, Tensor] = {Layer(i): torch.log_softmax(self._readout(cap.out[i]), -1) for i in batch.layers}
+        values: dict[Key, Tensor] = {Layer(i): torch.log_softmax(self._readout(captured[i]), -1) for i in batch.layers}
         if batch.hidden:
-            values[HIDDEN] = cap.out[self.num_layers]
-        cap.out = {}
+            values[HIDDEN] = captured[self.num_layers]
         readouts = Readouts(torch.log_softmax(logits, dim=-1), values, self.num_layers)
         return readouts if keep_all else readouts.column(-1)
+
+    def remove_hooks(self) -> None:
+        """Take this model's readout hooks off (they come back at the next forward that needs a
+        layer or ``HIDDEN``). The hooks are idle otherwise, and picklable."""
+        self._capture.remove()
 
     # ------------------------------------------------------------------ latent recursion (EGLR)
     @torch.no_grad()

@@ -389,7 +389,9 @@ class HFBackend(Backend):
             }
         modules = frozenset({*batch.layers, *((self.num_layers,) if batch.hidden else ())})
         cap = self._capture
-        cap.ensure({i: self.embedding_module if i == 0 else self.decoder_layers[i - 1] for i in modules})
+        missing = modules - cap.handles.keys()  # empty after the first forward that wants these layers
+        if missing:
+            cap.ensure({i: self.embedding_module if i == 0 else self.decoder_layers[i - 1] for i in missing})
         cap.want, cap.last_only, cap.out = modules, not keep_all, {}
         try:
             out = self.model(

@@ -98,3 +98,19 @@ def test_admit_rejects_bad_rows_and_prompts():
     ):
         with pytest.raises(ArgumentError, match=name):
             backend.admit(batch, rows, prompts)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forwards_pass_the_cache_under_the_name_the_model_takes(name):
+    """transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in
+    5.40): decoding, and the latent recursion that calls decoder layers directly, must use the
+    name the installed version takes, so no deprecation warning is raised."""
+    import warnings
+
+    engine = Engine(MODELS[name](), eos_token_ids=[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        samplers.Ancestral(proposals.Tempered(1.0), n=2).run(engine, [[1, 2, 3]], max_new_tokens=3, seed=0)
+        if name == "llama":  # the one architecture latent recursion supports
+            proposal = proposals.EGLR(span=1, max_iters=2, entropy_threshold=-1.0)
+            samplers.Ancestral(proposal, n=2).run(engine, [[1, 2, 3]], max_new_tokens=3, seed=0)

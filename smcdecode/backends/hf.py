@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 import weakref
 from collections.abc import Iterable
@@ -194,6 +195,8 @@ class HFBackend(Backend):
         self.compact_ratio = compact_ratio
         self._capture = _capture_of(self.model)  # one per model: backends on it share the hooks
         self._find_modules()
+        self._cache_kw = _cache_keyword(self.model.forward)
+        self._layer_cache_kw = _cache_keyword(self.decoder_layers[0].forward) if len(self.decoder_layers) else ""
         weight = self.lm_head.weight
         assert isinstance(weight, Tensor)
         self.vocab_size = int(weight.shape[0])
@@ -398,9 +401,9 @@ class HFBackend(Backend):
                 input_ids=tokens,
                 attention_mask=attention,
                 position_ids=pos_new,
-                past_key_values=batch.cache,
                 use_cache=True,
                 logits_to_keep=0 if keep_all else 1,
+                **{self._cache_kw: batch.cache},
             )
             captured = cap.out
         finally:
@@ -466,12 +469,22 @@ class HFBackend(Backend):
                 h,
                 attention_mask=mask,
                 position_ids=pos_ids,
-                past_key_values=tmp,
                 use_cache=True,
                 position_embeddings=emb,
+                **{self._layer_cache_kw: tmp},
             )
             h = out[0] if isinstance(out, tuple) else out
         return h[:, 0], torch.log_softmax(self._readout(h[:, 0]), dim=-1)
+
+
+def _cache_keyword(forward: Any) -> str:
+    """The name under which ``forward`` takes its KV cache: ``cache`` from transformers 5.25 on
+    (``past_key_values`` is deprecated there and goes in 5.40), ``past_key_values`` before."""
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # a builtin or C forward: keep the long-standing name
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _eos_from(model: nn.Module, tokenizer: Any) -> list[int]:

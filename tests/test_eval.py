@@ -236,3 +236,29 @@ def test_mcnemar_exact_p_values():
     assert mcnemar([False] * 10, [True] * 10)["p"] == pytest.approx(2 / 1024)
     with pytest.raises(ValueError, match="correct_b"):
         mcnemar([True], [True, False])
+
+
+def test_humaneval_public_examples_follow_the_docstring_conventions():
+    by_uid = {p["unique_id"]: p for p in humaneval.load()}
+    # an escaped "\n" inside an example stays a literal instead of splitting the example
+    p51 = by_uid["HumanEval/51"]
+    examples = humaneval.public_examples(p51)
+    assert len(examples) == 6
+    assert examples[1] == ['remove_vowels("abcdef\\nghijklm")\n', "'bcdf\\nghjklm'\n"]
+    assert humaneval.public_tests_passed(p51, "    return text\n") == pytest.approx(2 / 6)
+    # `f(x) == y` with nothing under it expects True; "21" is the literal '21'
+    assert humaneval.public_examples(by_uid["HumanEval/162"])[0][1] == "True\n"
+    assert humaneval.public_examples(by_uid["HumanEval/65"])[0] == ["circular_shift(12, 1)\n", "'21'\n"]
+    # every canonical solution passes its own examples, but for the two docstrings that are wrong
+    scored = {u: humaneval.public_tests_passed(p, p["canonical_solution"]) for u, p in by_uid.items()}
+    with_examples = {u for u, p in by_uid.items() if humaneval.public_examples(p)}
+    assert len(with_examples) == 76
+    assert {u for u in with_examples if scored[u] != 1.0} == {"HumanEval/47", "HumanEval/116"}
+    assert scored["HumanEval/47"] == 0.5  # its median example says 8.0 where the median is 15.0
+
+
+def test_humaneval_unparseable_docstring_examples_score_zero():
+    prompt = 'def f(x):\n    """\n    >>> f(1)\n    1\n      >>> f(2)\n    2\n    """\n'
+    problem = {"prompt": prompt, "entry_point": "f", "canonical_solution": "    return x\n"}
+    assert humaneval.public_examples(problem) == []
+    assert humaneval.public_tests_passed(problem, "    return x\n") == 0.0

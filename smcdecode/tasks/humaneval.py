@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import doctest
+import inspect
 import json
 import math
 from typing import Any
@@ -56,24 +57,58 @@ def grade(problem: dict[str, Any], completion: str, timeout: float = 10.0) -> bo
 
 
 def docstring(problem: dict[str, Any]) -> str:
-    """The entry point's docstring (where the public ``>>>`` examples live)."""
+    """The entry point's docstring as written in the prompt (where the public ``>>>`` examples
+    live), indentation cleaned, escape sequences left as typed: ``"a\\nb"`` in an example stays a
+    Python literal for doctest to evaluate instead of becoming a line break that splits the example."""
+    source = problem["prompt"] + "    pass\n"
     try:
-        tree = ast.parse(problem["prompt"] + "    pass\n")
+        tree = ast.parse(source)
     except SyntaxError:
         return ""
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == problem["entry_point"]:
-            return ast.get_docstring(node) or ""
+            first = node.body[0].value if node.body and isinstance(node.body[0], ast.Expr) else None
+            if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+                return ""
+            literal = (ast.get_source_segment(source, first) or "").lstrip("rRuU")
+            quote = literal[:3] if literal[:3] in ('"""', "'''") else literal[:1]
+            return inspect.cleandoc(literal[len(quote) : len(literal) - len(quote)])
     return ""
+
+
+def _expected(source: str, want: str) -> str:
+    """The output doctest should see, in the docstrings' own conventions: ``f(x) == y`` with
+    nothing under it means True, and a literal written another way (``"21"``) means its repr."""
+    try:
+        expr = ast.parse(source, mode="eval").body
+    except SyntaxError:
+        return want
+    if not want.strip():
+        return "True\n" if isinstance(expr, ast.Compare) else want
+    try:
+        return repr(ast.literal_eval(want.strip())) + "\n"
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return want
+
+
+def public_examples(problem: dict[str, Any]) -> list[list[str]]:
+    """The docstring's ``>>>`` examples as [source, expected output] pairs; [] when it has none or
+    doctest cannot parse them."""
+    try:
+        examples = doctest.DocTestParser().get_examples(docstring(problem))
+    except ValueError:
+        return []
+    return [[e.source, _expected(e.source, e.want)] for e in examples]
 
 
 def public_tests_passed(problem: dict[str, Any], completion: str, timeout: float = 5.0) -> float:
     """Fraction of the docstring examples (``>>>`` lines of the prompt: public tests only, never
-    the hidden ``test``) that pass, run in the sandbox; 0 when there are none or it crashes."""
-    examples = doctest.DocTestParser().get_examples(docstring(problem))
+    the hidden ``test``) that pass, run in the sandbox; 0 when there are none (88 of the 164
+    problems give their examples in other forms) or it crashes."""
+    examples = public_examples(problem)
     if not examples:
         return 0.0
-    spec = json.dumps([[e.source, e.want] for e in examples])
+    spec = json.dumps(examples)
     runner = (
         "\n\nimport doctest as _d, json as _j\n"
         f"_ex = [_d.Example(s, w) for s, w in _j.loads({spec!r})]\n"

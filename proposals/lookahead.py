@@ -174,6 +174,7 @@ class Lookahead(Proposal):
         fork: Batch = eng.fork(ctx.batch, src, reserve=1)
         first = eng.decode(fork, v, live).log_p  # [A·K, V]: the distribution after x_<t ⊕ v
         acc = rollout_log_p(eng, fork, first, budget, state, ctx.stop, u.permute(0, 2, 1).reshape(a * k * m, h), m)
+        eng.release(fork)
         return ((self.alpha - 1.0) * acc).view(a, k, m)
 
     def __repr__(self) -> str:
@@ -217,4 +218,5 @@ def rollout_log_p(
         if j + 1 == h or not bool(alive.any()):  # host sync per rollout token
             break
         lp = eng.decode(roll, tok, alive).log_p.where(alive[:, None], lp)
+    eng.release(roll)
     return acc

@@ -318,8 +318,10 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     rows while another holds a snapshot and a pending re-feed), ``select`` within prompt groups
     with repeats and across groups with a new size, ``compact``, ``score`` against step-by-step
     decoding, and an interior-block move (``score`` refused on rows pending a re-feed, a ragged
-    ``score`` after truncation with a row scoring nothing, one row kept and one restored); layer
-    readouts too when the backend has the ``layers`` capability."""
+    ``score`` after truncation with a row scoring nothing, one row kept and one restored),
+    ``release`` (a released fork refuses use) and the recorded contexts; layer readouts too when
+    the backend has the ``layers`` capability. A backend missing an operation cannot even be
+    defined (see :data:`smcdecode.backends.base.OPERATIONS`)."""
     assert backend.vocab_size >= 7, "check_backend needs a vocabulary of at least 7 ids"
     layers = (0, 1, backend.num_layers) if "layers" in backend.capabilities else ()
     keys = [Layer(i) for i in layers]
@@ -334,7 +336,8 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     ) -> None:
         ctx = seqs if contexts is None else contexts
         for r in range(len(ctx)) if rows is None else rows:
-            want = backend.prefill([ctx[r]], keys)[1]
+            fresh, want = backend.prefill([ctx[r]], keys)
+            backend.release(fresh)
             got_p = readout.log_p[r].float().cpu()
             if not torch.allclose(got_p, want.log_p[0].float().cpu(), atol=atol, rtol=0):
                 raise AssertionError(f"{op}: row {r} (context {ctx[r]}) reads a different next-token distribution")
@@ -425,6 +428,13 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
         check(f"fork + decode step {step}", fout, contexts=forked)
     if backend.counters["rollout_tokens"] - rolled != 2 * len(src):
         raise AssertionError("fork: decodes on a fork must count as rollout_tokens")
+    backend.release(fork)
+    try:
+        backend.decode(fork, tok)
+    except ArgumentError:
+        pass
+    else:
+        raise AssertionError("release: a released batch must refuse further use")
     new_prompts = [[6, 5], [6, 5], [3, 1, 4, 1, 5, 2, 6, 2, 3, 4, 5, 1, 2]]
     prefilled = backend.counters["prefill_tokens"]
     first = backend.admit(batch, torch.tensor([4, 5, 1], device=dev), new_prompts)
@@ -521,6 +531,9 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     counted = backend.counters["decode_tokens"] - before
     if counted != fed:
         raise AssertionError(f"counters: decode_tokens grew by {counted}, but {fed} real tokens were fed")
+    if batch.contexts() != seqs:
+        raise AssertionError("tokens/lengths: the batch's recorded contexts differ from what was fed")
+    backend.release(batch)
 
 
 def chi2_pvalue(counts: Tensor, probs: Tensor, min_expected: float = 5.0) -> float:

@@ -61,6 +61,20 @@ def test_check_backend_catches_rows_that_lose_a_refed_prompt_token(monkeypatch):
         check_backend(Engine(tiny_llama(vocab=8), eos_token_ids=[0]))
 
 
+def test_a_backend_missing_an_operation_fails_when_defined_naming_it():
+    from smcdecode.backends import OPERATIONS, Backend
+
+    class Partial(ReferenceBackend, abstract=True):  # an intermediate class may leave them out
+        pass
+
+    with pytest.raises(TypeError, match="_checkpoint, _restore"):
+
+        class NoCheckpoints(Backend):  # every operation but the checkpoint pair
+            locals().update({op: (lambda self, *a: None) for op in OPERATIONS if op not in ("_checkpoint", "_restore")})
+
+    assert issubclass(Partial, Backend)
+
+
 def test_missing_capability_names_the_backend_and_what_needs_it():
     ref = ReferenceBackend(tiny_llama(vocab=8), eos_token_ids=[0])
     sampler = samplers.Ancestral(proposals.EGLR(span=1))

@@ -32,12 +32,12 @@ def live_view(engine, prompts, tokens):
 
 def test_recursion_leaves_the_kv_cache_exactly_as_a_plain_forward(engine):
     batch, view = live_view(engine, [[1, 2, 3], [4, 2]], [3, 1])
-    before = [(layer.keys.clone(), layer.values.clone()) for layer in batch.cache.layers]
-    valid, lengths = batch.valid.clone(), batch.lengths.clone()
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in batch.state.cache.layers]
+    valid, lengths = batch.state.rows.valid.clone(), batch.lengths.clone()
     Q.EGLR(span=2, max_iters=4, entropy_threshold=-1.0, tol=1e-9).log_q(view, lambda v: None)
-    for (k, v), layer in zip(before, batch.cache.layers):
+    for (k, v), layer in zip(before, batch.state.cache.layers):
         assert torch.equal(k, layer.keys) and torch.equal(v, layer.values)
-    assert torch.equal(valid, batch.valid) and torch.equal(lengths, batch.lengths)
+    assert torch.equal(valid, batch.state.rows.valid) and torch.equal(lengths, batch.lengths)
     plain, _ = engine.prefill([[1, 2, 3, 3], [4, 2, 1]])  # and decoding continues as without recursion
     r1 = engine.decode(batch, torch.tensor([2, 2]))
     r2 = engine.decode(plain, torch.tensor([2, 2]))

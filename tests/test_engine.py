@@ -181,7 +181,7 @@ def test_select_within_groups_copies_only_after_the_shared_prompt():
     batch, r = engine.prefill([[1, 2, 3], [4, 2]])
     rep = torch.tensor([0, 0, 0, 1, 1, 1])
     engine.select(batch, rep)
-    batch.rows.shared = batch.rows.width
+    batch.state.rows.shared = batch.state.rows.width  # what start() marks: the prompt is shared
     seqs = [[1, 2, 3]] * 3 + [[4, 2]] * 3
     gen = torch.Generator().manual_seed(0)
     out = r.index_select(rep)

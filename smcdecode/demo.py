@@ -130,9 +130,10 @@ def run_demo(
     return rows
 
 
-def main_demo(limit: int, out: str, alpha: float, seed: int, max_new_tokens: int) -> None:
+def main_demo(limit: int, out: str, alpha: float, seed: int, max_new_tokens: int, backend: str = "hf") -> None:
     t0 = time.perf_counter()
-    rows = run_demo(limit=limit, out=out, alpha=alpha, seed=seed, max_new_tokens=max_new_tokens)
+    engine = Engine.from_gguf("embedded", backend=backend) if backend != "hf" else None
+    rows = run_demo(engine, limit=limit, out=out, alpha=alpha, seed=seed, max_new_tokens=max_new_tokens)
     print(format_table([r.cells() for r in rows]))
     print(
         f"\n{limit} problems, total {time.perf_counter() - t0:.0f} s; records in {out}/results.jsonl, plots in {out}/"

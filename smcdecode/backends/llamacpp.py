@@ -255,9 +255,11 @@ def _free_native(lib: Any, model: Any, ctx: Any) -> None:
 class LlamaCppBackend(Backend):
     """A GGUF model on llama.cpp (see the module docstring).
 
-    ``LlamaCppBackend(model_path, n_ctx=None, n_seq_max=64, n_threads=None, n_batch=512,
-    kv_type="f16", eos_token_ids=None)``: ``n_ctx`` KV cells shared by every sequence (default:
-    the model's training context, at most 4096; llama.cpp rounds it up to a multiple of 256);
+    ``LlamaCppBackend(model_path, n_ctx=None, n_seq_max=256, n_threads=None, n_batch=512,
+    kv_type="f16", eos_token_ids=None)``: ``n_ctx`` KV cells shared by every sequence (default
+    32768, e.g. 64 rows of 512 tokens; llama.cpp rounds it up to a multiple of 256; cells cost
+    memory, not compute: attention skips other sequences' cells); a sequence's positions stop at
+    the model's training context (``max_positions``);
     ``n_seq_max`` sequence ids (one per row, per snapshot, per fork row; llama.cpp allows at most
     ``llama_max_parallel_sequences()``); ``n_batch`` the most tokens one ``llama_decode`` takes;
     ``n_threads`` llama.cpp's threads (default: half the CPUs; torch's intra-op threads compete
@@ -273,7 +275,7 @@ class LlamaCppBackend(Backend):
         model_path: str | os.PathLike[str],
         *,
         n_ctx: int | None = None,
-        n_seq_max: int = 64,
+        n_seq_max: int = 256,
         n_threads: int | None = None,
         n_batch: int = 512,
         kv_type: str = "f16",
@@ -314,7 +316,7 @@ class LlamaCppBackend(Backend):
             raise ArgumentError("model_path", f"llama.cpp could not load {path} (pass verbose=True to see why)")
         train = int(lib.llama_model_n_ctx_train(model))
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = n_ctx if n_ctx is not None else min(train, 4096) if train > 0 else 4096
+        cparams.n_ctx = n_ctx if n_ctx is not None else 32768
         cparams.n_batch = n_batch
         cparams.n_ubatch = min(n_batch, 512)
         cparams.n_seq_max = n_seq_max
@@ -356,7 +358,7 @@ class LlamaCppBackend(Backend):
         self.tokenizer = LlamaCppTokenizer(lib, self._native, vocab)
         self.vocab_size = int(lib.llama_vocab_n_tokens(vocab))
         self.num_layers = int(lib.llama_model_n_layer(model))
-        self.max_positions = self.n_ctx
+        self.max_positions = min(self.n_ctx, train) if train > 0 else self.n_ctx  # a sequence's positions
         if eos_token_ids is None:
             ids = [int(lib.llama_vocab_eos(vocab)), int(lib.llama_vocab_eot(vocab))]
             eos_token_ids = [i for i in ids if i >= 0]

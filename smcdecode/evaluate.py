@@ -8,14 +8,16 @@ and restarted with the same arguments skips the problems already recorded for (m
 
 Where the sampler calls run is an executor's business (``smcdecode.executors``: this process by
 default, or Ray actors on a cluster); the records are always written here, by the driver alone.
-Ancestral and SuffixMH run in this process by continuous batching: ``batch_size`` problems share
-the batch, a problem is graded and recorded the moment its samples are done, and a waiting
-problem is prefilled into the rows it frees; each problem draws from its own random stream
-seeded by ``problem_seed(seed, uid)``, so its samples depend only on (seed, problem id, method):
-not on the problems sharing the batch, its position in the run, or resumes. Other samplers (SMC,
-whose particles move in lockstep) and Ray executors take problems ``batch_size`` at a time, each
-sampler call seeded with ``problem_seed`` of its first problem: with ``batch_size=1`` (the
-default) the same guarantee holds; above 1 a problem's samples also depend on its batch.
+Ancestral, SuffixMH and SMC (``Sampler.streams``) run by continuous batching: ``batch_size``
+problems share the batch, a problem is graded and recorded the moment its samples are done, and a
+waiting problem is prefilled into the rows it frees (SMC: each problem runs its own SMC loop on its
+rows, the problems' forwards merged); each problem draws from its own random stream seeded by
+``problem_seed(seed, uid)``, so its samples depend only on (seed, problem id, method): not on the
+problems sharing the batch, its position in the run, resumes, or the executor. Ray workers run
+the same streaming loop over their own problems (``RayExecutor.stream``). Samplers that do not
+stream (proposals with rollouts, EGLR) run one problem at a time with the same guarantee; with
+``continuous=False`` problems go ``batch_size`` at a time in one sampler call seeded with
+``problem_seed`` of its first problem, so above 1 a problem's samples also depend on its batch.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from smcdecode.errors import ArgumentError, RewardError
 from smcdecode.records import RecordWriter, read_jsonl
 from smcdecode.samplers.base import Sampler
 from smcdecode.samplers.result import Sample
+from smcdecode.samplers.stream import Finished
 
 SELECTIONS = ("sample", "majority", "weight")
 
@@ -115,8 +118,8 @@ def run_eval(
 ) -> str:
     """Evaluate and append records to ``out_dir/results.jsonl``; returns that path.
 
-    ``continuous``: Ancestral and SuffixMH keep ``batch_size`` problems in one batch and admit a
-    waiting problem as soon as one finishes (see the module docstring); False takes problems
+    ``continuous``: Ancestral, SuffixMH and SMC keep ``batch_size`` problems in one batch and admit
+    a waiting problem as soon as one finishes (see the module docstring); False takes problems
     ``batch_size`` at a time, the batch running until its last problem ends (for comparison).
 
     ``stop``: stop patterns of every sample (see ``Sampler.run``); recorded with each record, and
@@ -144,8 +147,22 @@ def run_eval(
     todo = [p for p in task.problems if (p["unique_id"], method, seed) not in done]
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
     job = BatchJob(task.name, method, seed, max_new_tokens, select, stops)
-    if continuous and executor is None and engine is not None and sampler is not None and _streams(sampler):
+    if continuous and executor is None and engine is not None and sampler is not None and _streams(sampler, engine):
         _run_streaming(task, engine, sampler, job, todo, path, batch_size, progress)
+        return path
+    if continuous and executor is not None and hasattr(executor, "stream"):  # workers stream (Ray)
+        with (
+            RecordWriter(path) as writer,
+            tqdm(total=len(todo), desc=f"{task.name} {method}", disable=_quiet(progress), leave=False) as bar,
+            closing(executor.stream(job, todo, batch_size)) as streamed,
+        ):
+            t0, tokens = time.perf_counter(), 0
+            for records in streamed:
+                for rec in records:
+                    writer.append(rec)
+                    tokens += rec.get("decode_tokens", 0)
+                    bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
+                    bar.update(1)
         return path
     if executor is None:
         executor = InProcess()
@@ -168,9 +185,9 @@ def _quiet(progress: bool | None) -> bool:
     return not progress if progress is not None else not sys.stderr.isatty()
 
 
-def _streams(sampler: Sampler) -> bool:
+def _streams(sampler: Sampler, engine: Backend) -> bool:
     """Does the sampler keep a batch full by admitting problems as others finish?"""
-    return sampler.rows_plan(1) is not None
+    return sampler.streams(engine)
 
 
 def _run_streaming(
@@ -190,7 +207,6 @@ def _run_streaming(
     then run one at a time, recording the failing one's error and losing nothing else."""
     by_uid = {p["unique_id"]: p for p in todo}
     queue = ((p["unique_id"], task.prompt(p), problem_seed(job.seed, p["unique_id"])) for p in todo)
-    stops = None if job.stop is None else [s if isinstance(s, str) else list(s) for s in job.stop]
     written: set[Any] = set()
     t0, tokens = time.perf_counter(), 0
     with (
@@ -198,19 +214,10 @@ def _run_streaming(
         tqdm(total=len(todo), desc=f"{task.name} {job.method}", disable=_quiet(progress), leave=False) as bar,
     ):
         try:
+            stops = job.stops()
             finished = sampler.stream(engine, queue, in_flight=in_flight, max_new_tokens=job.max_new_tokens, stop=stops)
             for fin in finished:
-                p = by_uid[fin.key]
-                rec = _grade(
-                    task, p, fin.samples, None, job.method, job.seed, job.max_new_tokens, job.select, fin.wall_time
-                )
-                rec["decode_tokens"] = fin.decode_tokens
-                rec["prefill_tokens"] = fin.prefill_tokens
-                rec["rollout_tokens"] = fin.rollout_tokens
-                if fin.forwards is not None:
-                    rec["forwards"] = fin.forwards  # the problem ran alone: its sequential depth
-                rec["stop"] = stops
-                rec["streamed"] = True  # wall_time is this problem's admission-to-grading span
+                rec = job.finished(task, by_uid[fin.key], fin)
                 writer.append(rec)
                 written.add(fin.key)
                 tokens += fin.decode_tokens
@@ -272,6 +279,32 @@ class BatchJob:
         for r in records:
             r["stop"] = None if self.stop is None else [s if isinstance(s, str) else list(s) for s in self.stop]
         return records
+
+    def stops(self) -> list[Any] | None:
+        """The stop patterns as ``Sampler.run`` takes them."""
+        return None if self.stop is None else [s if isinstance(s, str) else list(s) for s in self.stop]
+
+    def finished(self, task: TaskAdapter, p: dict[str, Any], fin: Finished) -> dict[str, Any]:
+        """The record of a problem that a streaming sampler finished (``Sampler.stream``)."""
+        rec = _grade(
+            task,
+            p,
+            fin.samples,
+            fin.log_evidence,
+            self.method,
+            self.seed,
+            self.max_new_tokens,
+            self.select,
+            fin.wall_time,
+        )
+        rec["decode_tokens"] = fin.decode_tokens
+        rec["prefill_tokens"] = fin.prefill_tokens
+        rec["rollout_tokens"] = fin.rollout_tokens
+        if fin.forwards is not None:
+            rec["forwards"] = fin.forwards  # the problem ran alone: its sequential depth
+        rec["stop"] = self.stops()
+        rec["streamed"] = True  # wall_time is this problem's admission-to-grading span
+        return rec
 
     def failed(self, p: dict[str, Any], message: str) -> dict[str, Any]:
         """The record of a problem that could not be evaluated."""

@@ -68,8 +68,14 @@ class Sampler:
 
     def rows_plan(self, max_new_tokens: int) -> RowsPlan | None:
         """How this sampler runs as rows with their own schedules (continuous batching), or None
-        when its rows move in lockstep (SMC): then :meth:`stream` runs problems one at a time."""
+        when its rows move in lockstep (SMC, which streams its own way: ``SMC.stream``)."""
         return None
+
+    def streams(self, engine: Backend) -> bool:
+        """Does :meth:`stream` keep problems flowing through one batch (so that an evaluation
+        should run this sampler through it, whatever its batch size)? Samplers with a
+        :meth:`rows_plan`, and SMC (see ``SMC.streams``)."""
+        return self.rows_plan(1) is not None
 
     def stream(
         self,
@@ -84,9 +90,9 @@ class Sampler:
         seed) triples, consumed lazily. A problem's samples depend only on its seed (not on which
         problems share the batch). Samplers with a :meth:`rows_plan` (Ancestral, SuffixMH) keep
         ``in_flight`` problems in one batch and admit a waiting problem into the rows a finished
-        one frees (:mod:`~smcdecode.samplers.stream`); the others run the problems one at a time,
-        and so do proposals with rollouts (``Lookahead``), so that the backend's counters give
-        each problem its own rollout tokens."""
+        one frees (:mod:`~smcdecode.samplers.stream`), and so does SMC its own way (``SMC.stream``);
+        the others run the problems one at a time, and so do proposals with rollouts
+        (``Lookahead``), so that the backend's counters give each problem its own rollout tokens."""
         if not isinstance(engine, Backend):
             raise ArgumentTypeError("engine", f"expected a smcdecode backend, got {type(engine).__name__}")
         check_int("in_flight", in_flight, 1)
@@ -109,6 +115,7 @@ class Sampler:
                 res.wall_time,
                 counters.get("rollout_tokens", 0),
                 counters.get("forwards"),
+                res.log_evidence[0],
             )
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -138,6 +138,27 @@ class Chains:
     def token_lists(self) -> list[list[int]]:
         toks, lens = self.tokens.tolist(), self.length.tolist()
         return [t[:n] for t, n in zip(toks, lens)]
+
+
+class DecoderOps(Protocol):
+    """The decoder operations a sampler loop uses (:class:`Decoder`; SMC's streamed problems use
+    a proxy over their rows of a shared batch, :mod:`~smcdecode.samplers.multiplex`)."""
+
+    hidden: bool
+
+    def decode(self, tokens: Tensor, active: Tensor) -> Readouts: ...
+
+    def score(self, tokens: Tensor, n_tokens: Tensor) -> Scored: ...
+
+    def bind(self, view: Readouts, positions: Tensor | None = None) -> Readouts: ...
+
+    def start_moves(self, rows: Tensor, keep: Tensor) -> None: ...
+
+    def restore_rows(self, rows: Tensor) -> None: ...
+
+    def select(self, idx: Tensor) -> None: ...
+
+    def compact(self) -> None: ...
 
 
 @dataclass
@@ -298,11 +319,13 @@ class Problem:
     def base_factor(self, view: Readouts) -> Tensor | None:
         return None if self.base is None else self.base.token_log_factor(view)
 
-    def context(self, decoder: Decoder, chains: Chains, active: Tensor) -> Context | None:
+    def context(self, decoder: DecoderOps, chains: Chains, active: Tensor) -> Context | None:
         """The :class:`~smcdecode.proposals.base.Context` of a draw on ``chains`` (None unless the
-        proposal has auxiliary randomness): the main stream's batch holds each row's x_<t."""
+        proposal has auxiliary randomness): the main stream's batch holds each row's x_<t (a
+        proposal with rollouts runs on a :class:`Decoder` of its own, never a shared batch)."""
         if not self.proposal.auxiliary:
             return None
+        assert isinstance(decoder, Decoder), "a proposal with rollouts needs its own Decoder"
         main = decoder.streams[0]
         return Context(
             engine=main.engine,
@@ -450,7 +473,7 @@ class Anneal:
 
 def extend(
     problem: Problem,
-    decoder: Decoder,
+    decoder: DecoderOps,
     chains: Chains,
     horizon: int,
     anneal: Anneal | None = None,

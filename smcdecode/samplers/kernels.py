@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from smcdecode.samplers.core import CHECK_EVERY, Anneal, Chains, Decoder, Problem, extend
+from smcdecode.samplers.core import CHECK_EVERY, Anneal, Chains, DecoderOps, Problem, extend
 from smcdecode.samplers.result import MoveTrace
 from smcdecode.samplers.rng import Rng
 
@@ -148,7 +148,7 @@ def span_log_q(chains: Chains, start: Tensor, end: Tensor) -> Tensor:
 
 
 def begin(
-    problem: Problem, decoder: Decoder, cur: Chains, rows: Tensor, reuse: bool = True, index: Tensor | None = None
+    problem: Problem, decoder: DecoderOps, cur: Chains, rows: Tensor, reuse: bool = True, index: Tensor | None = None
 ) -> tuple[Chains, Move]:
     """Start a move on ``rows`` (bool [B]): i ~ U{0..|x|−1} (or the given ``index``), the divergence point j
     (:func:`divergence`; j = i without ``reuse``: same law, no coupling), and the truncation of
@@ -176,7 +176,7 @@ def begin(
 
 def decide(
     problem: Problem,
-    decoder: Decoder,
+    decoder: DecoderOps,
     cur: Chains,
     prop: Chains,
     index: Tensor,
@@ -216,7 +216,7 @@ def decide(
 
 def propose(
     problem: Problem,
-    decoder: Decoder,
+    decoder: DecoderOps,
     cur: Chains,
     horizon: int,
     q_schedule: Anneal | None = None,
@@ -237,7 +237,7 @@ def propose(
 
 def mh_move(
     problem: Problem,
-    decoder: Decoder,
+    decoder: DecoderOps,
     cur: Chains,
     horizon: int,
     alpha: float | None = None,
@@ -291,7 +291,7 @@ def block_log_accept(
 
 
 def block_begin(
-    problem: Problem, decoder: Decoder, cur: Chains, span: int, horizon: int, index: Tensor | None = None
+    problem: Problem, decoder: DecoderOps, cur: Chains, span: int, horizon: int, index: Tensor | None = None
 ) -> tuple[Chains, BlockMove]:
     """Start a block move on every row: i ~ U{0..|x|−1} (or ``index``), the block's end e, its
     proposal's cap, and the divergence point j of the proposal coupled with x_[i, e)
@@ -311,7 +311,7 @@ def block_begin(
 
 
 def grow_block(
-    problem: Problem, decoder: Decoder, prop: Chains, move: BlockMove, horizon: int, q_schedule: Anneal | None = None
+    problem: Problem, decoder: DecoderOps, prop: Chains, move: BlockMove, horizon: int, q_schedule: Anneal | None = None
 ) -> Tensor:
     """Draw the new block of every diverged row in place, one token per forward: from x_j (≠ x_j
     first) to e on interior rows, to an end (EOS, a stop) or the cap on tail rows. Returns the rows
@@ -346,7 +346,7 @@ def grow_block(
 
 def rescore(
     problem: Problem,
-    decoder: Decoder,
+    decoder: DecoderOps,
     cur: Chains,
     prop: Chains,
     move: BlockMove,
@@ -413,7 +413,7 @@ def rescore(
 
 def block_decide(
     problem: Problem,
-    decoder: Decoder,
+    decoder: DecoderOps,
     cur: Chains,
     prop: Chains,
     move: BlockMove,
@@ -447,7 +447,7 @@ def block_decide(
 
 def block_move(
     problem: Problem,
-    decoder: Decoder,
+    decoder: DecoderOps,
     cur: Chains,
     horizon: int,
     span: int,

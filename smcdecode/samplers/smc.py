@@ -18,6 +18,12 @@ longest particle's length, with the exponent α_t that is part of the loop's sta
 (``move="mix"``, suffix first); each leaves that target invariant, so any sequence of them does.
 With ``LocallyOptimal`` q the token term equals logsumexp_v α·log φ(v) (Power-SMC).
 
+Streaming (:meth:`SMC.stream`, continuous batching): each problem runs this same loop
+(``SMC._loop``) with its own random stream on its rows of one shared batch, the problems'
+forwards merged (:mod:`~smcdecode.samplers.multiplex`), so a problem's result is the one of
+``run(engine, [prompt], seed=seed)``; rollout proposals and hidden-state targets/proposals run one
+problem at a time.
+
 Lookahead twist (``twist=True``, with a proposal that provides one: :class:`~smcdecode.proposals.Lookahead`).
 The particle state is extended with the proposal's auxiliary draws u (rollouts), and the
 intermediate target after t tokens is
@@ -44,6 +50,7 @@ rollouts (no coupling with the current suffix), and the auxiliary draws u of the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -51,13 +58,26 @@ import torch
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentError, ArgumentTypeError, check_int
 from smcdecode.proposals.base import Proposal
+from smcdecode.readouts import Requirements
 from smcdecode.samplers.base import Sampler, bar, check_target_proposal
-from smcdecode.samplers.core import Anneal, collect, extend, make_problem, start_chains
+from smcdecode.samplers.core import (
+    Anneal,
+    Chains,
+    DecoderOps,
+    Problem,
+    check_run_args,
+    collect,
+    extend,
+    make_problem,
+    start_chains,
+)
 from smcdecode.samplers.kernels import block_move, mh_move, move_trace
+from smcdecode.samplers.multiplex import multiplex
 from smcdecode.samplers.resampling import SCHEMES
 from smcdecode.samplers.result import Result, StepTrace, Trace
+from smcdecode.samplers.stream import Finished
 from smcdecode.samplers.weights import Weights
-from smcdecode.stopping import StopSet
+from smcdecode.stopping import StopSet, StopSpec, stop_set
 from smcdecode.targets.base import Potential
 
 MOVES = ("suffix", "block", "mix")
@@ -143,89 +163,149 @@ class SMC(Sampler):
         mask[engine.token_ids_containing(self.delimiter)] = True
         return mask
 
-    def _run(
-        self, engine: Backend, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
-    ) -> Result:
-        n = self.particles
-        problem = make_problem(engine, prompts, self.target, self.proposal, n, max_new_tokens, seed, stop)
-        problem.stop_tokens = self._stop_tokens(engine)
+    def _prepare(
+        self,
+        engine: Backend,
+        prompts: Any,
+        max_new_tokens: int,
+        seed: int,
+        stop: StopSet | None,
+        stop_tokens: torch.Tensor | None,
+    ) -> Problem:
+        """The run's :class:`Problem` (its own random stream, seeded with ``seed``); checks the arguments."""
+        problem = make_problem(engine, prompts, self.target, self.proposal, self.particles, max_new_tokens, seed, stop)
+        problem.stop_tokens = stop_tokens
         problem.twist = self.twist
         if self.anneal is not None and problem.alpha == 1.0:
             raise ArgumentError("anneal", "annealing needs a target of the form base ** alpha with alpha != 1")
-        anneal = Anneal(problem.alpha, self.anneal) if self.anneal is not None else None
+        return problem
+
+    def _run(
+        self, engine: Backend, prompts: Any, max_new_tokens: int, seed: int, progress: bool, stop: StopSet | None
+    ) -> Result:
+        problem = self._prepare(engine, prompts, max_new_tokens, seed, stop, self._stop_tokens(engine))
         decoder, chains = start_chains(problem)
+        with bar(max_new_tokens, "SMC", progress) as pbar:
+            return self._loop(problem, decoder, chains, lambda h: pbar.update(max(0, h - pbar.n)))
+
+    def _loop(
+        self, problem: Problem, decoder: DecoderOps, chains: Chains, progress: Callable[[int], None] | None = None
+    ) -> Result:
+        """The SMC loop of one run, from the particles after the prompts to the collected result:
+        ``SMC.run`` drives it on its own :class:`~smcdecode.samplers.core.Decoder`, ``SMC.stream``
+        on each problem's rows of a shared batch. ``progress(horizon)`` after every step."""
+        n, max_new_tokens = self.particles, problem.max_new_tokens
+        anneal = Anneal(problem.alpha, self.anneal) if self.anneal is not None else None
         scheme = SCHEMES[self.resampling]
         trace = Trace()
-        n_prompts, dev = len(problem.prompt_ids), engine.device
+        n_prompts, dev = len(problem.prompt_ids), problem.engine.device
         weights = Weights.zeros(n_prompts, n, dev)
         alpha_t = 1.0 if anneal is not None else problem.alpha  # the α of φ in the weights
         block = self.block_size or max_new_tokens
         step = 0
-        with bar(max_new_tokens, "SMC", progress) as pbar:
-            while True:
-                done = problem.complete(chains)
-                if bool(done.all()):  # one sync per block
-                    break
-                horizon = min(int(chains.length[~done].max()) + block, max_new_tokens)
-                if self.delimiter is not None:
-                    horizon = max_new_tokens
-                psi_before = chains.log_psi.clone()
-                incr = torch.zeros_like(weights.flat)  # [P·N]
-                alpha_t = extend(problem, decoder, chains, horizon, anneal=anneal, log_w=incr, alpha_w=alpha_t)
-                problem.update_psi(chains, ~done, partial_ok=True)
-                incr += torch.where(~done, problem.alpha * (chains.log_psi - psi_before), torch.zeros_like(incr))
-                weights = weights.add(incr)
-                ess = weights.ess  # [P]
-                resample = ess < self.ess_threshold * n  # [P]
-                any_resample = bool(resample.any())  # one sync per block: skip the KV copy when possible
-                idx = torch.arange(n, device=dev).expand(n_prompts, n)
-                if any_resample:
-                    w = weights.normalized  # [P, N]
-                    drawn = torch.cat([scheme(g, w[s], n) for s, g in problem.rng.groups(n_prompts)])  # [P, N]
-                    idx = torch.where(resample[:, None], drawn, idx)
-                    rows = (idx + n * torch.arange(n_prompts, device=dev)[:, None]).view(-1)  # [P·N]
-                    weights = weights.resampled(resample)
-                    decoder.select(rows)
-                    chains = chains.index_select(rows)
-                trace.log(
-                    StepTrace(
-                        step=step,
-                        ess=ess,
-                        resampled=resample,
-                        log_z_increment=Weights(incr.view(n_prompts, n)).log_mean,
-                        horizon=horizon,
-                        unique=_unique_counts(idx),
-                    )
+        while True:
+            done = problem.complete(chains)
+            if bool(done.all()):  # one sync per block
+                break
+            horizon = min(int(chains.length[~done].max()) + block, max_new_tokens)
+            if self.delimiter is not None:
+                horizon = max_new_tokens
+            psi_before = chains.log_psi.clone()
+            incr = torch.zeros_like(weights.flat)  # [P·N]
+            alpha_t = extend(problem, decoder, chains, horizon, anneal=anneal, log_w=incr, alpha_w=alpha_t)
+            problem.update_psi(chains, ~done, partial_ok=True)
+            incr += torch.where(~done, problem.alpha * (chains.log_psi - psi_before), torch.zeros_like(incr))
+            weights = weights.add(incr)
+            ess = weights.ess  # [P]
+            resample = ess < self.ess_threshold * n  # [P]
+            any_resample = bool(resample.any())  # one sync per block: skip the KV copy when possible
+            idx = torch.arange(n, device=dev).expand(n_prompts, n)
+            if any_resample:
+                w = weights.normalized  # [P, N]
+                drawn = torch.cat([scheme(g, w[s], n) for s, g in problem.rng.groups(n_prompts)])  # [P, N]
+                idx = torch.where(resample[:, None], drawn, idx)
+                rows = (idx + n * torch.arange(n_prompts, device=dev)[:, None]).view(-1)  # [P·N]
+                weights = weights.resampled(resample)
+                decoder.select(rows)
+                chains = chains.index_select(rows)
+            trace.log(
+                StepTrace(
+                    step=step,
+                    ess=ess,
+                    resampled=resample,
+                    log_z_increment=Weights(incr.view(n_prompts, n)).log_mean,
+                    horizon=horizon,
+                    unique=_unique_counts(idx),
                 )
-                if self.rejuvenate and any_resample:
-                    h_mh, a_mh = int(chains.length.max()), alpha_t if anneal is not None else None
-                    for s in range(self.rejuvenate):
-                        kernel = self.kernel(s)
-                        # partial_ok: the moves target this step's twisted intermediate target
-                        if kernel == "suffix":
-                            chains, info = mh_move(
-                                problem, decoder, chains, h_mh, alpha=a_mh, q_schedule=anneal, partial_ok=True
-                            )
-                        else:
-                            chains, info = block_move(
-                                problem,
-                                decoder,
-                                chains,
-                                h_mh,
-                                self.span,
-                                alpha=a_mh,
-                                q_schedule=anneal,
-                                partial_ok=True,
-                            )
-                        trace.log(move_trace(step, s, kernel, info))
-                decoder.compact()
-                pbar.update(max(0, min(horizon, max_new_tokens) - pbar.n))
-                step += 1
+            )
+            if self.rejuvenate and any_resample:
+                h_mh, a_mh = int(chains.length.max()), alpha_t if anneal is not None else None
+                for s in range(self.rejuvenate):
+                    kernel = self.kernel(s)
+                    # partial_ok: the moves target this step's twisted intermediate target
+                    if kernel == "suffix":
+                        chains, info = mh_move(
+                            problem, decoder, chains, h_mh, alpha=a_mh, q_schedule=anneal, partial_ok=True
+                        )
+                    else:
+                        chains, info = block_move(
+                            problem, decoder, chains, h_mh, self.span, alpha=a_mh, q_schedule=anneal, partial_ok=True
+                        )
+                    trace.log(move_trace(step, s, kernel, info))
+            decoder.compact()
+            if progress is not None:
+                progress(min(horizon, max_new_tokens))
+            step += 1
         if anneal is not None and alpha_t != problem.alpha:
             # bring every particle to the final exponent (an exact importance correction)
             weights = weights.add((problem.alpha - alpha_t) * chains.sum_log_phi())
         log_z = weights.log_mean.tolist()
         return collect(problem, chains, weights.flat, trace, log_evidence=log_z)
+
+    def streams(self, engine: Backend) -> bool:
+        """Problems share one batch in :meth:`stream` unless the proposal has rollouts
+        (``Lookahead``: each problem's rollout tokens stay its own) or the target or proposal
+        needs the hidden state (EGLR's re-application binds to its own cache): those run one
+        problem at a time."""
+        return not self.proposal.auxiliary and not self._requirements(engine).hidden
+
+    def _requirements(self, engine: Backend) -> Requirements:
+        return self.proposal.requirements(engine) | self.target.requirements(engine)
+
+    def stream(
+        self,
+        engine: Backend,
+        problems: Iterable[tuple[Any, Any, int]],
+        *,
+        in_flight: int,
+        max_new_tokens: int,
+        stop: StopSpec | StopSet | None = None,
+    ) -> Iterator[Finished]:
+        """Continuous batching for SMC: ``in_flight`` problems share one batch of
+        ``in_flight × particles`` rows, each running its own unchanged SMC loop (its own random
+        stream seeded by its own seed, step counter, annealing, ESS test, resampling, moves and
+        stops) on its rows (:mod:`~smcdecode.samplers.multiplex`); a problem's forwards are merged
+        with the others', a finished problem is yielded at once (with its log Ẑ) and the next
+        waiting problem takes its rows. A problem's samples, weights and log Ẑ are those of
+        ``run(engine, [prompt], seed=seed)``, whichever problems share the batch (up to
+        floating-point differences of batched forwards). Proposals with rollouts and targets or
+        proposals needing the hidden state run one problem at a time (see :meth:`streams`)."""
+        if not isinstance(engine, Backend):
+            raise ArgumentTypeError("engine", f"expected a smcdecode backend, got {type(engine).__name__}")
+        check_int("in_flight", in_flight, 1)
+        if not self.streams(engine):
+            yield from super().stream(engine, problems, in_flight=in_flight, max_new_tokens=max_new_tokens, stop=stop)
+            return
+        check_run_args(max_new_tokens, 0)
+        stops = stop if isinstance(stop, StopSet) or stop is None else stop_set(engine, stop)
+        stop_tokens = self._stop_tokens(engine)
+
+        def prepare(prompt: Any, seed: int) -> Problem:
+            return self._prepare(engine, [prompt], max_new_tokens, seed, stops, stop_tokens)
+
+        yield from multiplex(
+            engine, problems, in_flight=in_flight, rows=self.particles, prepare=prepare, body=self._loop
+        )
 
     def __repr__(self) -> str:
         how = f"delimiter={self.delimiter!r}" if self.delimiter is not None else f"block_size={self.block_size}"

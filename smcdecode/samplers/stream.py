@@ -53,6 +53,7 @@ class Finished:
     wall_time: float  # from its admission to its last sample (other problems ran meanwhile)
     rollout_tokens: int = 0  # tokens fed to lookahead rollouts (not part of decode_tokens)
     forwards: int | None = None  # sequential forwards of its run (None: shared with other problems)
+    log_evidence: float | None = None  # SMC's log Ẑ of this problem (None for other samplers)
 
 
 def stream(

@@ -134,7 +134,7 @@ def main_demo(
     limit: int, out: str, alpha: float, seed: int, max_new_tokens: int, backend: str = "hf", n_ctx: int | None = None
 ) -> None:
     t0 = time.perf_counter()
-    extra = {"n_ctx": n_ctx} if n_ctx else {}
+    extra: dict[str, Any] = {"n_ctx": n_ctx} if n_ctx else {}
     engine = Engine.from_gguf("embedded", backend=backend, **extra) if backend != "hf" else None
     rows = run_demo(engine, limit=limit, out=out, alpha=alpha, seed=seed, max_new_tokens=max_new_tokens)
     print(format_table([r.cells() for r in rows]))

@@ -26,7 +26,7 @@ from smcdecode.report import busy_wall, mcnemar
 
 from common import RECORDS, print_table, write_results  # type: ignore[import-not-found]
 
-BACKENDS = ("hf", "llamacpp")
+BACKENDS = ("llamacpp", "hf")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -37,7 +38,7 @@ from smcdecode.backends import Backend
 from smcdecode.proposals import Tempered, sample
 from smcdecode.readouts import Layer
 
-from common import best_of, print_table, write_results  # type: ignore[import-not-found]
+from common import RESULTS, best_of, print_table, write_results  # type: ignore[import-not-found]
 
 PROMPTS = [
     "Q: What is 17 + 25?\nA:",
@@ -191,10 +192,17 @@ def compare_backends(args: argparse.Namespace) -> None:
         return json.loads(out.strip().splitlines()[-1])
 
     kinds = ("hf", "llamacpp", "bare")
+    # --merge: keep the other batches' rows (and the resampling figures) of an earlier run
+    old = json.load(open(os.path.join(RESULTS, "bench_backends.json"))) if args.merge else {"rows": []}
+    batches = [int(x) for x in args.batches.split(",")]
+    kept = {int(r["batch"]): r for r in old["rows"] if int(r["batch"]) not in batches}
     records, rows = [], []
-    for b in [int(x) for x in args.batches.split(",")]:
-        rec: dict[str, object] = {"batch": b, "new_tokens": args.new_tokens}
-        for kind in kinds:
+    for b in sorted({*batches, *kept}):
+        if b in kept:
+            rec = kept[b]
+        else:
+            rec = {"batch": b, "new_tokens": args.new_tokens}
+        for kind in kinds if b not in kept else ():
             got = child("--child", kind, "--batch", str(b), "--new-tokens", str(args.new_tokens))
             rec[f"{kind}_tok_per_s"], rec[f"{kind}_peak_rss_mb"] = got["tok_per_s"], got["peak_rss_mb"]
             print(f"batch {b} {kind}: {got}", file=sys.stderr)
@@ -224,7 +232,10 @@ def compare_backends(args: argparse.Namespace) -> None:
         ],
         rows,
     )
-    resample = {kind: child("--child-resample", kind) for kind in ("hf", "llamacpp")}
+    if args.skip_resample and "resample" in old:
+        resample = {k: v for k, v in old["resample"].items() if k != "rows"}
+    else:
+        resample = {kind: child("--child-resample", kind) for kind in ("hf", "llamacpp")}
     print_table(
         ["backend", "select within group (ms)", "select whole rows (ms)", "context tokens", "RSS MB"],
         [
@@ -249,6 +260,8 @@ def main() -> None:
     ap.add_argument("--backends", action="store_true", help="HF vs llama.cpp backend vs a bare llama.cpp loop")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="GGUF file or registry name (--backends)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--merge", action="store_true", help="--backends: keep the other batches of the last results")
+    ap.add_argument("--skip-resample", action="store_true", help="--backends --merge: keep the resampling figures")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-resample", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)

@@ -26,15 +26,7 @@ TEMPLATE = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}{% if ad
 SEQS = [[1, 2, 3, 4, 5, 6, 7], [6, 2], [2, 2, 5, 6, 1, 3, 4, 5, 6, 2, 0, 3]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """llama.cpp's threads and torch's intra-op threads share the cores: on a small, busy machine
-    torch's spinning workers slow every step by orders of magnitude; one torch thread keeps the
-    tests at seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

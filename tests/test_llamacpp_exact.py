@@ -54,13 +54,7 @@ TARGETS = {
 STOPS = {"none": None, "ids": [[3], [1, 2]], "string": ["ab"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """llama.cpp's threads and torch's intra-op threads share the cores (see test_llamacpp.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,13 @@ next problem at once). Results: ``experiments/results/bench_eval[TAG].json``.
 
     python experiments/bench_eval.py --model embedded --limit 48
     python experiments/bench_eval.py --model qwen2.5-coder-0.5b-instruct --limit 48 --methods ancestral --tag _qwen
+
+SMC batch at a time against SMC streamed (each problem's own SMC loop on its rows, problems
+admitted as others finish) and streamed Ancestral with as many rows busy (8 samples a problem):
+
+    python experiments/bench_eval.py --model qwen2.5-coder-0.5b-instruct --backend llamacpp \
+        --methods smc,ancestral8 --configs stops,after --max-new-tokens 384 --batch-size 16 \
+        --plain-rows 128 --tag _smc_stream_llamacpp
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ METHODS = {
     "mh": "mh:chains=1,block_size=64,steps=2;target=power:alpha=4;proposal=tempered:temperature=0.25",
     "block": "block:chains=1,block_size=64,steps=2,span=16,suffix_every=2;target=power:alpha=4;"
     "proposal=tempered:temperature=0.25",
+    "smc": "smc:particles=8;target=power:alpha=4;proposal=tempered:temperature=0.25",
+    "ancestral8": "ancestral:n=8;proposal=tempered:temperature=0.25",  # the rows of 8 particles
 }
 
 
@@ -88,14 +97,23 @@ def main() -> None:
     ap.add_argument("--configs", default="before,stops,after", help="comma-separated from before, stops, after")
     ap.add_argument("--out", default="runs/bench_eval", help="record directories (default runs/bench_eval)")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--backend", default="hf", choices=["hf", "llamacpp"])
+    ap.add_argument("--n-ctx", type=int, default=98304, help="llamacpp: KV cells (default 98304)")
+    ap.add_argument("--plain-rows", type=int, default=None, help="rows of the plain decode rate (default batch size)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    engine = sd.Engine.embedded() if args.model == "embedded" else sd.Engine.from_pretrained(resolve(args.model))
+    if args.backend == "llamacpp":
+        engine = sd.Engine.from_gguf(
+            args.model, backend="llamacpp", n_ctx=args.n_ctx, n_threads=torch.get_num_threads()
+        )
+    else:
+        engine = sd.Engine.embedded() if args.model == "embedded" else sd.Engine.from_pretrained(resolve(args.model))
     humaneval = load_task("humaneval")
     task = humaneval.adapter
     task.problems = task.problems[: args.limit]
-    plain = plain_decode_rate(engine, args.batch_size)
-    print(f"plain batched decode, {args.batch_size} rows: {plain:.1f} tok/s")
+    plain_rows = args.plain_rows or args.batch_size
+    plain = plain_decode_rate(engine, plain_rows)
+    print(f"plain batched decode, {plain_rows} rows: {plain:.1f} tok/s")
     rows, payload = [], []
     wanted = args.configs.split(",")
     for name in args.methods.split(","):
@@ -103,7 +121,7 @@ def main() -> None:
         sampler = parse_method(spec, {}).sampler
         for label, stops_label, continuous in (c for c in CONFIGS if c[0] in wanted):
             stop = parse_stop(None, humaneval.stop) if stops_label == "harness" else None
-            out = os.path.join(args.out, f"{args.model}-{name}-{label}")
+            out = os.path.join(args.out, f"{args.model}-{args.backend}-{name}-{label}")
             os.makedirs(out, exist_ok=True)
             path, total = run_wall(
                 out,
@@ -177,8 +195,8 @@ def main() -> None:
         "pass@1",
     ]
     print_table(header, rows)
-    config = {k: getattr(args, k) for k in ("model", "limit", "max_new_tokens", "batch_size")}
-    config["plain_decode_tok_per_s"] = plain
+    config = {k: getattr(args, k) for k in ("model", "backend", "limit", "max_new_tokens", "batch_size")}
+    config["plain_decode_tok_per_s"], config["plain_rows"] = plain, plain_rows
     print(write_results(f"bench_eval{args.tag}", {"config": config, "methods": METHODS, "rows": payload}))
 
 

@@ -96,6 +96,27 @@ class CapacityError(SmcdecodeError, RuntimeError):
         super().__init__(f"{limit}={value} is too small: this needs at least {needed}{extra}")
 
 
+def left_padded(ids: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token-id lists as one [B, Q] tensor, row b's ids in its last len(ids[b]) columns (left
+    padding with 0), and their counts [B]: the ragged layout of ``_append``."""
+    q = max(len(p) for p in ids)
+    tokens = torch.zeros(len(ids), q, dtype=torch.long)
+    for b, p in enumerate(ids):
+        tokens[b, q - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+    return tokens.to(device), torch.tensor([len(p) for p in ids], device=device)
+
+
+def appended_positions(lengths: Tensor, n_real: Tensor, q: int) -> tuple[Tensor, Tensor]:
+    """For Q appended columns whose row b's real tokens are its last ``n_real[b]``, written at
+    positions ``lengths[b]``..: which columns are real, [B, Q] bool, and each column's position,
+    [B, Q] long (padding columns get the positions before, clamped at 0)."""
+    j = torch.arange(q, device=lengths.device)
+    offset = q - n_real  # [B]
+    real = j[None, :] >= offset[:, None]  # [B, Q]
+    pos = (lengths[:, None] + j[None, :] - offset[:, None]).clamp_min(0)  # [B, Q]
+    return real, pos
+
+
 @dataclass(eq=False)
 class Batch:
     """B rows: the ids and lengths every backend shares, and the backend's own ``state``.
@@ -145,12 +166,8 @@ class Batch:
 
     def _write(self, tokens: Tensor, n_real: Tensor) -> None:
         """Row b's last ``n_real[b]`` of ``tokens`` [B, Q] go at positions lengths[b].. ."""
-        b, q = tokens.shape
-        self._reserve(self.bound + q)
-        j = torch.arange(q, device=tokens.device)
-        offset = q - n_real  # [B]
-        real = j[None, :] >= offset[:, None]  # [B, Q]
-        pos = (self.lengths[:, None] + j[None, :] - offset[:, None]).clamp_min(0)  # [B, Q]
+        self._reserve(self.bound + tokens.shape[1])
+        real, pos = appended_positions(self.lengths, n_real, tokens.shape[1])
         self.tokens.scatter_(1, pos, torch.where(real, tokens, self.tokens.gather(1, pos)))
         self.lengths = self.lengths + n_real
 
@@ -424,12 +441,7 @@ class Backend(ABC):
         """:meth:`forward`, also returning the batch whose cache holds the sequences."""
         ids = self.encode(sequences)
         batch = self._new_batch(len(ids), self.check_readouts(readouts))
-        q = max(len(p) for p in ids)
-        tokens = torch.zeros(len(ids), q, dtype=torch.long)
-        for b, p in enumerate(ids):
-            tokens[b, q - len(p) :] = torch.tensor(p)
-        tokens = tokens.to(self.device)
-        n_real = torch.tensor([len(p) for p in ids], device=self.device)
+        tokens, n_real = left_padded(ids, self.device)
         out = self._append(batch, tokens, n_real, True, "prefill_tokens")
         batch._write(tokens, n_real)
         return batch, out

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smcdecode.backends.base import Backend, Batch
+from smcdecode.backends.base import Backend, Batch, appended_positions, left_padded
 from smcdecode.backends.rows import Rows
 from smcdecode.errors import ArgumentError, ArgumentTypeError
 from smcdecode.readouts import HIDDEN, Key, Layer, Readouts
@@ -451,14 +451,10 @@ class HFBackend(Backend):
             groups = [list(range(len(ids)))]  # one forward, in the given order
         parts: list[tuple[_State, Readouts]] = []
         for g in groups:
-            q = max(len(ids[i]) for i in g)
-            tokens = torch.zeros(len(g), q, dtype=torch.long)
-            for r, i in enumerate(g):
-                tokens[r, q - len(ids[i]) :] = torch.tensor(ids[i])
-            n_real = torch.tensor([len(ids[i]) for i in g], device=self.device)
+            tokens, n_real = left_padded([ids[i] for i in g], self.device)
             st = _State(_growable_cache(), Rows(len(g), self.device))
             zero = torch.zeros(len(g), dtype=torch.long, device=self.device)
-            parts.append((st, self._run(st, zero, keys, tokens.to(self.device), n_real, False, "prefill_tokens")))
+            parts.append((st, self._run(st, zero, keys, tokens, n_real, False, "prefill_tokens")))
         if len(parts) == 1:
             return parts[0]
         rows = Rows.stack([s.rows for s, _ in parts])
@@ -525,10 +521,7 @@ class HFBackend(Backend):
             raise ArgumentError("tokens", f"has {b} rows, the batch has {st.rows.size}")
         layers = tuple(k.index for k in keys if isinstance(k, Layer))
         hidden = HIDDEN in keys
-        j = torch.arange(q, device=self.device)
-        offset = q - n_real  # [B]
-        real_new = j[None, :] >= offset[:, None]  # [B, Q]
-        pos_new = (lengths[:, None] + j[None, :] - offset[:, None]).clamp_min(0)  # [B, Q]
+        real_new, pos_new = appended_positions(lengths, n_real, q)  # [B, Q] each
         mask = self._mask(st.rows, real_new, pos_new, None)
         attention: Any = mask
         if self._sliding_window is not None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smcdecode.backends.base import Backend, Batch
+from smcdecode.backends.base import Backend, Batch, left_padded
 from smcdecode.backends.hf import HFBackend
 from smcdecode.readouts import Key, Layer, Readouts
 
@@ -51,11 +51,7 @@ class ReferenceBackend(Backend):
         return readouts if keep_all else readouts.column(-1)
 
     def _admit(self, batch: Batch, idx: Tensor, prompt_ids: list[list[int]]) -> Readouts:
-        q = max(len(p) for p in prompt_ids)
-        tokens = torch.zeros(len(prompt_ids), q, dtype=torch.long, device=self.device)
-        for r, p in enumerate(prompt_ids):
-            tokens[r, q - len(p) :] = torch.tensor(p)
-        n_real = torch.tensor([len(p) for p in prompt_ids], device=self.device)
+        tokens, n_real = left_padded(prompt_ids, self.device)
         return self._run([[] for _ in prompt_ids], batch.layers, tokens, n_real, "prefill_tokens").column(-1)
 
     def _rollback(self, batch: Batch, lengths: Tensor) -> None:

@@ -41,7 +41,8 @@ import queue
 import threading
 import traceback
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from smcdecode.errors import ArgumentError, RewardError, SmcdecodeError, check_int
@@ -190,35 +191,59 @@ class RayExecutor:
                 n = int(res.get("CPU", 1) // self.cpus_per_worker)
         return max(1, min(n, n_batches))
 
+    @contextmanager
+    def _session(
+        self, worker: type, job: BatchJob, **options: Any
+    ) -> Iterator[tuple[Any, Callable[[], Any], list[Any]]]:
+        """Ray (started here unless this process already called ``ray.init``), a ``start()`` that
+        makes one ``worker`` actor for ``job``, and the list the caller keeps its actors in: each
+        is killed on exit (Ctrl-C included), and Ray shut down if it was started here."""
+        ray = _ray()
+        owned = not ray.is_initialized()
+        if owned:
+            ray.init(address=self.address, **self.init_kwargs)
+        remote = ray.remote(worker).options(
+            num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus_per_worker,
+            max_restarts=0,
+            max_task_retries=0,
+            **options,
+        )
+        threads = self.cpus_per_worker if self.device == "cpu" else None
+        actors: list[Any] = []
+        try:
+            yield ray, (lambda: remote.remote(self.build, job, self.device, threads)), actors
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            if owned:
+                ray.shutdown()
+
     def stream(self, job: BatchJob, problems: Sequence[Problem], in_flight: int) -> Results:
         """Records of ``problems``, each exactly once, in the order they finish (see the module
         docstring): every worker runs ``sampler.stream`` with ``in_flight`` problems in its batch."""
         if not problems:
             return
-        ray = _ray()
+        with self._session(_StreamWorker, job, max_concurrency=3) as (ray, start, actors):  # feed, collect
+            yield from self._stream(ray, start, actors, job, problems, in_flight)
+
+    def _stream(
+        self,
+        ray: Any,
+        start: Callable[[], Any],
+        actors: list[Any],
+        job: BatchJob,
+        problems: Sequence[Problem],
+        in_flight: int,
+    ) -> Results:
         from ray.exceptions import RayActorError
 
-        owned = not ray.is_initialized()
-        if owned:
-            ray.init(address=self.address, **self.init_kwargs)
-        remote = ray.remote(_StreamWorker).options(
-            num_cpus=self.cpus_per_worker,
-            num_gpus=self.gpus_per_worker,
-            max_restarts=0,
-            max_task_retries=0,
-            max_concurrency=3,  # feed and collect beside the evaluation thread
-        )
         hold = in_flight + max(1, in_flight // 2)  # problems a worker holds: its batch + its queue
         todo = deque(problems)
         failures: dict[Any, int] = {}  # uid -> worker deaths while it was held (suspects: > 0)
-        actors: list[Any] = []
         held: list[dict[Any, Problem]] = []  # per worker: uid -> problem sent, not yet recorded
         ended: list[bool] = []  # the worker was told it gets no more problems
         calls: dict[Any, int] = {}  # ObjectRef of a collect or a suspect's run -> worker slot
-
-        def start() -> Any:
-            threads = self.cpus_per_worker if self.device == "cpu" else None
-            return remote.remote(self.build, job, self.device, threads)
 
         def top_up(slot: int) -> None:
             """Send worker ``slot`` problems until it holds ``hold``; a suspect only when it holds
@@ -248,81 +273,68 @@ class RayExecutor:
             ended[slot] = False
             calls[actors[slot].collect.remote(1.0)] = slot
 
-        try:
-            for _ in range(self._count(ray, len(problems))):
-                actors.append(start())
-                held.append({})
-                ended.append(False)
-            for slot in range(len(actors)):
+        for _ in range(self._count(ray, len(problems))):
+            actors.append(start())
+            held.append({})
+            ended.append(False)
+        for slot in range(len(actors)):
+            calls[actors[slot].collect.remote(1.0)] = slot
+            top_up(slot)
+        while any(held) or todo:
+            ready, _ = ray.wait(list(calls), num_returns=1, timeout=1.0)  # timeout: Ctrl-C stays responsive
+            if not ready:
+                continue
+            slot = calls.pop(ready[0])
+            try:
+                got = ray.get(ready[0])
+            except RayActorError as e:
+                if e.actor_init_failed:
+                    raise WorkerError(f"a worker failed to start: {e}") from e
+                lost = list(held[slot].values())
+                held[slot] = {}
+                for ref in [r for r, s in calls.items() if s == slot]:
+                    calls.pop(ref)
+                failed = []
+                for p in lost:
+                    uid = p["unique_id"]
+                    failures[uid] = failures.get(uid, 0) + 1
+                    if failures[uid] >= self.max_failures:
+                        failed.append(job.failed(p, f"WorkerDied ({failures[uid]} times): {e}"))
+                    else:
+                        todo.appendleft(p)
+                if failed:
+                    yield failed
+                replace(slot)  # the fresh worker takes the suspects, one at a time
+                for other in range(len(actors)):
+                    top_up(other)
+                continue
+            if isinstance(got, tuple) and len(got) == 3:  # a collect: (pid, records, error)
+                pid, records, error = got
+                if error is not None:
+                    raise WorkerError(f"evaluation failed on a worker:\n{error}")
                 calls[actors[slot].collect.remote(1.0)] = slot
-                top_up(slot)
-            while any(held) or todo:
-                ready, _ = ray.wait(list(calls), num_returns=1, timeout=1.0)  # timeout: Ctrl-C stays responsive
-                if not ready:
-                    continue
-                slot = calls.pop(ready[0])
-                try:
-                    got = ray.get(ready[0])
-                except RayActorError as e:
-                    if e.actor_init_failed:
-                        raise WorkerError(f"a worker failed to start: {e}") from e
-                    lost = list(held[slot].values())
-                    held[slot] = {}
-                    for ref in [r for r, s in calls.items() if s == slot]:
-                        calls.pop(ref)
-                    failed = []
-                    for p in lost:
-                        uid = p["unique_id"]
-                        failures[uid] = failures.get(uid, 0) + 1
-                        if failures[uid] >= self.max_failures:
-                            failed.append(job.failed(p, f"WorkerDied ({failures[uid]} times): {e}"))
-                        else:
-                            todo.appendleft(p)
-                    if failed:
-                        yield failed
-                    replace(slot)  # the fresh worker takes the suspects, one at a time
-                    for other in range(len(actors)):
-                        top_up(other)
-                    continue
-                if isinstance(got, tuple) and len(got) == 3:  # a collect: (pid, records, error)
-                    pid, records, error = got
-                    if error is not None:
-                        raise WorkerError(f"evaluation failed on a worker:\n{error}")
-                    calls[actors[slot].collect.remote(1.0)] = slot
-                else:  # a suspect's run: (pid, records)
-                    pid, records = got
-                self.pids[slot] = pid
-                for rec in records:
-                    held[slot].pop(rec["uid"], None)
-                if records:
-                    yield records
-                top_up(slot)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-            if owned:
-                ray.shutdown()
+            else:  # a suspect's run: (pid, records)
+                pid, records = got
+            self.pids[slot] = pid
+            for rec in records:
+                held[slot].pop(rec["uid"], None)
+            if records:
+                yield records
+            top_up(slot)
 
     def map(self, job: BatchJob, batches: Sequence[list[Problem]], local: Parts | None) -> Results:
         if not batches:
             return
-        batches = list(batches)
-        ray = _ray()
+        with self._session(_Worker, job) as (ray, start, actors):
+            yield from self._map(ray, start, actors, job, list(batches))
+
+    def _map(
+        self, ray: Any, start: Callable[[], Any], actors: list[Any], job: BatchJob, batches: list[list[Problem]]
+    ) -> Results:
         from ray.exceptions import RayActorError
-
-        owned = not ray.is_initialized()
-        if owned:
-            ray.init(address=self.address, **self.init_kwargs)
-        remote = ray.remote(_Worker).options(
-            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0, max_task_retries=0
-        )
-
-        def start() -> Any:
-            return remote.remote(self.build, job, self.device, self.cpus_per_worker if self.device == "cpu" else None)
 
         queue = deque(range(len(batches)))  # batch indices waiting for a worker
         failures = [0] * len(batches)  # worker deaths while each batch was in flight
-        actors: list[Any] = []
         running: dict[Any, tuple[int, int]] = {}  # ObjectRef -> (worker slot, batch index)
 
         def submit(slot: int) -> None:
@@ -330,40 +342,34 @@ class RayExecutor:
                 i = queue.popleft()
                 running[actors[slot].run.remote(batches[i])] = (slot, i)
 
-        try:
-            actors = [start() for _ in range(self._count(ray, len(batches)))]
-            for slot in range(len(actors)):
+        actors.extend(start() for _ in range(self._count(ray, len(batches))))
+        for slot in range(len(actors)):
+            submit(slot)
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)  # timeout: Ctrl-C stays responsive
+            if not ready:
+                continue
+            slot, i = running.pop(ready[0])
+            try:
+                pid, records = ray.get(ready[0])
+            except RayActorError as e:
+                if e.actor_init_failed:
+                    raise WorkerError(f"a worker failed to start: {e}") from e
+                failures[i] += 1
+                ray.kill(actors[slot])
+                actors[slot] = start()  # a fresh process, wherever Ray finds room
+                self.restarts += 1
+                if failures[i] < self.max_failures:
+                    queue.appendleft(i)
+                elif len(batches[i]) > 1:  # find the problem that kills workers: one at a time
+                    split = list(range(len(batches), len(batches) + len(batches[i])))
+                    batches = [*batches, *([p] for p in batches[i])]
+                    failures.extend(0 for _ in split)
+                    queue.extendleft(reversed(split))
+                else:
+                    yield [job.failed(batches[i][0], f"WorkerDied ({failures[i]} times): {e}")]
                 submit(slot)
-            while running:
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)  # timeout: Ctrl-C stays responsive
-                if not ready:
-                    continue
-                slot, i = running.pop(ready[0])
-                try:
-                    pid, records = ray.get(ready[0])
-                except RayActorError as e:
-                    if e.actor_init_failed:
-                        raise WorkerError(f"a worker failed to start: {e}") from e
-                    failures[i] += 1
-                    ray.kill(actors[slot])
-                    actors[slot] = start()  # a fresh process, wherever Ray finds room
-                    self.restarts += 1
-                    if failures[i] < self.max_failures:
-                        queue.appendleft(i)
-                    elif len(batches[i]) > 1:  # find the problem that kills workers: one at a time
-                        split = list(range(len(batches), len(batches) + len(batches[i])))
-                        batches = [*batches, *([p] for p in batches[i])]
-                        failures.extend(0 for _ in split)
-                        queue.extendleft(reversed(split))
-                    else:
-                        yield [job.failed(batches[i][0], f"WorkerDied ({failures[i]} times): {e}")]
-                    submit(slot)
-                    continue
-                self.pids[slot] = pid
-                yield records
-                submit(slot)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-            if owned:
-                ray.shutdown()
+                continue
+            self.pids[slot] = pid
+            yield records
+            submit(slot)

@@ -31,7 +31,7 @@ Methods (α = 4):
 The settings are smaller than the paper's (K = M = 8, blocks of 192) so that a run fits a 2-core
 CPU: a token-level step costs K·M·H rollout tokens per kept token.
 
-Targets of issue 19: Lookahead at ≤ 3× plain sampling's sequential forwards and ≤ 1/3 of
+Targets: Lookahead at ≤ 3× plain sampling's sequential forwards and ≤ 1/3 of
 SuffixMH's, SMC + Lookahead at ≤ SuffixMH's, at equal or better accuracy. The table says where it
 falls short; the rollout-token column is what the CPU pays.
 

@@ -1,4 +1,4 @@
-"""Issue 7 experiment on the built-in arithmetic task with the embedded model.
+"""Rollout pools and entropy gating on the built-in arithmetic task with the embedded model.
 
 1. Rollout pools with the same number of rollouts per problem: temperature-only
    (spans=[0] × 4 temperatures × 4 each) against layer × temperature (spans 0, 2, 4, 8 × the same

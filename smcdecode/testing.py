@@ -1,4 +1,4 @@
-"""Exactness tooling shipped with the library (DESIGN §4).
+"""Exactness tooling shipped with the library.
 
 * ``tiny_llama`` / ``tiny_gemma3`` / ``tiny_gpt2``: random-initialised HF models small enough
   that the continuation space of a prompt can be enumerated (vocab ≈ 5, max_new_tokens ≤ 4).

@@ -1,4 +1,4 @@
-"""Lookahead power sampling against the exact enumerated p^α (DESIGN §8, issue 19): SMC with the
+"""Lookahead power sampling against the exact enumerated p^α: SMC with the
 Lookahead proposal, with and without its twist, is exact whatever K, M, H (deliberately poor
 settings included) and its evidence is unbiased; the standalone sampler is biased, less so as M
 and H grow; and two mutations (no defensive mixture with a small K, dividing by a fresh

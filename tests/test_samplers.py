@@ -1,4 +1,4 @@
-"""Samplers against the exact enumerated target (DESIGN §4). Fixed seeds; tolerances derived from
+"""Samplers against the exact enumerated target. Fixed seeds; tolerances derived from
 the sample size; every distribution test also shows it would reject the proposal's own law."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Samplers on the stopped sequence space, against the exact enumerated target (DESIGN §8).
+"""Samplers on the stopped sequence space, against the exact enumerated target.
 
 The toy model's vocabulary {0 = EOS, 1, 2, 3, 4} gets a stop token set ({3}), a two-token stop
 sequence ([1, 2]) and, through a made-up byte table, a stop *string* "ab" that spans two tokens

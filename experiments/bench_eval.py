@@ -100,8 +100,9 @@ def main() -> None:
     ap.add_argument("--backend", default="hf", choices=["hf", "llamacpp"])
     ap.add_argument("--n-ctx", type=int, default=98304, help="llamacpp: KV cells (default 98304)")
     ap.add_argument("--plain-rows", type=int, default=None, help="rows of the plain decode rate (default batch size)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.backend == "llamacpp":
         engine = sd.Engine.from_gguf(
             args.model, backend="llamacpp", n_ctx=args.n_ctx, n_threads=torch.get_num_threads()

@@ -342,10 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--seed", type=int, default=0, help="run seed; each problem's seed derives from it (default 0)")
         t.add_argument(
             "--select",
-            choices=["sample", "majority", "weight"],
+            choices=["sample", "majority", "weight", "target"],
             default="sample",
-            help="graded answer: a sample drawn by weight, a weighted majority vote, or the top weight "
-            "(default sample)",
+            help="graded answer: a sample drawn by weight, a weighted majority vote, the top weight, or the "
+            "top log target (best-of-n by a reward-only target) (default sample)",
         )
         default_stop = "the harness's: \\ndef, \\nclass, ..." if task == "humaneval" else "none: EOS only"
         t.add_argument("--stop", action="append", default=None, help=f"{STOP_HELP} (default: {default_stop})")

@@ -1,7 +1,8 @@
 """One evaluation path for every task: MATH-500 and HumanEval are thin adapters over it.
 
 ``run_eval`` samples each problem with a method (sampler + target + proposal), picks an answer
-(the sample itself drawn by weight, a weighted majority vote, or the highest weight), grades it,
+(the sample itself drawn by weight, a weighted majority vote, the highest weight, or the highest
+log π: best-of-n under a reward-only target), grades it,
 and appends one durable record per problem to ``DIR/results.jsonl``. A run killed at any moment
 and restarted with the same arguments skips the problems already recorded for (method, seed);
 ``--shard I/N`` takes every N-th problem starting at I, so N shards partition the problems.
@@ -43,7 +44,7 @@ from smcdecode.samplers.base import Sampler
 from smcdecode.samplers.result import Sample
 from smcdecode.samplers.stream import Finished
 
-SELECTIONS = ("sample", "majority", "weight")
+SELECTIONS = ("sample", "majority", "weight", "target")
 
 
 @dataclass
@@ -88,6 +89,9 @@ def choose(samples: list[Sample], answers: list[Any], how: str, rng: random.Rand
         return rng.choices(range(len(samples)), weights=weights, k=1)[0]
     if how == "weight":
         return max(range(len(samples)), key=lambda i: weights[i])
+    if how == "target":  # best-of-n by log π (e.g. a reward-only target): the first of the best
+        scores = [-math.inf if s.log_target is None else s.log_target for s in samples]
+        return max(range(len(samples)), key=lambda i: scores[i])
     if how == "majority":
         votes: dict[Any, float] = defaultdict(float)
         for a, w in zip(answers, weights):

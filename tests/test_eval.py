@@ -99,6 +99,11 @@ def test_selection_rules():
     assert choose(samples, ["x", "y", "y"], "weight", random.Random(0)) == 2
     assert choose(samples, ["x", "y", "y"], "majority", random.Random(0)) == 2
     assert choose(samples, ["x", "y", "z"], "majority", random.Random(0)) == 2
+    # best-of-n by log target: the highest, the first of equals; a sample without one never wins
+    scored = [Sample([1], "a", -1.1, 0, 0.5), Sample([2], "b", -1.1, 0, 1.0), Sample([3], "c", -1.1, 0, 1.0)]
+    assert choose(scored, ["x", "y", "z"], "target", random.Random(0)) == 1
+    scored[1].log_target = None
+    assert choose(scored, ["x", "y", "z"], "target", random.Random(0)) == 2
 
 
 def toy_task(n: int = 6) -> TaskAdapter:

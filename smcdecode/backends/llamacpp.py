@@ -18,7 +18,8 @@ sequence id. The backend operations map to llama.cpp's memory API:
   fresh id by ``seq_cp``, and the ids of rows nobody takes are cleared and freed;
 * fork: fresh ids, ``seq_cp`` from the forked rows; release: clear and free every id of a batch
   (also done when a batch is garbage-collected);
-* admit: ``seq_rm`` of the row's id, then its prompt is prefilled into it;
+* admit: ``seq_rm`` of the row's id, then its prompt is prefilled into it (once per distinct
+  prompt: rows admitted on the same prompt get ``seq_cp`` copies, sharing its cells);
 * compact: nothing to do (freed cells are reused by llama.cpp).
 
 Limits. A row, a row's snapshot and a fork row each hold one sequence id: running out of them
@@ -521,13 +522,20 @@ class LlamaCppBackend(Backend):
             if seqs.snap[r] >= 0:
                 self._clear(int(seqs.snap[r]))
                 seqs.snap[r] = -1
-        lens = np.array([len(p) for p in prompt_ids])
-        tok = np.concatenate([np.asarray(p, dtype=np.int32) for p in prompt_ids])
+        first: dict[tuple[int, ...], int] = {}  # a prompt -> its first row among idx
+        src = np.array([first.setdefault(tuple(p), k) for k, p in enumerate(prompt_ids)])  # [k]
+        uniq = np.array(sorted(first.values()))  # rows prefilled; the others copy their cells
+        lens = np.array([len(prompt_ids[k]) for k in uniq.tolist()])
+        tok = np.concatenate([np.asarray(prompt_ids[k], dtype=np.int32) for k in uniq.tolist()])
         pos = np.concatenate([np.arange(n) for n in lens.tolist()])
         out = np.zeros(len(tok), dtype=np.int8)
         out[np.cumsum(lens) - 1] = 1
-        log_p = self._run(tok, pos, np.repeat(seqs.ids[rows], lens), out)
-        self._count("prefill_tokens", torch.from_numpy(lens), int(lens.sum()))
+        log_p = self._run(tok, pos, np.repeat(seqs.ids[rows[uniq]], lens), out)  # [len(uniq), V]
+        for k in np.nonzero(src != np.arange(len(src)))[0].tolist():  # repeats share the prompt's cells
+            self._copy(seqs.ids[rows[src[k]]], seqs.ids[rows[k]])
+        every = torch.tensor([len(p) for p in prompt_ids])  # counted as admitted; computed: lens
+        self._count("prefill_tokens", every, int(lens.sum()))
+        log_p = log_p[torch.from_numpy(np.searchsorted(uniq, src))]
         return Readouts(log_p, {}, self.num_layers)
 
     def _rollback(self, batch: Batch, lengths: Tensor) -> None:

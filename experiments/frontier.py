@@ -1,0 +1,227 @@
+"""Accuracy against compute: every method family at several budgets, on the same problems.
+
+A budget is a method's mean decode tokens per problem, as the engine counts them (rollouts and
+rejected proposals included). Families, all with proposal T = 1/4 and the same seed:
+
+* ``low_temp``: one T = 1/4 sample;
+* ``vote_N``: N T = 1/4 samples, majority vote over the answers (MATH: the boxed answer;
+  HumanEval: the normalised completion);
+* ``bestof_N`` (HumanEval): N T = 1/4 samples, the one the ``public-tests`` reward (docstring
+  examples only) scores highest, the first of equals (target = that reward alone, ``--select
+  target``);
+* ``smc_N``: power SMC, N particles, α = 4; ``smc8_aA``: 8 particles at α = A ∈ {2, 8};
+* ``mh_K``: suffix MH on p^4, K moves per 64-token block (128 for MATH);
+* ``lookahead``: block-lookahead SMC at one CPU-sized setting.
+
+Every method runs through ``run_eval`` (``results.py``: resumable records, one directory per
+method under ``experiments/records/frontier/TASK``), cheapest first, so a stopped run has the
+small budgets complete. Then, from the records of the problems every finished method has graded:
+
+* the accuracy-vs-budget plot (log x, 95% Wilson intervals, a line per family):
+  ``experiments/results/frontier_TASK.png``;
+* a table and ``experiments/results/frontier_TASK.json``;
+* paired exact McNemar tests of each power method against the vote at the nearest budget (log
+  scale);
+* per family, where doubling the budget stops paying: the first point whose next, larger budget
+  is not significantly better (McNemar p ≥ 0.05, or worse);
+* the fraction of problems only power methods solve at the largest budget (solved by the largest
+  power SMC or MH run, by no baseline run at any budget).
+
+    python experiments/frontier.py humaneval --model qwen2.5-coder-0.5b-instruct --backend llamacpp --n-ctx 98304
+    python experiments/frontier.py math500 --data PATH/math500.jsonl --model qwen2.5-coder-0.5b-instruct \\
+        --backend llamacpp --n-ctx 98304
+    python experiments/frontier.py humaneval --model embedded --limit 2 --methods low_temp,vote_2 --out DIR  # smoke
+
+Rerun the same command to resume; ``--summary-only`` analyses what is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any
+
+from results import run  # type: ignore[import-not-found]
+
+from smcdecode.demo import wilson
+from smcdecode.report import mcnemar
+
+from common import RECORDS, write_results  # type: ignore[import-not-found]
+from common import RESULTS as RESULTS_DIR
+
+T, LA = "proposal=tempered:temperature=0.25", "block-lookahead:alpha=4,particles=4,block_size=16,candidates=2"
+BASELINES = ("low_temp", "vote", "bestof")
+POWER = ("smc", "smc8_a", "mh", "lookahead")
+DEFAULTS = {
+    "humaneval": ["--prompt", "raw", "--max-new-tokens", "384", "--batch-size", "16"],
+    "math500": ["--prompt", "chat", "--levels", "1,2", "--max-new-tokens", "512", "--batch-size", "16"],
+}
+
+
+def methods(task: str) -> dict[str, tuple[str, str]]:
+    """label -> (method spec, answer selection), cheapest first (roughly)."""
+    block = 64 if task == "humaneval" else 128
+    out: dict[str, tuple[str, str]] = {"low_temp": (f"ancestral:n=1;{T}", "sample")}
+    for n in (2, 4, 8, 16):
+        out[f"vote_{n}"] = (f"ancestral:n={n};{T}", "majority")
+        if task == "humaneval":
+            out[f"bestof_{n}"] = (f"ancestral:n={n};target=reward:name=public-tests;{T}", "target")
+        out[f"smc_{n}"] = (f"smc:particles={n};target=power:alpha=4;{T}", "sample")
+    for k in (1, 2, 4, 8):
+        out[f"mh_{k}"] = (f"mh:chains=1,block_size={block},steps={k};target=power:alpha=4;{T}", "sample")
+    for a in (2, 8):
+        out[f"smc8_a{a}"] = (f"smc:particles=8;target=power:alpha={a};{T}", "sample")
+    out["lookahead"] = (f"{LA},rollouts=2,horizon=16;{T}", "sample")
+    return dict(sorted(out.items(), key=lambda kv: _rank(kv[0])))
+
+
+def _rank(label: str) -> float:
+    """A guess of the budget (in T = 1/4 samples) for the order of the runs."""
+    fam, n = family(label), _size(label)
+    return {"low_temp": 1, "vote": n, "bestof": n + 0.1, "smc": n + 0.2, "mh": 1 + 2 * n, "smc8_a": 8.5}.get(fam, 40)
+
+
+def family(label: str) -> str:
+    if label.startswith("smc8_a"):
+        return "smc8_a"
+    return label.split("_")[0] if "_" in label and label != "low_temp" else label
+
+
+def _size(label: str) -> int:
+    tail = label.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 1
+
+
+def analyse(task: str, out: str, labels: list[str], results_dir: str) -> dict[str, Any]:
+    recs: dict[str, dict[str, dict[str, Any]]] = {}
+    for label in labels:
+        path = os.path.join(out, label, "results.jsonl")
+        if os.path.exists(path):
+            recs[label] = {r["uid"]: r for r in map(json.loads, open(path))}
+    if not recs:
+        return {}
+    complete = max(len(v) for v in recs.values())
+    done = {k: v for k, v in recs.items() if len(v) == complete}  # methods that graded every problem so far
+    shared = sorted(set.intersection(*(set(v) for v in done.values())))
+    rows = []
+    for label, by_uid in done.items():
+        ok = [bool(by_uid[u]["correct"]) for u in shared]
+        k, n = sum(ok), len(ok)
+        lo, hi = wilson(k, n)
+        budget = sum(by_uid[u].get("decode_tokens", 0) for u in shared) / n
+        rows.append(
+            {
+                "method": label,
+                "family": family(label),
+                "problems": n,
+                "correct": k,
+                "accuracy": k / n,
+                "wilson95": [lo, hi],
+                "decode_tokens": budget,
+            }
+        )
+    rows.sort(key=lambda r: (r["family"], r["decode_tokens"]))
+    ok_of = {label: [bool(done[label][u]["correct"]) for u in shared] for label in done}
+    votes = [r for r in rows if r["family"] in ("vote", "low_temp")]
+    paired = []
+    for r in rows:
+        if r["family"] not in POWER or not votes:
+            continue
+        near = min(votes, key=lambda v: abs(math.log(v["decode_tokens"] + 1) - math.log(r["decode_tokens"] + 1)))
+        test = mcnemar(ok_of[r["method"]], ok_of[near["method"]])
+        paired.append({"method": r["method"], "against": near["method"], **test})
+    bends = {}
+    for fam in sorted({r["family"] for r in rows}):
+        pts = [r for r in rows if r["family"] == fam]
+        bend = pts[-1]["method"]
+        for a, b in zip(pts, pts[1:]):
+            test = mcnemar(ok_of[b["method"]], ok_of[a["method"]])
+            if not (test["b"] > test["c"] and test["p"] < 0.05):
+                bend = a["method"]
+                break
+        bends[fam] = {"method": bend, "accuracy": next(r["accuracy"] for r in pts if r["method"] == bend)}
+    power_top = [
+        max((r for r in rows if r["family"] == f), key=lambda r: r["decode_tokens"])
+        for f in ("smc", "mh")
+        if any(r["family"] == f for r in rows)
+    ]
+    baseline = [r["method"] for r in rows if r["family"] in BASELINES]
+    only_power = None
+    if power_top and baseline:
+        solved = {u for p in power_top for u, c in zip(shared, ok_of[p["method"]]) if c}
+        by_base = {u for m in baseline for u, c in zip(shared, ok_of[m]) if c}
+        only_power = len(solved - by_base) / len(shared)
+    summary = {
+        "task": task,
+        "problems": len(shared),
+        "rows": rows,
+        "paired": paired,
+        "bends": bends,
+        "only_power_fraction": only_power,
+        "power_top": [p["method"] for p in power_top],
+        "incomplete": sorted(set(recs) - set(done)),
+    }
+    _print(summary)
+    os.makedirs(results_dir, exist_ok=True)
+    _plot(rows, task, os.path.join(results_dir, f"frontier_{task}.png"))
+    print(write_results(f"frontier_{task}", summary, results_dir))
+    return summary
+
+
+def _print(s: dict[str, Any]) -> None:
+    print(f"\n{s['task']}: {s['problems']} problems graded by every finished method")
+    print(f"{'method':<12} {'decode tok':>10} {'accuracy':>9}  95% Wilson")
+    for r in s["rows"]:
+        lo, hi = r["wilson95"]
+        print(f"{r['method']:<12} {r['decode_tokens']:>10.0f} {r['accuracy']:>9.3f}  [{lo:.3f}, {hi:.3f}]")
+    for p in s["paired"]:
+        print(
+            f"McNemar {p['method']} vs {p['against']}: {p['b']} only {p['method']}, {p['c']} only "
+            f"{p['against']}, p = {p['p']:.3f}"
+        )
+    for fam, b in s["bends"].items():
+        print(f"{fam}: doubling stops paying after {b['method']} (accuracy {b['accuracy']:.3f})")
+    if s["only_power_fraction"] is not None:
+        print(f"solved only by power methods ({', '.join(s['power_top'])}): {s['only_power_fraction']:.3f}")
+    if s["incomplete"]:
+        print(f"not yet complete (left out): {', '.join(s['incomplete'])}")
+
+
+def _plot(rows: list[dict[str, Any]], task: str, path: str) -> None:
+    from smcdecode.plots import figure, finish
+
+    fig, ax = figure((6.5, 4.2))
+    for fam in sorted({r["family"] for r in rows}):
+        pts = [r for r in rows if r["family"] == fam]
+        x = [r["decode_tokens"] for r in pts]
+        y = [r["accuracy"] for r in pts]
+        err = [[r["accuracy"] - r["wilson95"][0] for r in pts], [r["wilson95"][1] - r["accuracy"] for r in pts]]
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=fam)
+    ax.set_xscale("log")
+    ax.set_title(f"{task}: accuracy against decode tokens")
+    print(finish(fig, ax, path, "decode tokens per problem (log)", "accuracy", (0, 1), legend_size=7))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in DEFAULTS:
+        sys.exit(f"usage: frontier.py {{{'|'.join(DEFAULTS)}}} [--methods a,b] [--out DIR] [smcdecode eval options]")
+    task, argv = sys.argv[1], sys.argv[2:]
+    table = methods(task)
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--methods", default=",".join(table))
+    ap.add_argument("--out", default=os.path.join(RECORDS, "frontier", task))
+    ap.add_argument("--results-dir", default=RESULTS_DIR)
+    ap.add_argument("--summary-only", action="store_true")
+    ours, rest = ap.parse_known_args(argv)
+    labels = ours.methods.split(",")
+    unknown = [x for x in labels if x not in table]
+    if unknown:
+        sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    if not ours.summary_only:
+        scratch = ["--out", ours.out, "--results-dir", os.path.join("runs", "frontier_scratch"), "--tag", f"_{task}"]
+        for label in labels:  # one at a time, cheapest first: a stopped run keeps the small budgets
+            run(task, {label: table[label]}, DEFAULTS[task], ["--methods", label, *scratch, *rest])
+    analyse(task, ours.out, labels, ours.results_dir)

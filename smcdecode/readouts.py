@@ -144,6 +144,7 @@ class Readouts:
         return iter(self.values)
 
     def get(self, key: Key) -> Tensor | None:
+        """The readout of ``key`` [B, V] (or [B, D] for ``HIDDEN``), or None when it was not computed."""
         return self.values.get(key)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Readouts:
@@ -151,6 +152,7 @@ class Readouts:
         return Readouts(fn(self.log_p), {k: fn(v) for k, v in self.values.items()}, self.num_layers)
 
     def index_select(self, rows: Tensor) -> Readouts:
+        """The readouts of the given rows only (``rows``: long [B'] indices)."""
         return self.map(lambda t: t[rows])
 
     def column(self, k: int) -> Readouts:

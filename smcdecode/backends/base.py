@@ -304,6 +304,7 @@ class Backend(ABC):
         return out
 
     def decode_text(self, tokens: Sequence[int]) -> str | None:
+        """The text of ``tokens`` without EOS ids and special tokens; None without a tokenizer."""
         if self.tokenizer is None:
             return None
         ids = [t for t in tokens if t not in self.eos_token_ids]
@@ -316,6 +317,7 @@ class Backend(ABC):
         return [i for i in range(self.vocab_size) if text in self.tokenizer.decode([i])]
 
     def is_eos(self, tokens: Tensor) -> Tensor:
+        """Which of ``tokens`` (any shape) are EOS ids: a bool tensor of the same shape."""
         return torch.isin(tokens, self._eos)
 
     def with_eos_tokens(self, extra: Iterable[int]) -> Backend:
@@ -343,6 +345,12 @@ class Backend(ABC):
         return (*(Layer(i) for i in layers), *((HIDDEN,) if HIDDEN in keys else ()))
 
     def check_layers(self, layers: Iterable[int]) -> tuple[int, ...]:
+        """The layer indices sorted and deduplicated, each checked to lie in 0..N (0 = embeddings).
+
+        Raises:
+            ArgumentTypeError: an index is not an int.
+            ArgumentError: an index is outside 0..N.
+        """
         out = []
         for layer in layers:
             if isinstance(layer, bool) or not isinstance(layer, int):
@@ -369,6 +377,7 @@ class Backend(ABC):
         }
 
     def reset_counters(self) -> None:
+        """Set every counter of ``counters`` to zero."""
         for v in self._counters.values():
             v.zero_()
         self._positions_computed = 0

@@ -29,6 +29,14 @@ _FIELDS = ("_valid", "_pos", "_saved")
 
 
 class Rows:
+    """The HF backend's per-row column bookkeeping (``valid``, ``pos`` and saved masks over S
+    columns); see the module docstring for its operations.
+
+    Args:
+        size: Rows B.
+        device: Where the masks live.
+    """
+
     def __init__(self, size: int, device: torch.device):
         z = torch.zeros(size, 0, dtype=torch.long, device=device)
         self._valid, self._pos, self._saved = z.bool(), z, z.bool()

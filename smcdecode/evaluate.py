@@ -291,6 +291,11 @@ class InProcess:
     def map(
         self, job: BatchJob, batches: Sequence[list[Problem]], local: Parts | None
     ) -> Generator[list[Record], None, None]:
+        """Run every batch here with ``local``'s engine and sampler, in order (see ``Executor.map``).
+
+        Raises:
+            ArgumentError: ``local`` is None (no engine and sampler given).
+        """
         if local is None:
             raise ArgumentError("engine", "the in-process executor needs an engine and a sampler")
         for batch in batches:

@@ -97,14 +97,17 @@ class Requirements:
 
     @property
     def layers(self) -> tuple[int, ...]:
+        """The indices of the ``Layer`` keys, sorted."""
         return tuple(sorted(k.index for k in self.keys if isinstance(k, Layer)))
 
     @property
     def aux(self) -> tuple[Aux, ...]:
+        """The ``Aux`` keys: auxiliary streams run beside the main one."""
         return tuple(k for k in self.keys if isinstance(k, Aux))
 
     @property
     def hidden(self) -> bool:
+        """Whether ``HIDDEN`` is required."""
         return HIDDEN in self.keys
 
     def backend_keys(self) -> tuple[Key, ...]:

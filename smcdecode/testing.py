@@ -29,7 +29,9 @@ from smcdecode.targets.base import Potential, Sequences
 # ---------------------------------------------------------------------------------- tiny models
 
 
-def tiny_llama(vocab: int = 5, layers: int = 2, seed: int = 0, hidden: int = 16, scale: float = 40.0):
+def tiny_llama(
+    vocab: int = 5, layers: int = 2, seed: int = 0, hidden: int = 16, scale: float = 40.0
+) -> torch.nn.Module:
     """A randomly initialised Llama small enough to enumerate its sequence space (CPU, eval mode).
 
     Args:
@@ -65,7 +67,7 @@ def tiny_llama(vocab: int = 5, layers: int = 2, seed: int = 0, hidden: int = 16,
     return model.eval()
 
 
-def tiny_gemma3(vocab: int = 7, layers: int = 3, seed: int = 0, sliding_window: int = 3):
+def tiny_gemma3(vocab: int = 7, layers: int = 3, seed: int = 0, sliding_window: int = 3) -> torch.nn.Module:
     """A randomly initialised Gemma3 text model with sliding-window layers, small enough to enumerate.
 
     Args:
@@ -105,7 +107,7 @@ def tiny_gemma3(vocab: int = 7, layers: int = 3, seed: int = 0, sliding_window: 
     return model.eval()
 
 
-def tiny_gpt2(vocab: int = 6, layers: int = 2, seed: int = 0):
+def tiny_gpt2(vocab: int = 6, layers: int = 2, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised GPT-2, small enough to enumerate.
 
     Args:
@@ -165,14 +167,17 @@ class Exact:
 
     @property
     def log_z(self) -> float:
+        """The exact log normaliser log Σ_x π(x)."""
         return float(torch.logsumexp(self.log_target.double(), 0))
 
     @property
     def probs(self) -> Tensor:
+        """[M] the exact normalised target probability of each sequence."""
         return torch.softmax(self.log_target.double(), 0)
 
     @property
     def q_probs(self) -> Tensor:
+        """[M] the proposal's probability of each sequence (needs ``proposal``)."""
         assert self.log_q is not None
         return self.log_q.double().exp()
 

@@ -138,14 +138,17 @@ class Batch:
 
     @property
     def size(self) -> int:
+        """Rows B of the batch."""
         return int(self.lengths.shape[0])
 
     @property
     def layers(self) -> tuple[int, ...]:
+        """The layer indices whose readouts each forward computes."""
         return tuple(k.index for k in self.readouts if isinstance(k, Layer))
 
     @property
     def hidden(self) -> bool:
+        """Whether each forward keeps the last layer's hidden state (``HIDDEN``)."""
         return HIDDEN in self.readouts
 
     def contexts(self) -> list[list[int]]:

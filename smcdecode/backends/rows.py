@@ -48,14 +48,17 @@ class Rows:
     # ------------------------------------------------------------------ views [B, S]
     @property
     def valid(self) -> Tensor:
+        """[B, S] bool: column s holds a token of row b's current context."""
         return self._valid[:, : self.width]
 
     @property
     def pos(self) -> Tensor:
+        """[B, S] long: the position id each column was written with."""
         return self._pos[:, : self.width]
 
     @property
     def saved(self) -> Tensor | None:
+        """[B, S] bool: the saved contexts of checkpointed rows (None when none is saved)."""
         return self._saved[:, : self.width] if self.has_saved else None
 
     # ------------------------------------------------------------------ growth

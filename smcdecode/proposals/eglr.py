@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 class EGLR(Proposal):
     """Entropy-gated latent recursion: at steps whose next-token entropy exceeds the threshold, the top
     ``span`` layers are re-applied to the current position until the next-token distribution
-    settles, and the token is drawn from the result (the module docstring gives the recursion).
+    settles, and the token is drawn from the result (module ``smcdecode.proposals.eglr`` gives the recursion).
 
     Needs a backend with the ``hidden`` and ``reapply`` capabilities (the HF backend, Llama-style
     decoders).

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 class Lookahead(Proposal):
     """Rollout-estimated future mass: samples from the estimated token conditional of p^α
-    (the module docstring gives the estimator and the mixture).
+    (module ``smcdecode.proposals.lookahead`` gives the estimator and the mixture).
 
     Alone (``Ancestral``) it is approximate; inside ``SMC`` (with ``twist=True``) or ``SuffixMH`` the
     weights or the MH ratio correct it, whatever K, M and H are.

@@ -59,7 +59,7 @@ from smcdecode.targets.lm import Power
 class BlockLookahead(Sampler):
     """Block lookahead power sampling from p^α: each particle draws ``candidates`` blocks of
     ``block_size`` tokens, weighs each with ``rollouts`` rollouts of ``horizon`` tokens, and keeps
-    one (the module docstring gives the weights).
+    one (module ``smcdecode.samplers.block_lookahead`` gives the weights).
 
     Args:
         alpha: The power α of the target p^α.

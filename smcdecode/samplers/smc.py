@@ -84,8 +84,8 @@ MOVES = ("suffix", "block", "mix")
 
 
 class SMC(Sampler):
-    """SMC resample-move over ``particles`` particles per prompt (the module docstring gives the
-    weights, the resampling rule and the twist).
+    """SMC resample-move over ``particles`` particles per prompt (module ``smcdecode.samplers.smc``
+    gives the weights, the resampling rule and the twist).
 
     Args:
         target: The target potential π; a target ``base ** α`` lets ``anneal`` ramp α.

@@ -50,7 +50,7 @@ COMPACT_EVERY = 32  # iterations between compaction checks
 
 class SuffixMH(Sampler):
     """Suffix Metropolis–Hastings: ``chains`` chains per prompt, grown in blocks, each block followed
-    by ``steps`` suffix moves (the module docstring gives the acceptance ratio).
+    by ``steps`` suffix moves (module ``smcdecode.samplers.suffix_mh`` gives the acceptance ratio).
 
     Args:
         target: The target potential π (e.g. ``targets.Power(4.0)``).

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+import smcdecode
 from smcdecode.errors import SmcdecodeError
 from smcdecode.evaluate import TaskAdapter
 from smcdecode.tasks import Task
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(power p^alpha, layer contrast, rewards).",
         epilog="Run 'smcdecode COMMAND --help' for a command's options and an example.",
     )
+    p.add_argument("--version", action="version", version=f"smcdecode {smcdecode.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 

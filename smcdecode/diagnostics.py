@@ -31,6 +31,7 @@ def acceptance_by_block(result: Result) -> dict[int, float]:
 
 
 def acceptance_rate(result: Result) -> float | None:
+    """Fraction of MH moves accepted over the run (None without moves)."""
     moves = result.trace.infos(MoveTrace)
     return float(torch.cat([m.accepted for m in moves]).double().mean()) if moves else None
 
@@ -63,6 +64,7 @@ def ess_trace(result: Result) -> tuple[Tensor, Tensor]:
 
 
 def unique_particles(result: Result) -> list[int]:
+    """Distinct token sequences among each prompt's samples."""
     return [len({tuple(s.tokens) for s in per}) for per in result.samples]
 
 
@@ -96,6 +98,10 @@ def per_token_log_likelihood(result: Result) -> list[float]:
 
 
 def summary(result: Result) -> dict[str, float | None]:
+    """The run's diagnostics in one dict: ``acceptance``, ``reused_tokens`` and
+    ``unchanged_proposals`` (MH moves), ``mean_ess`` and ``resampling_events`` (SMC), and
+    ``max_rhat`` (MH with ≥ 2 chains and ≥ 4 moves); None where a value does not apply.
+    """
     out: dict[str, float | None] = {"acceptance": acceptance_rate(result)}
     reuse = suffix_reuse(result)
     out["reused_tokens"] = None if reuse is None else reuse["tokens"]

@@ -37,6 +37,12 @@ class RewardError(SmcdecodeError, RuntimeError):
 
 
 def check_finite_positive(name: str, value: float) -> float:
+    """``value`` as a float, checked finite and > 0.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not a number.
+        ArgumentError: it is not finite or not positive (the error names ``name``).
+    """
     import math
 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -47,6 +53,12 @@ def check_finite_positive(name: str, value: float) -> float:
 
 
 def check_finite(name: str, value: float) -> float:
+    """``value`` as a float, checked finite.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not a number.
+        ArgumentError: it is not finite (the error names ``name``).
+    """
     import math
 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -57,6 +69,12 @@ def check_finite(name: str, value: float) -> float:
 
 
 def check_int(name: str, value: int, minimum: int) -> int:
+    """``value``, checked to be an int ≥ ``minimum``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not an int (a bool is not).
+        ArgumentError: it is below ``minimum`` (the error names ``name``).
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise ArgumentTypeError(name, f"expected an int, got {type(value).__name__}")
     if value < minimum:

@@ -61,6 +61,11 @@ class TaskAdapter:
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
+    """Parse ``--shard I/N`` into (I, N); None or empty is (0, 1), the whole run.
+
+    Raises:
+        ArgumentError: the text is not ``I/N`` with 0 ≤ I < N.
+    """
     if not text:
         return 0, 1
     try:
@@ -132,6 +137,30 @@ def run_eval(
     ``batch_size`` problems share one sampler call; above 1 a problem's samples also depend on
     which problems share its call. ``executor`` runs the calls (default: in this process with
     ``engine`` and ``sampler``; a ``RayExecutor`` builds its own in each worker, so they may be None).
+
+    Args:
+        task: The task adapter (``smcdecode.tasks``: MATH-500, HumanEval, the built-in arithmetic).
+        engine: The backend (None with an executor that builds its own).
+        sampler: The sampler (None with an executor that builds its own).
+        method: The method's name in the records (a resumed run skips the problems recorded
+            under this name and seed).
+        out_dir: The directory of ``results.jsonl``.
+        seed: The run's seed; each problem draws from its own stream seeded by (seed, problem id).
+        max_new_tokens: Tokens generated per sample at most.
+        select: The graded answer: ``"sample"`` (one drawn by weight), ``"majority"`` (weighted
+            vote over extracted answers) or ``"weight"`` (the highest weight).
+        batch_size: Problems in one batch.
+        progress: Show a progress bar (None: only on a terminal).
+        executor: Where the sampler calls run (default: this process).
+        stop: Stop patterns of every sample (default: the task's own).
+        continuous: Keep the batch full (continuous batching) for the samplers that stream.
+
+    Returns:
+        The path of ``out_dir/results.jsonl``.
+
+    Raises:
+        ArgumentError: an argument is invalid, or the directory holds records of this method and
+            seed with other stop patterns.
     """
     if select not in SELECTIONS:
         raise ArgumentError("select", f"unknown selection {select!r}; use one of {SELECTIONS}")
@@ -246,7 +275,18 @@ class Executor(Protocol):
 
     def map(
         self, job: BatchJob, batches: Sequence[list[Problem]], local: Parts | None
-    ) -> Generator[list[Record], None, None]: ...
+    ) -> Generator[list[Record], None, None]:
+        """Run ``job`` on every batch and yield each batch's records as it finishes.
+
+        Args:
+            job: What to run on a batch (the task, the method, the sampler's settings).
+            batches: The problems, in batches.
+            local: The caller's (task, engine, sampler), or None for executors that build their own.
+
+        Yields:
+            The records of one batch.
+        """
+        ...
 
 
 class InProcess:
@@ -255,6 +295,11 @@ class InProcess:
     def map(
         self, job: BatchJob, batches: Sequence[list[Problem]], local: Parts | None
     ) -> Generator[list[Record], None, None]:
+        """Run every batch here with ``local``'s engine and sampler, in order (see ``Executor.map``).
+
+        Raises:
+            ArgumentError: ``local`` is None (no engine and sampler given).
+        """
         if local is None:
             raise ArgumentError("engine", "the in-process executor needs an engine and a sampler")
         for batch in batches:

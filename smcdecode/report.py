@@ -69,6 +69,15 @@ def load_records(dirs: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, method): accuracy with its Wilson interval, tokens, decode and rollout tokens
+    and busy wall time per problem, errors, and pass@k when every record was graded per sample.
+
+    Args:
+        records: Evaluation records (``load_records``).
+
+    Returns:
+        The rows, sorted by task and method.
+    """
     from smcdecode.tasks.humaneval import pass_at_k
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -105,6 +114,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """The rows of ``summarise`` as a Markdown table."""
     header = [
         "task",
         "method",
@@ -140,6 +150,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> str:
+    """Plot accuracy against decode tokens per problem (tokens when a record lacks them), one point per
+    (task, method) with its interval, into the PNG ``path``; returns ``path``.
+    """
     from smcdecode.plots import figure, finish
 
     decode = all(r.get("decode_tokens") is not None for r in rows)  # the work, when every record has it

@@ -29,7 +29,22 @@ from smcdecode.targets.base import Potential, Sequences
 # ---------------------------------------------------------------------------------- tiny models
 
 
-def tiny_llama(vocab: int = 5, layers: int = 2, seed: int = 0, hidden: int = 16, scale: float = 40.0):
+def tiny_llama(
+    vocab: int = 5, layers: int = 2, seed: int = 0, hidden: int = 16, scale: float = 40.0
+) -> torch.nn.Module:
+    """A randomly initialised Llama small enough to enumerate its sequence space (CPU, eval mode).
+
+    Args:
+        vocab: Vocabulary size V (id 0 is EOS).
+        layers: Decoder layers N.
+        seed: Seed of the random weights.
+        hidden: Hidden size.
+        scale: Factor on the output head, so next-token distributions are far from uniform.
+
+    Returns:
+        A ``LlamaForCausalLM``; wrap it as ``ReferenceBackend(model, eos_token_ids=[0])`` or
+        ``Engine(model, eos_token_ids=[0])``.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -52,7 +67,18 @@ def tiny_llama(vocab: int = 5, layers: int = 2, seed: int = 0, hidden: int = 16,
     return model.eval()
 
 
-def tiny_gemma3(vocab: int = 7, layers: int = 3, seed: int = 0, sliding_window: int = 3):
+def tiny_gemma3(vocab: int = 7, layers: int = 3, seed: int = 0, sliding_window: int = 3) -> torch.nn.Module:
+    """A randomly initialised Gemma3 text model with sliding-window layers, small enough to enumerate.
+
+    Args:
+        vocab: Vocabulary size V (id 0 is EOS).
+        layers: Decoder layers N.
+        seed: Seed of the random weights.
+        sliding_window: The window of its sliding-window layers.
+
+    Returns:
+        A ``Gemma3ForCausalLM`` in eval mode.
+    """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
@@ -81,7 +107,17 @@ def tiny_gemma3(vocab: int = 7, layers: int = 3, seed: int = 0, sliding_window: 
     return model.eval()
 
 
-def tiny_gpt2(vocab: int = 6, layers: int = 2, seed: int = 0):
+def tiny_gpt2(vocab: int = 6, layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised GPT-2, small enough to enumerate.
+
+    Args:
+        vocab: Vocabulary size V (id 0 is EOS).
+        layers: Decoder layers N.
+        seed: Seed of the random weights.
+
+    Returns:
+        A ``GPT2LMHeadModel`` in eval mode.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -131,18 +167,22 @@ class Exact:
 
     @property
     def log_z(self) -> float:
+        """The exact log normaliser log Σ_x π(x)."""
         return float(torch.logsumexp(self.log_target.double(), 0))
 
     @property
     def probs(self) -> Tensor:
+        """[M] the exact normalised target probability of each sequence."""
         return torch.softmax(self.log_target.double(), 0)
 
     @property
     def q_probs(self) -> Tensor:
+        """[M] the proposal's probability of each sequence (needs ``proposal``)."""
         assert self.log_q is not None
         return self.log_q.double().exp()
 
     def index(self) -> dict[tuple[int, ...], int]:
+        """Position of each sequence in ``sequences``."""
         return {s: i for i, s in enumerate(self.sequences)}
 
 
@@ -193,8 +233,20 @@ def exact(
     proposal: Proposal | None = None,
     stop: StopSpec | StopSet | None = None,
 ) -> Exact:
-    """Enumerate and score every complete continuation of ``prompt`` exactly (on the space
-    stopped by ``stop`` when given: see :mod:`smcdecode.stopping`)."""
+    """Enumerate and score every complete continuation of ``prompt`` exactly.
+
+    Args:
+        engine: A backend over a tiny model (V^max_new_tokens sequences at most).
+        target: The potential scored on every sequence (None: only log p).
+        prompt: Token ids or a string.
+        max_new_tokens: The horizon.
+        proposal: Also score each sequence's exact log q under this proposal.
+        stop: Enumerate the space stopped by these patterns (see ``smcdecode.stopping``).
+
+    Returns:
+        The sequences with their log π, log p and (with a proposal) log q; ``log_z`` is the exact
+        log normaliser.
+    """
     ids = engine.encode([prompt])[0]  # type: ignore[arg-type]
     stops = stop if isinstance(stop, StopSet) or stop is None else stop_set(engine, stop)
     seqs = continuations(engine, max_new_tokens, stops)
@@ -238,8 +290,21 @@ def check_potential(
     seed: int = 0,
     atol: float = 1e-4,
 ) -> None:
-    """Σ of per-token factors accumulated by the incremental (cached) sampler path equals the
-    sequence log density computed from one uncached forward, for sampled sequences."""
+    """Check that the incremental (cached) sampler path computes the potential exactly: the sum of
+    per-token factors of sampled sequences equals the log density of one uncached forward.
+
+    Args:
+        engine: A backend over a tiny model.
+        potential: The potential checked.
+        prompt: Token ids.
+        max_new_tokens: The horizon.
+        n: Sequences sampled.
+        seed: Seed of the sampling.
+        atol: Absolute tolerance on log π and log p.
+
+    Raises:
+        AssertionError: a sequence's incremental log π or log p differs, naming it.
+    """
     from smcdecode.proposals import Tempered
     from smcdecode.samplers import Ancestral
 
@@ -266,7 +331,21 @@ def check_algebra(
     k: float = 2.5,
     atol: float = 1e-4,
 ) -> None:
-    """log(a*b) = log a + log b and log(a**k) = k·log a on every sequence."""
+    """Check the algebra of potentials: log(a*b) = log a + log b and log(a**k) = k·log a on every
+    sequence.
+
+    Args:
+        engine: A backend over a tiny model.
+        a: A potential.
+        b: Another.
+        prompt: Token ids.
+        max_new_tokens: The horizon.
+        k: The exponent checked.
+        atol: Absolute tolerance.
+
+    Raises:
+        AssertionError: the product or the power is wrong.
+    """
     ea, eb = exact(engine, a, prompt, max_new_tokens), exact(engine, b, prompt, max_new_tokens)
     eab, eak = exact(engine, a * b, prompt, max_new_tokens), exact(engine, a**k, prompt, max_new_tokens)
     assert torch.allclose(eab.log_target, ea.log_target + eb.log_target, atol=atol), "product is not the sum"
@@ -282,8 +361,22 @@ def check_proposal(
     n: int = 4000,
     seed: int = 0,
 ) -> None:
-    """q sums to one at every step; the stored log q of every sampled sequence equals its exact
-    log-prob; and the sampled sequences follow q (χ² test, p > 1e-3 at a fixed seed)."""
+    """Check a proposal: q sums to one over the sequence space, the stored log q of every sampled
+    sequence equals its exact log-probability, and the samples follow q (χ² test, p > 1e-3 at a
+    fixed seed).
+
+    Args:
+        engine: A backend over a tiny model.
+        proposal: The proposal checked.
+        target: The target whose token factor the proposal may read (None for most proposals).
+        prompt: Token ids.
+        max_new_tokens: The horizon.
+        n: Sequences sampled for the χ² test.
+        seed: Seed of the sampling.
+
+    Raises:
+        AssertionError: one of the three checks fails, naming the proposal.
+    """
     from smcdecode.samplers import Ancestral
 
     ex = exact(engine, target, prompt, max_new_tokens, proposal=proposal)
@@ -321,7 +414,16 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
     ``score`` after truncation with a row scoring nothing, one row kept and one restored),
     ``release`` (a released fork refuses use) and the recorded contexts; layer readouts too when
     the backend has the ``layers`` capability. A backend missing an operation cannot even be
-    defined (see :data:`smcdecode.backends.base.OPERATIONS`)."""
+    defined (see :data:`smcdecode.backends.base.OPERATIONS`).
+
+    Args:
+        backend: The backend under test, over a model with at least 7 vocabulary ids
+            (``tiny_llama(vocab=8)``).
+        atol: Absolute tolerance on the readouts.
+
+    Raises:
+        AssertionError: an operation broke a row's context, readout or counters (named).
+    """
     assert backend.vocab_size >= 7, "check_backend needs a vocabulary of at least 7 ids"
     layers = (0, 1, backend.num_layers) if "layers" in backend.capabilities else ()
     keys = [Layer(i) for i in layers]
@@ -576,9 +678,11 @@ class CharTokenizer:
         self.chat_template = None
 
     def encode(self, text: str) -> list[int]:
+        """The ids of the characters of ``text`` that are in the alphabet."""
         return [self.alphabet.index(c) + 1 for c in text if c in self.alphabet]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``ids`` (EOS and unknown ids dropped)."""
         return "".join(self.alphabet[i - 1] for i in ids if 0 < i <= len(self.alphabet))
 
 

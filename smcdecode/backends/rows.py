@@ -29,6 +29,14 @@ _FIELDS = ("_valid", "_pos", "_saved")
 
 
 class Rows:
+    """The HF backend's per-row column bookkeeping (``valid``, ``pos`` and saved masks over S
+    columns); see the module docstring for its operations.
+
+    Args:
+        size: Rows B.
+        device: Where the masks live.
+    """
+
     def __init__(self, size: int, device: torch.device):
         z = torch.zeros(size, 0, dtype=torch.long, device=device)
         self._valid, self._pos, self._saved = z.bool(), z, z.bool()
@@ -40,14 +48,17 @@ class Rows:
     # ------------------------------------------------------------------ views [B, S]
     @property
     def valid(self) -> Tensor:
+        """[B, S] bool: column s holds a token of row b's current context."""
         return self._valid[:, : self.width]
 
     @property
     def pos(self) -> Tensor:
+        """[B, S] long: the position id each column was written with."""
         return self._pos[:, : self.width]
 
     @property
     def saved(self) -> Tensor | None:
+        """[B, S] bool: the saved contexts of checkpointed rows (None when none is saved)."""
         return self._saved[:, : self.width] if self.has_saved else None
 
     # ------------------------------------------------------------------ growth

@@ -19,6 +19,20 @@ from smcdecode.targets.base import Potential
 
 
 class Ancestral(Sampler):
+    """Independent samples x ~ q: ``n`` per prompt, all prompts in one batch.
+
+    Args:
+        proposal: The distribution sampled from (``Tempered(T, top_k, top_p)``, ``LocallyOptimal``,
+            ``EGLR``, ...).
+        n: Samples per prompt.
+        target: Optional; only to report each sample's ``log_target`` (its weight is then
+            log π − log q).
+
+    Raises:
+        ArgumentTypeError: ``proposal`` is not a Proposal.
+        ArgumentError: ``n`` is below 1.
+    """
+
     def __init__(self, proposal: Proposal, n: int = 1, target: Potential | None = None):
         if not isinstance(proposal, Proposal):
             raise ArgumentTypeError("proposal", f"expected a Proposal, got {type(proposal).__name__}")

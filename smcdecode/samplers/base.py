@@ -32,6 +32,13 @@ def check_target_proposal(target: Any, proposal: Any, target_optional: bool = Fa
 
 
 class Sampler:
+    """The interface every sampler implements: ``run`` for a batch of prompts, ``stream`` for many
+    problems through one batch.
+
+    Subclasses implement ``_run``; ``rows_plan`` and ``streams`` say whether and how they batch
+    continuously.
+    """
+
     def run(
         self,
         engine: Backend,
@@ -42,11 +49,30 @@ class Sampler:
         progress: bool | None = None,
         stop: StopSpec | StopSet | None = None,
     ) -> Result:
-        """Draw samples for every prompt. ``progress=None`` shows bars only on a terminal.
+        """Draw samples for every prompt.
 
-        ``stop``: a list of strings (need a tokenizer) and/or token-id lists; a sample ends at the
-        token whose text first completes one of them (that token included), at EOS, or at
-        ``max_new_tokens``. The target and the proposal are both taken on that stopped space."""
+        Args:
+            engine: The backend that runs the model (``smcdecode.Engine``, the llama.cpp backend,
+                ``smcdecode.ReferenceBackend``).
+            prompts: A list of prompts, each a string (needs a tokenizer) or a list of token ids.
+            max_new_tokens: Tokens generated per sample at most (the horizon H).
+            seed: Seed of the run's random stream; the same seed gives the same samples.
+            progress: Show progress bars; None shows them only on a terminal.
+            stop: Stop patterns: a list of strings (need a tokenizer) and/or token-id lists. A sample
+                ends at the token whose text first completes one of them (that token included), at EOS,
+                or at ``max_new_tokens``. The target and the proposal are both taken on that stopped
+                space.
+
+        Returns:
+            The samples of every prompt (``result.samples[p]``), with the trace, the backend's counters
+            (``decode_tokens``, ``forwards``, ``rollout_tokens``, ...), the wall time and, for SMC, the
+            evidence estimate ``result.log_evidence[p]``.
+
+        Raises:
+            ArgumentTypeError: ``engine`` is not a smcdecode backend.
+            ArgumentError: an argument is out of range (the error names it).
+            CapabilityError: the target or proposal needs a readout the backend cannot compute.
+        """
         if not isinstance(engine, Backend):
             got = type(engine).__name__
             raise ArgumentTypeError("engine", f"expected a smcdecode backend (e.g. smcdecode.Engine), got {got}")
@@ -86,13 +112,30 @@ class Sampler:
         max_new_tokens: int,
         stop: StopSpec | StopSet | None = None,
     ) -> Iterator[Finished]:
-        """Yield each problem's samples as soon as they are done; ``problems`` are (key, prompt,
-        seed) triples, consumed lazily. A problem's samples depend only on its seed (not on which
-        problems share the batch). Samplers with a :meth:`rows_plan` (Ancestral, SuffixMH) keep
-        ``in_flight`` problems in one batch and admit a waiting problem into the rows a finished
-        one frees (:mod:`~smcdecode.samplers.stream`), and so does SMC its own way (``SMC.stream``);
-        the others run the problems one at a time, and so do proposals with rollouts
-        (``Lookahead``), so that the backend's counters give each problem its own rollout tokens."""
+        """Yield each problem's samples as soon as they are done.
+
+        A problem's samples depend only on its seed (not on which problems share the batch). Samplers
+        with a ``rows_plan`` (Ancestral, SuffixMH) keep ``in_flight`` problems in one batch and admit a
+        waiting problem into the rows a finished one frees (``smcdecode.samplers.stream``), and so does
+        SMC its own way (``SMC.stream``); the others run the problems one at a time, and so do
+        proposals with rollouts (``Lookahead``), so that the backend's counters give each problem its
+        own rollout tokens.
+
+        Args:
+            engine: The backend that runs the model.
+            problems: (key, prompt, seed) triples, consumed lazily.
+            in_flight: Problems in the batch at once.
+            max_new_tokens: Tokens generated per sample at most.
+            stop: Stop patterns, as in ``run``.
+
+        Yields:
+            A ``Finished(key, samples, decode_tokens, prefill_tokens, wall_time, ...)`` per problem, in
+            the order they finish.
+
+        Raises:
+            ArgumentTypeError: ``engine`` is not a smcdecode backend.
+            ArgumentError: ``in_flight`` is below 1.
+        """
         if not isinstance(engine, Backend):
             raise ArgumentTypeError("engine", f"expected a smcdecode backend, got {type(engine).__name__}")
         check_int("in_flight", in_flight, 1)

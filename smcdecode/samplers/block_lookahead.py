@@ -57,6 +57,27 @@ from smcdecode.targets.lm import Power
 
 
 class BlockLookahead(Sampler):
+    """Block lookahead power sampling from p^α: each particle draws ``candidates`` blocks of
+    ``block_size`` tokens, weighs each with ``rollouts`` rollouts of ``horizon`` tokens, and keeps
+    one (module ``smcdecode.samplers.block_lookahead`` gives the weights).
+
+    Args:
+        alpha: The power α of the target p^α.
+        particles: Particles N per prompt.
+        block_size: Tokens per block B.
+        candidates: Candidate blocks L per particle and step.
+        rollouts: Rollouts M after each candidate block.
+        horizon: Tokens H per rollout.
+        keep: None for the exact sampler (nested importance sampling, unbiased evidence); K keeps
+            only the K most likely blocks (the paper's approximate sampler, unweighted samples).
+        ess_threshold: Resample when ESS < ``ess_threshold``·N.
+        resampling: The resampling scheme (as in ``SMC``).
+
+    Raises:
+        ArgumentError: an argument is out of range, or ``keep > candidates``.
+        ArgumentTypeError: ``ess_threshold`` is not a number.
+    """
+
     def __init__(
         self,
         alpha: float,
@@ -92,6 +113,7 @@ class BlockLookahead(Sampler):
 
     @property
     def exact(self) -> bool:
+        """True in exact mode (``keep=None``)."""
         return self.keep is None
 
     def _run(

@@ -34,6 +34,25 @@ from smcdecode.targets.base import Potential
 
 
 class BlockMH(Sampler):
+    """Interior-block Metropolis–Hastings, alone or mixed with suffix moves (``SuffixMH``'s schedule).
+
+    Args:
+        target: The target potential π.
+        proposal: The proposal q of extensions and blocks; a proposal with rollouts needs
+            ``suffix_every=1``.
+        chains: Chains per prompt.
+        block_size: Tokens per block of the schedule (the horizon's growth), not the move's span.
+        steps: MH moves after each block.
+        span: Tokens of an interior block B that a move redraws.
+        suffix_every: Every k-th move is a suffix move (0: interior-block moves only, 1: suffix
+            moves only, 2: alternate).
+
+    Raises:
+        ArgumentTypeError: ``target`` is not a Potential or ``proposal`` not a Proposal.
+        ArgumentError: an integer is out of range, or the proposal has rollouts and
+            ``suffix_every != 1``.
+    """
+
     def __init__(
         self,
         target: Potential,
@@ -44,8 +63,6 @@ class BlockMH(Sampler):
         span: int = 16,
         suffix_every: int = 0,
     ):
-        """``span``: tokens of an interior block (B); ``suffix_every=k`` makes every k-th move a
-        suffix move (0: interior-block moves only, 1: suffix moves only, 2: alternate)."""
         check_target_proposal(target, proposal)
         self.target = target
         self.proposal = proposal

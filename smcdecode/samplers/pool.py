@@ -24,6 +24,22 @@ from smcdecode.stopping import StopSet
 
 
 class RolloutPool(Sampler):
+    """The L × T Cartesian pool of ancestral rollouts: cell (L, T) draws ``per_cell`` samples from
+    ``EGLR(span=L, temperature=T)`` (span 0: plain temperature T). Each sample carries its cell in
+    ``Sample.meta``; weights are uniform.
+
+    Args:
+        spans: The spans L of the pool (0: no recursion).
+        temperatures: The temperatures T of the pool.
+        per_cell: Samples per cell.
+        max_iters: EGLR's ``max_iters``.
+        entropy_threshold: EGLR's ``entropy_threshold``.
+        tol: EGLR's ``tol``.
+
+    Raises:
+        ArgumentError: ``spans`` or ``temperatures`` is empty or holds an invalid value.
+    """
+
     def __init__(
         self,
         spans: Sequence[int],
@@ -41,6 +57,7 @@ class RolloutPool(Sampler):
         self.max_iters, self.entropy_threshold, self.tol = max_iters, entropy_threshold, tol
 
     def cell_proposal(self, span: int, temperature: float) -> Proposal:
+        """The proposal of cell (span, temperature): ``Tempered`` for span 0, else ``EGLR``."""
         if span == 0:
             return Tempered(temperature)
         return EGLR(span, self.max_iters, self.entropy_threshold, self.tol, temperature)

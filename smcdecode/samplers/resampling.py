@@ -25,22 +25,62 @@ def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
 
 
 def multinomial(generator: torch.Generator, weights: Tensor, n: int) -> Tensor:
+    """Multinomial resampling: n i.i.d. draws from each group's weights.
+
+    Args:
+        generator: The random stream.
+        weights: Normalised weights [G, N], one group per row.
+        n: Indices to draw per group.
+
+    Returns:
+        Ancestor indices [G, n] into the last dim of ``weights``.
+    """
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
 def stratified(generator: torch.Generator, weights: Tensor, n: int) -> Tensor:
+    """Stratified resampling: u_j = (j + U_j) / n with independent U_j ~ U[0, 1), index = F⁻¹(u_j).
+
+    Args:
+        generator: The random stream.
+        weights: Normalised weights [G, N], one group per row.
+        n: Indices to draw per group.
+
+    Returns:
+        Ancestor indices [G, n] into the last dim of ``weights``.
+    """
     g = weights.shape[0]
     u = (torch.arange(n, device=weights.device) + torch.rand(g, n, generator=generator, device=weights.device)) / n
     return _inverse_cdf(weights, u)
 
 
 def systematic(generator: torch.Generator, weights: Tensor, n: int) -> Tensor:
+    """Systematic resampling: u_j = (j + U) / n with one U per group, index = F⁻¹(u_j).
+
+    Args:
+        generator: The random stream.
+        weights: Normalised weights [G, N], one group per row.
+        n: Indices to draw per group.
+
+    Returns:
+        Ancestor indices [G, n] into the last dim of ``weights``.
+    """
     g = weights.shape[0]
     u = (torch.arange(n, device=weights.device) + torch.rand(g, 1, generator=generator, device=weights.device)) / n
     return _inverse_cdf(weights, u)
 
 
 def residual(generator: torch.Generator, weights: Tensor, n: int) -> Tensor:
+    """Residual resampling: ⌊n·W_i⌋ copies of each i, the rest drawn multinomially from the residual weights.
+
+    Args:
+        generator: The random stream.
+        weights: Normalised weights [G, N], one group per row.
+        n: Indices to draw per group.
+
+    Returns:
+        Ancestor indices [G, n] into the last dim of ``weights``.
+    """
     scaled = n * weights.double()
     counts = scaled.floor()
     remainder = n - counts.sum(-1, keepdim=True)  # [G, 1]

@@ -14,6 +14,18 @@ T = TypeVar("T")
 
 @dataclass
 class Sample:
+    """One sample: a continuation of its prompt with its weight and log-probabilities.
+
+    Attributes:
+        tokens: The generated token ids, EOS included when produced.
+        text: Their text (None without a tokenizer).
+        log_weight: The log weight, normalised over the prompt's samples (their exp's sum to 1).
+        log_p: The base model's log-probability of ``tokens``.
+        log_target: The unnormalised log π (None for samplers without a target).
+        log_q: The proposal's log-probability of ``tokens``, as stored at sampling time.
+        meta: Extra labels, e.g. the ``RolloutPool`` cell that drew it.
+    """
+
     tokens: list[int]  # generated ids, EOS included when produced
     text: str | None  # None without a tokenizer
     log_weight: float  # normalised over the prompt's samples (exp's sum to 1)
@@ -94,16 +106,23 @@ class Trace:
         self._records: list[dict[str, Any]] | None = None
 
     def log(self, info: Any) -> None:
+        """Append one info (an ``ExtendTrace``, ``MoveTrace``, ``StepTrace``, ...), kept on its device.
+
+        Raises:
+            TypeError: ``info`` is not one of the trace's info types.
+        """
         if type(info) not in _KIND_OF:
             raise TypeError(f"trace infos are one of {sorted(c.__name__ for c in _KIND_OF)}, got {type(info).__name__}")
         self._infos.append(info)
         self._records = None
 
     def infos(self, cls: type[T]) -> list[T]:
+        """The infos of type ``cls`` (e.g. ``MoveTrace``), in the order they were logged."""
         return [i for i in self._infos if isinstance(i, cls)]
 
     @property
     def records(self) -> list[dict[str, Any]]:
+        """Every info as a JSON-ready dict with its ``kind`` (tensors become lists)."""
         if self._records is None:
             out = []
             for info in self._infos:
@@ -115,6 +134,7 @@ class Trace:
         return self._records
 
     def of(self, kind: str) -> list[dict[str, Any]]:
+        """The records of one kind (``"extend"``, ``"move"``, ``"step"``, ``"shrink"``, ``"cell"``)."""
         return [r for r in self.records if r["kind"] == kind]
 
     @classmethod
@@ -147,6 +167,19 @@ def _tensor(values: list[Any]) -> Tensor:
 
 @dataclass
 class Result:
+    """What every sampler returns.
+
+    Attributes:
+        samples: ``samples[p]`` is the list of prompt p's samples.
+        log_evidence: ``log_evidence[p]`` is SMC's estimate log Ẑ of the target's log normaliser
+            for prompt p (None for MH and ancestral samplers).
+        trace: Per-step diagnostics (``Trace``).
+        method: The sampler's repr.
+        wall_time: Seconds the run took.
+        counters: The backend's counters over the run: ``decode_tokens``, ``prefill_tokens``,
+            ``forwards`` (sequential depth), ``rollout_tokens``, ...
+    """
+
     samples: list[list[Sample]]
     log_evidence: list[float | None]
     trace: Trace = field(default_factory=Trace)
@@ -155,6 +188,7 @@ class Result:
     counters: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (what ``save`` writes)."""
         return {
             "method": self.method,
             "wall_time": self.wall_time,
@@ -165,11 +199,13 @@ class Result:
         }
 
     def save(self, path: str) -> None:
+        """Write the result to ``path`` as JSON (``Result.load`` reads it back)."""
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, allow_nan=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
+        """The inverse of ``to_dict``."""
         trace = Trace.from_records(d.get("trace", []))
         samples = [[Sample(**s) for s in per] for per in d["samples"]]
         return cls(
@@ -183,5 +219,6 @@ class Result:
 
     @classmethod
     def load(cls, path: str) -> Result:
+        """Read a result written by ``save``."""
         with open(path) as f:
             return cls.from_dict(json.load(f))

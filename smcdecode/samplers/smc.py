@@ -84,6 +84,34 @@ MOVES = ("suffix", "block", "mix")
 
 
 class SMC(Sampler):
+    """SMC resample-move over ``particles`` particles per prompt (module ``smcdecode.samplers.smc``
+    gives the weights, the resampling rule and the twist).
+
+    Args:
+        target: The target potential π; a target ``base ** α`` lets ``anneal`` ramp α.
+        proposal: The proposal q (``LocallyOptimal()`` makes the token term independent of the
+            token drawn).
+        particles: Particles N per prompt.
+        ess_threshold: Resample a prompt's particles when ESS < ``ess_threshold``·N (0: never,
+            1: at every step).
+        resampling: ``"multinomial"``, ``"stratified"``, ``"systematic"`` or ``"residual"``.
+        block_size: Tokens per SMC step (1: token-level SMC).
+        rejuvenate: MH moves after every resampling (0: none).
+        anneal: Ramp the exponent α_t = 1 + (α−1)·min(t/R, 1) over R tokens (None: no annealing).
+        delimiter: End each step at a token whose text contains this string, instead of every
+            ``block_size`` tokens.
+        move: Rejuvenation kernel: ``"suffix"``, ``"block"`` (interior blocks of ``span`` tokens)
+            or ``"mix"`` (alternating, suffix first).
+        span: Tokens of an interior block for ``move="block"|"mix"``.
+        twist: Use the proposal's twist (``proposals.Lookahead``) in the intermediate targets.
+
+    Raises:
+        ArgumentTypeError: ``target``/``proposal``/``twist`` has the wrong type.
+        ArgumentError: an argument is out of range or the combination is not exact (interior-block
+            moves with a rollout proposal, a twist from a proposal that provides none, annealing
+            with a delimiter).
+    """
+
     def __init__(
         self,
         target: Potential,
@@ -99,8 +127,6 @@ class SMC(Sampler):
         span: int = 16,
         twist: bool = False,
     ):
-        """``rejuvenate=k`` runs k MH moves after every resampling: suffix moves (``move="suffix"``),
-        interior-block moves of ``span`` tokens (``"block"``), or the two alternating (``"mix"``)."""
         check_target_proposal(target, proposal)
         if resampling not in SCHEMES:
             raise ArgumentError("resampling", f"unknown scheme {resampling!r}; use one of {sorted(SCHEMES)}")

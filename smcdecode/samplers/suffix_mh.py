@@ -49,6 +49,24 @@ COMPACT_EVERY = 32  # iterations between compaction checks
 
 
 class SuffixMH(Sampler):
+    """Suffix Metropolis–Hastings: ``chains`` chains per prompt, grown in blocks, each block followed
+    by ``steps`` suffix moves (module ``smcdecode.samplers.suffix_mh`` gives the acceptance ratio).
+
+    Args:
+        target: The target potential π (e.g. ``targets.Power(4.0)``).
+        proposal: The proposal q of extensions and moves (e.g. ``proposals.Tempered(0.25)``).
+        chains: Chains per prompt; each returns its final state as one sample.
+        block_size: Tokens per block B; the horizon grows by B before each round of moves.
+        steps: MH moves after each block.
+        reuse_suffix: Draw each proposal coupled with the current suffix (same law, fewer tokens);
+            False draws it afresh from i: slower, kept for comparison.
+
+    Raises:
+        ArgumentTypeError: ``target`` is not a Potential, ``proposal`` not a Proposal, or
+            ``reuse_suffix`` not a bool.
+        ArgumentError: ``chains``, ``block_size`` or ``steps`` is out of range.
+    """
+
     def __init__(
         self,
         target: Potential,
@@ -58,8 +76,6 @@ class SuffixMH(Sampler):
         steps: int = 10,
         reuse_suffix: bool = True,
     ):
-        """``reuse_suffix=False`` draws every proposal from i afresh (same law, no coupling with
-        the current suffix): slower, kept for comparison."""
         check_target_proposal(target, proposal)
         self.target = target
         self.proposal = proposal
@@ -153,6 +169,7 @@ class SuffixMH(Sampler):
         return collect(problem, out, None, trace)
 
     def rows_plan(self, max_new_tokens: int) -> RowsPlan:
+        """Continuous batching: each row runs its own block and move schedule."""
         return RowsPlan(Moves(self.block_size, self.steps, self.reuse_suffix), self.target, self.proposal, self.chains)
 
     def step(self, problem: Problem, decoder: Decoder, rows: Rows) -> tuple[Rows, MoveInfo, Tensor]:

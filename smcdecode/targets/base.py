@@ -50,30 +50,59 @@ class Sequences:
 
 
 class Potential:
-    """Base class. Subclasses override :meth:`token_log_factor` and/or
-    :meth:`sequence_log_potential`, and :meth:`requirements` when they read more than the
-    final layer."""
+    """Base class of targets: an unnormalised log density log π(x) = Σ_t log φ_t + log ψ.
+
+    Subclasses override ``token_log_factor`` and/or ``sequence_log_potential``, and
+    ``requirements`` when they read more than the final layer. ``a * b`` is the product of two
+    potentials (``Product``), ``a ** k`` the k-th power of one (``Scaled``).
+    """
 
     #: True when the sequence potential is also defined on partial sequences and should be used
     #: as an SMC twist at block boundaries.
     prefix: bool = False
 
     def requirements(self, engine: Backend) -> Requirements:
-        """The readout keys this potential reads, checked against ``engine`` (pure: nothing is
-        stored; the keys may depend on the model's depth)."""
+        """The readout keys this potential reads, checked against ``engine``.
+
+        Pure: nothing is stored; the keys may depend on the model's depth.
+
+        Args:
+            engine: The backend the potential will run on.
+
+        Returns:
+            The keys (``Layer(L)``, ``Aux(...)``, ``HIDDEN``); empty when only the final layer is read.
+
+        Raises:
+            CapabilityError: the backend cannot compute a key.
+            ArgumentError: a key is invalid for this model (e.g. a layer out of range).
+        """
         return Requirements()
 
     def token_log_factor(self, view: Readouts) -> Tensor | None:
-        """log φ_t(v) for every vocabulary item v, [B, V]; None when this potential has no token
-        factor (it then contributes 0)."""
+        """The token factor log φ_t(v) for every vocabulary item v.
+
+        Args:
+            view: The step's readouts: ``view.log_p`` [B, V] and the keys of ``requirements``.
+
+        Returns:
+            log φ_t, [B, V]; None when this potential has no token factor (it then contributes 0).
+        """
         return None
 
     def sequence_log_potential(self, seqs: Sequences) -> Tensor | None:
-        """log ψ(c, x) per row, [B] (float64 on CPU); None when there is no sequence potential."""
+        """The sequence potential log ψ(c, x) of each row.
+
+        Args:
+            seqs: The rows: their prompts and generated tokens.
+
+        Returns:
+            log ψ per row, [B] (float64 on CPU); None when there is no sequence potential.
+        """
         return None
 
     @property
     def has_sequence_potential(self) -> bool:
+        """True when ``sequence_log_potential`` returns values (a ``Reward`` factor)."""
         return False
 
     def __mul__(self, other: Potential) -> Potential:
@@ -90,7 +119,11 @@ class Potential:
 
 
 class Product(Potential):
-    """log π = Σ_i log π_i: token factors add, sequence potentials add."""
+    """log π = Σ_i log π_i: token factors add, sequence potentials add; what ``a * b`` builds.
+
+    Args:
+        factors: The potentials multiplied; nested products are flattened.
+    """
 
     def __init__(self, factors: Sequence[Potential]):
         flat: list[Potential] = []
@@ -122,7 +155,16 @@ class Product(Potential):
 
 
 class Scaled(Potential):
-    """log π = k · log π_base (the density raised to the power k)."""
+    """log π = k · log π_base (the density raised to the power k); what ``base ** k`` builds.
+
+    Args:
+        base: The potential raised to the power; a ``Scaled`` base multiplies the exponents.
+        exponent: The power k > 0.
+
+    Raises:
+        ArgumentTypeError: ``base`` is not a Potential.
+        ArgumentError: ``exponent`` is not finite and positive.
+    """
 
     def __init__(self, base: Potential, exponent: float):
         if not isinstance(base, Potential):

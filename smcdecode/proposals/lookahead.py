@@ -62,6 +62,27 @@ if TYPE_CHECKING:
 
 
 class Lookahead(Proposal):
+    """Rollout-estimated future mass: samples from the estimated token conditional of p^α
+    (module ``smcdecode.proposals.lookahead`` gives the estimator and the mixture).
+
+    Alone (``Ancestral``) it is approximate; inside ``SMC`` (with ``twist=True``) or ``SuffixMH`` the
+    weights or the MH ratio correct it, whatever K, M and H are.
+
+    Args:
+        alpha: The power α of the target p^α.
+        candidates: Next tokens K whose future mass is estimated.
+        rollouts: Rollouts M per candidate.
+        horizon: Tokens H per rollout.
+        epsilon: Weight ε of the p^α/Σp^α component of the mixture (keeps q > 0 wherever π is).
+        jackknife: Apply the leave-one-out correction to the candidate probabilities (needs M ≥ 2).
+        every: Run rollouts every k tokens (other steps draw from p^α/Σp^α).
+        entropy_threshold: Run rollouts only where H(p) exceeds this, in nats (None: always).
+
+    Raises:
+        ArgumentTypeError: ``jackknife`` is not a bool.
+        ArgumentError: a value is out of range.
+    """
+
     auxiliary = True
     provides_twist = True
 
@@ -95,6 +116,11 @@ class Lookahead(Proposal):
         )
 
     def log_q(self, view: Readouts, target_factor: TargetFactor) -> Tensor:
+        """Not available: q depends on rollouts drawn by a sampler (``propose``).
+
+        Raises:
+            ArgumentTypeError: always.
+        """
         raise ArgumentTypeError(
             "proposal", "Lookahead's q depends on rollouts drawn by a sampler; use it inside Ancestral, SMC or SuffixMH"
         )
@@ -109,6 +135,11 @@ class Lookahead(Proposal):
         return roll
 
     def propose(self, view: Readouts, target_factor: TargetFactor, ctx: Context | None = None) -> tuple[Tensor, Tensor]:
+        """Run the rollouts of the gated rows and return (log q [B, V], log Ẑ [B, V]).
+
+        Raises:
+            ArgumentError: ``ctx`` is None (a sampler must provide the rows and the random stream).
+        """
         if ctx is None:
             self.log_q(view, target_factor)  # raises: no closed form without a sampler's rows
         assert ctx is not None

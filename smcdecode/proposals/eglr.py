@@ -30,6 +30,24 @@ if TYPE_CHECKING:
 
 
 class EGLR(Proposal):
+    """Entropy-gated latent recursion: at steps whose next-token entropy exceeds the threshold, the top
+    ``span`` layers are re-applied to the current position until the next-token distribution
+    settles, and the token is drawn from the result (module ``smcdecode.proposals.eglr`` gives the recursion).
+
+    Needs a backend with the ``hidden`` and ``reapply`` capabilities (the HF backend, Llama-style
+    decoders).
+
+    Args:
+        span: Top decoder layers re-applied (1..N).
+        max_iters: Re-applications at most per step (0: exactly ``Tempered(temperature)``).
+        entropy_threshold: Recurse only where H(p_N) exceeds this, in nats.
+        tol: Stop recursing when the KL between successive next-token distributions drops below it.
+        temperature: The temperature of the final draw.
+
+    Raises:
+        ArgumentError: a value is out of range (``span`` beyond the model's depth: at the first run).
+    """
+
     def __init__(
         self, span: int, max_iters: int = 4, entropy_threshold: float = 2.0, tol: float = 1e-3, temperature: float = 1.0
     ):
@@ -40,6 +58,11 @@ class EGLR(Proposal):
         self.temperature = check_finite_positive("temperature", temperature)
 
     def requirements(self, engine: Backend) -> Requirements:
+        """``HIDDEN`` when the proposal recurses.
+
+        Raises:
+            ArgumentError: ``span`` exceeds the model's depth.
+        """
         if self.span > engine.num_layers:
             raise ArgumentError("span", f"must lie in 1..{engine.num_layers}, got {self.span}")
         return Requirements([HIDDEN] if self.max_iters > 0 else [])

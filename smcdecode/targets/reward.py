@@ -19,8 +19,20 @@ from smcdecode.targets.base import Potential, Sequences
 
 
 class Reward(Potential):
-    """``fn(prompt, continuation) -> float`` (strings with a tokenizer, token-id lists without);
-    with ``batched=True``, ``fn(prompts, continuations) -> list of floats``."""
+    """A reward potential log ψ(c, x) = λ · r(c, x) on complete sequences.
+
+    Args:
+        fn: The reward r: ``fn(prompt, continuation) -> float`` (strings with a tokenizer,
+            token-id lists without); with ``batched=True``, ``fn(prompts, continuations) -> floats``.
+        weight: λ.
+        prefix: Also evaluate the reward on partial sequences at SMC block boundaries, as a twist
+            (the target is unchanged).
+        batched: Call ``fn`` once per batch of rows.
+
+    Raises:
+        ArgumentTypeError: ``fn`` is not callable.
+        ArgumentError: ``weight`` is not finite.
+    """
 
     def __init__(
         self,
@@ -41,6 +53,12 @@ class Reward(Potential):
         return True
 
     def sequence_log_potential(self, seqs: Sequences) -> Tensor:
+        """λ·r of each row, [B] float64.
+
+        Raises:
+            RewardError: ``fn`` raised, or returned a value that is not a finite number (the error
+                names the prompt and sample).
+        """
         prompts, conts = seqs.texts()
         if self.batched:
             try:

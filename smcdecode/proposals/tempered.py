@@ -38,6 +38,20 @@ def truncate(log_q: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
 
 
 class Tempered(Proposal):
+    """q ∝ softmax(log p_N / T), restricted to the top-k tokens and to the smallest nucleus of mass
+    ≥ top_p, renormalised.
+
+    Args:
+        temperature: T > 0 (a tiny T, or ``top_k=1``, is greedy decoding).
+        top_k: Keep the k most probable tokens (None: all).
+        top_p: Keep the smallest set of tokens of mass ≥ top_p, the token that crosses it included
+            (None: all).
+
+    Raises:
+        ArgumentTypeError: ``top_k`` is not an int.
+        ArgumentError: a value is out of range.
+    """
+
     def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
         self.temperature = check_finite_positive("temperature", temperature)
         if top_k is not None:
@@ -65,7 +79,14 @@ class Tempered(Proposal):
 
 
 class LocallyOptimal(Proposal):
-    """q_t ∝ the target's token factor (the variance-minimising prefix-only proposal)."""
+    """q_t ∝ the target's token factor φ_t (the variance-minimising prefix-only proposal).
+
+    For ``Power(α)`` this is temperature 1/α, and SMC's incremental weight is logsumexp_v log φ_t(v),
+    independent of the token drawn. Takes no arguments.
+
+    Raises:
+        ArgumentTypeError: at the first draw, when the target has no token factor.
+    """
 
     def log_q(self, view: Readouts, target_factor: TargetFactor) -> Tensor:
         f = target_factor(view)

@@ -30,7 +30,14 @@ if TYPE_CHECKING:
 
 
 class LM(Potential):
-    """The base model at temperature T: log φ_t = log softmax(z_N / T)[x_t]."""
+    """The base model at temperature T: log φ_t = log softmax(z_N / T)[x_t].
+
+    Args:
+        temperature: T > 0 (1: the model itself).
+
+    Raises:
+        ArgumentError: ``temperature`` is not finite and positive.
+    """
 
     def __init__(self, temperature: float = 1.0):
         self.temperature = check_finite_positive("temperature", temperature)
@@ -45,7 +52,14 @@ class LM(Potential):
 
 
 class Power(Scaled):
-    """p(x)^α at the sequence level (not token temperature 1/α): ``Power(α) ≡ LM() ** α``."""
+    """p(x)^α at the sequence level (not token temperature 1/α): ``Power(α) ≡ LM() ** α``.
+
+    Args:
+        alpha: The power α > 0.
+
+    Raises:
+        ArgumentError: ``alpha`` is not finite and positive.
+    """
 
     def __init__(self, alpha: float):
         a = check_finite("alpha", alpha)
@@ -58,10 +72,17 @@ class Power(Scaled):
 
 
 class EntropyGate:
-    """Entropy-gated β schedule: β_t = ``above`` when H(p_N) > ``threshold`` (nats), else
-    ``below``. Extrapolate (β < 0) only at uncertain steps, interpolate or do nothing elsewhere.
-    β_t depends on the prefix only (through p_N), so the token factor stays a function of the
-    prefix and every exactness argument still holds."""
+    """Entropy-gated β schedule: β_t = ``above`` when H(p_N) > ``threshold`` (nats), else ``below``.
+
+    Extrapolate (β < 0) only at uncertain steps, interpolate or do nothing elsewhere. β_t depends on
+    the prefix only (through p_N), so the token factor stays a function of the prefix and every
+    exactness argument still holds.
+
+    Args:
+        threshold: The entropy threshold in nats.
+        above: β where the entropy exceeds the threshold.
+        below: β elsewhere.
+    """
 
     def __init__(self, threshold: float, above: float = -0.5, below: float = 0.0):
         self.threshold = check_finite("threshold", threshold)
@@ -78,8 +99,16 @@ class EntropyGate:
 
 
 def dola_candidates(num_layers: int, bucket: str) -> list[int]:
-    """DoLa's candidate premature layers (0 = embeddings): even layers of the lower or upper
-    half for N ≤ 40, else the 20 lowest / highest."""
+    """DoLa's candidate premature layers (0 = embeddings).
+
+    Args:
+        num_layers: The model's depth N.
+        bucket: ``"low"`` or ``"high"``: even layers of the lower or upper half for N ≤ 40, else the
+            20 lowest / highest.
+
+    Raises:
+        ArgumentError: ``bucket`` is neither preset.
+    """
     n = num_layers
     if bucket == "low":
         return list(range(0, n // 2, 2)) if n <= 40 else list(range(0, 20, 2))
@@ -98,10 +127,20 @@ def _guided(log_p: Tensor, other: Tensor, beta: float | EntropyGate, plausibilit
 
 
 class LayerContrast(Potential):
-    """Guided log-probs g = (1−β)·log p_N + β·log p_L; factor log softmax(g) (see module doc).
+    """Layer contrast: guided log-probs g = (1−β)·log p_N + β·log p_L, token factor log softmax(g).
 
-    ``layer``: an int in 0..N−1, or ``"dynamic"`` with ``candidates`` a list of layers or one of
-    DoLa's presets ``"low"`` / ``"high"``.
+    Needs a backend with the ``layers`` capability (the HF backend).
+
+    Args:
+        layer: The premature layer L, an int in 0..N−1 (0 = embeddings), or ``"dynamic"``: per row
+            and step the candidate of largest Jensen–Shannon divergence from p_N (DoLa).
+        beta: β (negative extrapolates away from layer L), or an ``EntropyGate``.
+        plausibility: ρ: tokens with p_N(v) < ρ·max p_N get −inf (DoLa's relative-top rule).
+        candidates: For ``layer="dynamic"``: a list of layers, or DoLa's preset ``"low"`` / ``"high"``.
+
+    Raises:
+        ArgumentTypeError: ``layer`` is neither an int nor ``"dynamic"``.
+        ArgumentError: a value is out of range.
     """
 
     def __init__(
@@ -164,8 +203,19 @@ class LayerContrast(Potential):
 
 
 class Contrast(Potential):
-    """Contrastive decoding (``amateur=`` a second engine) or classifier-free guidance
-    (``prompt=`` a second context): g = (1−β)·log p + β·log p_aux, factor log softmax(g)."""
+    """Contrastive decoding or classifier-free guidance: g = (1−β)·log p + β·log p_aux, token factor
+    log softmax(g).
+
+    Args:
+        beta: β (negative extrapolates away from the auxiliary stream).
+        amateur: A second engine (contrastive decoding), with the same vocabulary.
+        prompt: A second context, string or token ids (classifier-free guidance).
+        plausibility: ρ of the relative-top rule, as in ``LayerContrast``.
+
+    Raises:
+        ArgumentError: neither ``amateur`` nor ``prompt`` is given, or a value is out of range.
+        ArgumentTypeError: ``prompt`` is neither a string nor token ids.
+    """
 
     def __init__(
         self,

@@ -47,6 +47,12 @@ class Context:
 
 
 class Proposal:
+    """Base class of proposals: a per-step distribution q_t(· | c, x_<t) over the vocabulary.
+
+    Subclasses implement ``log_q`` (or ``propose``, for proposals with auxiliary randomness), and
+    ``requirements`` when they read more than the final layer.
+    """
+
     #: q depends on random draws made with it (rollouts): needs a :class:`Context`, and MH moves
     #: must draw those afresh (no coupling with the current suffix)
     auxiliary: bool = False
@@ -54,17 +60,41 @@ class Proposal:
     provides_twist: bool = False
 
     def requirements(self, engine: Backend) -> Requirements:
+        """The readout keys this proposal reads (as ``Potential.requirements``).
+
+        Args:
+            engine: The backend the proposal will run on.
+        """
         return Requirements()
 
     def propose(
         self, view: Readouts, target_factor: TargetFactor, ctx: Context | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """(normalised log q [B, V], log twist [B, V] or None): the twist of x_≤t = x_<t ⊕ v for
-        every v, a positive function of the state and of this draw's auxiliary variables."""
+        """Normalised log q_t(v) for every v and the optional twist.
+
+        Args:
+            view: The step's readouts (``view.log_p`` [B, V], ...).
+            target_factor: The target's token factor, a function of the readouts (``LocallyOptimal``
+                reads it).
+            ctx: The live rows, the backend and the random stream, for proposals with auxiliary
+                randomness (rollouts).
+
+        Returns:
+            (log q [B, V], log twist [B, V] or None): the twist of x_≤t = x_<t ⊕ v for every v, a
+            positive function of the state and of this draw's auxiliary variables.
+        """
         return self.log_q(view, target_factor), None
 
     def log_q(self, view: Readouts, target_factor: TargetFactor) -> Tensor:
-        """Normalised log q_t(v) for every v, [B, V] (−inf where q is 0)."""
+        """Normalised log q_t(v) for every v.
+
+        Args:
+            view: The step's readouts.
+            target_factor: The target's token factor, a function of the readouts.
+
+        Returns:
+            log q, [B, V] (−inf where q is 0).
+        """
         raise NotImplementedError  # abstract
 
 

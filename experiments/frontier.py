@@ -32,7 +32,10 @@ small budgets complete. Then, from the records of the problems every finished me
         --backend llamacpp --n-ctx 98304
     python experiments/frontier.py humaneval --model embedded --limit 2 --methods low_temp,vote_2 --out DIR  # smoke
 
-Rerun the same command to resume; ``--summary-only`` analyses what is recorded.
+Rerun the same command to resume; ``--summary-only`` analyses what is recorded. 16 problems are in
+flight (8 for the 16-particle / 16-sample methods, so that rows and their snapshots fit llama.cpp's
+256 sequence ids); every sampler here but the lookahead streams, so a problem's samples do not
+depend on this.
 """
 
 from __future__ import annotations
@@ -223,5 +226,6 @@ if __name__ == "__main__":
     if not ours.summary_only:
         scratch = ["--out", ours.out, "--results-dir", os.path.join("runs", "frontier_scratch"), "--tag", f"_{task}"]
         for label in labels:  # one at a time, cheapest first: a stopped run keeps the small budgets
-            run(task, {label: table[label]}, DEFAULTS[task], ["--methods", label, *scratch, *rest])
+            fit = [] if "--batch-size" in rest or _size(label) < 16 else ["--batch-size", "8"]  # ≤ 128 rows + snapshots
+            run(task, {label: table[label]}, DEFAULTS[task], ["--methods", label, *scratch, *fit, *rest])
     analyse(task, ours.out, labels, ours.results_dir)

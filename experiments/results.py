@@ -50,7 +50,7 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
     ap.add_argument("--paired-with", default="low_temp", help="McNemar test of every method against this one")
     ours, rest = ap.parse_known_args(argv)
     args = build_parser().parse_args(["eval", task, "--method", "ancestral", "--out", ours.out, *defaults, *rest])
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset)
     engine = None if ours.summary_only else _engine(args)
     rows: list[list[Any]] = []
     payload: list[dict[str, Any]] = []

@@ -58,8 +58,9 @@ def test_tiny_gguf_loads_in_transformers_as_the_same_model(model, path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_conformance(path):
-    check_backend(backend(path))
+@pytest.mark.parametrize("kv_unified", [True, False])
+def test_conformance(path, kv_unified):
+    check_backend(backend(path, kv_unified=kv_unified, n_ctx=512 if kv_unified else 32 * 64))
 
 
 def test_log_probs_match_the_hf_backend_on_the_same_gguf(path):
@@ -148,13 +149,15 @@ golden = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(golden)
 
 
+@pytest.mark.parametrize("kv_unified", [True, False])
 @pytest.mark.parametrize("name", ["ancestral_stop", "mh_power_stop", "smc_rejuvenate_anneal", "block_mh_stop"])
-def test_samplers_give_the_recorded_samples(monkeypatch, tmp_path, name):
-    """The samplers' same-seed samples recorded on the HF backend, token for token."""
+def test_samplers_give_the_recorded_samples(monkeypatch, tmp_path, name, kv_unified):
+    """The samplers' same-seed samples recorded on the HF backend, token for token, with one KV
+    pool for all sequences and with a stream per sequence (copies then move data)."""
     gguf = write_llama_gguf(golden._model(), tmp_path / "golden.gguf")
 
     def engine():
-        b = backend(gguf, n_seq_max=64)
+        b = backend(gguf, n_seq_max=64, kv_unified=kv_unified, n_ctx=512 if kv_unified else 64 * 64)
         b.tokenizer = None  # as the recorded engine: rewards and stops see token ids
         return b
 

@@ -74,9 +74,15 @@ def llama(path):
     ids = LlamaCppBackend(path, kv_type="f32", n_ctx=1024, n_seq_max=N_SEQ_MAX, n_threads=1)
     ids.tokenizer = None
     text = LlamaCppBackend(path, kv_type="f32", n_ctx=1024, n_seq_max=N_SEQ_MAX, n_threads=1)
-    yield {"ids": ids, "text": text, "exact": {}}
+    # a KV stream per sequence id (copies move data): 256 cells each, the least llama.cpp gives
+    split = LlamaCppBackend(
+        path, kv_type="f32", n_ctx=256 * N_SEQ_MAX, n_seq_max=N_SEQ_MAX, n_threads=1, kv_unified=False
+    )
+    split.tokenizer = None
+    yield {"ids": ids, "text": text, "split": split, "exact": {}}
     ids.close()
     text.close()
+    split.close()
 
 
 def backend_for(llama, stop):
@@ -199,6 +205,25 @@ def test_suffix_mh_matches_exact_target(llama, name):
     assert chi2_pvalue(c, ex.q_probs) < 1e-6  # the test has power: q's own law is rejected
     check_scalars(samples[:300], ex)
     assert all(math.isclose(s.log_weight, -math.log(50), abs_tol=1e-6) for s in samples[:300])
+
+
+def test_split_kv_streams_sample_the_exact_target(llama):
+    """With a KV stream per sequence, resampling and snapshots copy whole streams: SMC with a
+    rejuvenation move after each resampling (30 runs of 100 particles pooled) and suffix MH
+    (1500 chains) still draw the enumerated target."""
+    name, proposal, eng = "power2_reward", Q.Tempered(1.0), llama["split"]
+    ex = exact_llama(llama, name, "ids", proposal=proposal)
+    smc = S.SMC(TARGETS[name](), proposal, particles=100, block_size=1, ess_threshold=0.9, rejuvenate=1)
+    h, n_eff, samples, _ = pooled_smc(smc, eng, 30, seed=700, ex=ex, stop=STOPS["ids"])
+    tol = tv_tolerance(ex.probs, n_eff)
+    assert 0.5 * float((h - ex.probs).abs().sum()) < tol
+    assert 0.5 * float((h - ex.q_probs).abs().sum()) > 3 * tol
+    check_scalars(samples[:300], ex)
+    ex = exact_llama(llama, name, "none", proposal=proposal)
+    mh = S.SuffixMH(TARGETS[name](), proposal, chains=50, block_size=2, steps=20)
+    chains, _ = pooled_chains(mh, eng, 15, [PROMPT, PROMPT], seed=800)
+    c = counts_of(chains, ex.index(), len(ex.sequences))
+    assert chi2_pvalue(c, ex.probs) > 1e-3 and chi2_pvalue(c, ex.q_probs) < 1e-6
 
 
 # ----------------------------------------------------------------------------- SMC, stopped space

@@ -79,7 +79,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from smcdecode.errors import ArgumentError, SmcdecodeError
@@ -411,10 +412,44 @@ def _in_namespace(uid: int, namespace: str) -> list[int]:
 
 
 def execute(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_processes: int = 16) -> Execution:
-    """Run ``program`` (Python source) in the sandbox described in the module docstring.
+    """Run ``program`` (Python source) in the sandbox described in the module docstring, until it
+    ends or ``timeout`` seconds pass.
 
     Raises ArgumentError for a bad argument and SandboxError when the sandbox that was found
     available could not be set up for this call (the program did not run)."""
+    with running(program, timeout, memory_mb, max_processes) as run:
+        try:
+            run.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            run.timed_out = True
+    assert run.execution is not None
+    return run.execution
+
+
+@dataclass
+class Running:
+    """A sandboxed program while it runs (see :func:`running`)."""
+
+    proc: subprocess.Popen[bytes]
+    started: float  # time.perf_counter() at the start
+    protections: tuple[str, ...]
+    timed_out: bool = False  # set by the caller when it gave up waiting
+    execution: Execution | None = None  # filled in when the program has been cleaned up
+
+
+@contextmanager
+def running(
+    program: str,
+    timeout: float = 10.0,
+    memory_mb: int = 1024,
+    max_processes: int = 16,
+    pass_fds: Sequence[int] = (),
+) -> Iterator[Running]:
+    """Start ``program`` in the sandbox and yield it running; on leaving, kill it and every process
+    it left (whether or not it ended), and set ``execution`` (status "timeout" when the caller set
+    ``timed_out``). ``pass_fds``: descriptors of the caller the program inherits, at the same
+    numbers (e.g. pipes to talk to it). ``timeout`` sets the CPU-time limit; waiting is the
+    caller's business."""
     if not isinstance(program, str):
         raise ArgumentError("program", "must be Python source text")
     if not timeout > 0:
@@ -490,7 +525,6 @@ def execute(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_proc
             _check(_libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
 
         t0 = time.perf_counter()
-        status, code = "error", None
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
                 proc = subprocess.Popen(
@@ -502,17 +536,18 @@ def execute(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_proc
                     stderr=err,
                     preexec_fn=limit,
                     close_fds=True,
+                    pass_fds=tuple(pass_fds),
                 )
             except subprocess.SubprocessError as e:
                 why = _read(err_path) or str(e)
                 raise SandboxError(f"could not set up the sandbox ({', '.join(protections)}): {why}") from e
             # a program in a user namespace may leave processes outside its group: find them later
             namespace = mount_namespace(proc.pid) if mode == "user" and not switch_uid else ""
+            run = Running(proc, t0, tuple(protections))
             try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                status = "timeout"
+                yield run
             finally:
+                code = proc.poll()
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
@@ -522,11 +557,11 @@ def execute(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_proc
                 elif namespace:
                     _kill_all(lambda: _in_namespace(uid, namespace))
                 proc.wait()
-        wall = time.perf_counter() - t0
-        stdout, stderr = _read(out_path), _read(err_path)
-        if status != "timeout":
-            status = _classify(code, stderr)
-        return Execution(status, code, stdout, stderr, wall, tuple(protections))
+                code = proc.returncode if code is None and not run.timed_out else code
+                wall = time.perf_counter() - t0
+                stdout, stderr = _read(out_path), _read(err_path)
+                status = "timeout" if run.timed_out else _classify(code, stderr)
+                run.execution = Execution(status, code, stdout, stderr, wall, run.protections)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

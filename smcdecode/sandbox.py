@@ -33,8 +33,9 @@ With namespaces, new mount, network and IPC namespaces give:
   nothing outside its view (``/var/tmp``, ``$HOME``, the project) can be written. It keeps no
   capabilities, and a user namespace of its own only gets a copy of the view whose mounts the
   kernel locks: it cannot unmount, uncover or remount anything.
-* ``hidden:PATH``: PATH, the caller's home or temporary directory, is covered by an empty
-  read-only tmpfs (not when the interpreter lives under it: then it is only read-only);
+* ``hidden:PATH``: PATH, the caller's home or temporary directory or a directory the caller
+  asks to hide (``running(hide=...)``, e.g. where a benchmark's tests are stored), is covered by
+  an empty read-only tmpfs (not when the interpreter lives under it: then it is only read-only);
 * ``no-network``: no interfaces up, not even loopback;
 * ``private-ipc``: its own System V IPC objects and POSIX message queues, destroyed at the end.
 
@@ -243,8 +244,12 @@ def hidden_paths(python: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _view(user_ns: bool, program: str, memory_mb: int, owner: int, python: str) -> View:
-    return View(user_ns, tuple(writable_mounts()), hidden_paths(python), memory_mb, program.encode(), owner)
+def _view(user_ns: bool, program: str, memory_mb: int, owner: int, python: str, hide: Sequence[str] = ()) -> View:
+    hidden = list(hidden_paths(python))
+    for path in map(os.path.realpath, hide):
+        if os.path.isdir(path) and path not in hidden and not _within(os.path.realpath(python), path):
+            hidden.append(path)
+    return View(user_ns, tuple(writable_mounts()), tuple(hidden), memory_mb, program.encode(), owner)
 
 
 def _mount(source: bytes | None, target: bytes | str, fstype: bytes | None, flags: int, data: bytes | None) -> None:
@@ -444,12 +449,14 @@ def running(
     memory_mb: int = 1024,
     max_processes: int = 16,
     pass_fds: Sequence[int] = (),
+    hide: Sequence[str] = (),
 ) -> Iterator[Running]:
     """Start ``program`` in the sandbox and yield it running; on leaving, kill it and every process
     it left (whether or not it ended), and set ``execution`` (status "timeout" when the caller set
     ``timed_out``). ``pass_fds``: descriptors of the caller the program inherits, at the same
-    numbers (e.g. pipes to talk to it). ``timeout`` sets the CPU-time limit; waiting is the
-    caller's business."""
+    numbers (e.g. pipes to talk to it). ``hide``: directories to cover like the caller's home
+    (``hidden:PATH``; only with ``private-fs``). ``timeout`` sets the CPU-time limit; waiting is
+    the caller's business."""
     if not isinstance(program, str):
         raise ArgumentError("program", "must be Python source text")
     if not timeout > 0:
@@ -463,7 +470,8 @@ def running(
     uid = _fresh_uid() if switch_uid else os.getuid()
     # root that keeps its uid would keep its capabilities, and could undo the view
     mode = namespace_mode() if switch_uid or not is_root else ""
-    view = _view(mode == "user", program, memory_mb, uid if mode == "direct" else -1, python) if mode else None
+    owner = uid if mode == "direct" else -1
+    view = _view(mode == "user", program, memory_mb, owner, python, hide) if mode else None
     net = bool(mode) or _can_unshare_net()
     protections = ["session", "rlimits", "clean-env", "tempdir", "no-new-privs"]
     if view is not None:

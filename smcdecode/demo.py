@@ -2,7 +2,8 @@
 SMC) side by side on the built-in arithmetic task with the embedded model.
 
 Every method draws one answer per problem: Ancestral's sample, the MH chain's final state, or one
-SMC particle drawn with probability equal to its weight. The table reports accuracy with a
+SMC particle drawn with probability equal to its weight. Problems go CHUNK at a time through the
+sampler, so memory is bounded by one chunk in flight, whatever ``limit`` is. The table reports accuracy with a
 Wilson 95% interval, the mean per-token log-likelihood of the answers, the decode tokens the
 engine computed, and the wall time.
 """

@@ -184,3 +184,14 @@ def test_a_candidate_that_raises_is_an_error_not_a_crash_of_the_tests():
         assert candidate(3) == 0.5
 
     assert judge("def f(x):\n    return 1 / (x - 1)\n", "f", tests, timeout=TIMEOUT).passed
+
+
+def test_math500_answers_built_to_fool_math_verify_are_wrong():
+    """Lists, sets, intervals, disjunctions and ± that contain the gold answer are not it."""
+    pytest.importorskip("math_verify")
+    from smcdecode.tasks import math500
+
+    for answer in ("1,2,3,4,5,6,7,8,9,10", "5 \\text{ or } 7", "5 \\lor 7", "5, 7", "[0, 10]", "\\pm 5", "\\{5, 7\\}"):
+        assert math500.grade(answer, "5") is False, answer
+    assert math500.grade("x=5", "5") is True and math500.grade(None, "5") is False
+    assert math500.boxed_parses("", "\\boxed{") == 0.0 and math500.boxed_parses("", None) == 0.0

@@ -136,31 +136,73 @@ def _task(args: argparse.Namespace, engine: Any) -> Task:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from smcdecode.evaluate import run_eval
+    from smcdecode import runs
+    from smcdecode.evaluate import definition_of, run_eval
     from smcdecode.spec import method_name, parse_method
 
     executor = _ray_executor(args)
+    early = _task(args, None)  # problems and default stops; prompts need the model's tokenizer
+    stop = parse_stop(args.stop, early.stop)
+    parse_method(args.method, early.rewards)  # a bad spec fails before a model loads or Ray starts
+    name = method_name(args.method)
+    fields = (early.adapter.name, name, args.seed, args.max_new_tokens, args.select, stop)
+    runs.check(args.out, definition_of(*fields, run_definition(args)), unknown=("model.revision",))
     engine = _engine(args) if executor is None else None  # Ray workers load their own
     task = _task(args, engine)
-    method = parse_method(args.method, task.rewards)  # on the driver too: a bad spec fails before Ray starts
+    method = parse_method(args.method, task.rewards)
     try:
         path = run_eval(
             task.adapter,
             engine,
             method.sampler if executor is None else None,
-            method_name(args.method),
+            name,
             args.out,
             seed=args.seed,
             max_new_tokens=args.max_new_tokens,
             select=args.select,
             batch_size=args.batch_size,
             executor=executor,
-            stop=parse_stop(args.stop, task.stop),
+            stop=stop,
+            definition=run_definition(args, engine),
         )
     except KeyboardInterrupt:
         print(f"interrupted: the records so far are in {args.out}; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None
     print(f"records: {path}")
+
+
+def model_identity(args: argparse.Namespace, engine: Any = None) -> dict[str, Any]:
+    """What identifies the model of ``args``: for a file or folder (a .gguf, the embedded model,
+    a registry model, a local HF folder) its path, size and sha256; for a hub id, the id and the
+    revision the loaded model reports (None when no engine is loaded here, e.g. with Ray)."""
+    from smcdecode.runs import file_identity
+
+    if args.model == "embedded":
+        from smcdecode.backends.hf import embedded_model_path
+
+        return {"name": "embedded", **file_identity(embedded_model_path())}
+    from smcdecode.models import MODELS, resolve
+
+    path = resolve(args.model) if args.model in MODELS else args.model
+    if os.path.exists(path):
+        return {"name": args.model, **file_identity(path)}
+    config = getattr(getattr(engine, "model", None), "config", None)
+    return {"name": args.model, "hub_id": args.model, "revision": getattr(config, "_commit_hash", None)}
+
+
+def run_definition(args: argparse.Namespace, engine: Any = None) -> dict[str, Any]:
+    """The part of an eval run's definition that ``run_eval`` cannot see (``smcdecode.runs``):
+    model identity, backend, dtype, prompt style and, for MATH-500, the data file's identity."""
+    from smcdecode.runs import file_identity
+
+    data = getattr(args, "data", None)
+    return {
+        "model": model_identity(args, engine),
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "prompt": args.prompt,
+        "data": file_identity(data) if data and data != "hub" else data,
+    }
 
 
 def _ray_executor(args: argparse.Namespace) -> Any:

@@ -2,7 +2,8 @@
 SMC) side by side on the built-in arithmetic task with the embedded model.
 
 Every method draws one answer per problem: Ancestral's sample, the MH chain's final state, or one
-SMC particle drawn with probability equal to its weight. The table reports accuracy with a
+SMC particle drawn with probability equal to its weight. Problems go CHUNK at a time through the
+sampler, so memory is bounded by one chunk in flight, whatever ``limit`` is. The table reports accuracy with a
 Wilson 95% interval, the mean per-token log-likelihood of the answers, the decode tokens the
 engine computed, and the wall time.
 """
@@ -19,8 +20,8 @@ from typing import Any
 
 from smcdecode import proposals, samplers, targets
 from smcdecode.backends import Backend, Engine
+from smcdecode.errors import check_finite_positive, check_int
 from smcdecode.evaluate import choose
-from smcdecode.samplers.result import Result
 from smcdecode.tasks import arithmetic
 
 
@@ -75,6 +76,9 @@ def format_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
+CHUNK = 16  # problems per sampler call: the rows in flight (SMC: CHUNK x particles)
+
+
 def run_demo(
     engine: Backend | None = None,
     *,
@@ -84,47 +88,67 @@ def run_demo(
     seed: int = 0,
     max_new_tokens: int = 6,
     progress: bool | None = None,
+    chunk: int = CHUNK,
 ) -> list[Row]:
-    from smcdecode.plots import plot_all
+    """Run every method on ``limit`` problems, ``chunk`` problems per sampler call (the call with
+    problems k·chunk, ... seeded ``seed + k``), and write ``out/results.jsonl`` (one record per
+    method and problem, written as each chunk ends), ``out/result_M_K.json`` (method M's Result
+    of chunk K, for ``smcdecode plot``), ``out/table.md`` and the plots.
 
+    Memory is bounded by one chunk in flight: a chunk's Result is written and dropped before the
+    next starts; what is kept across chunks is per-method counters and the :class:`PlotData`
+    sums (one float per sample for the log-likelihood histogram)."""
+    from smcdecode.plots import PlotData, plot_all
+
+    check_int("limit", limit, 1)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("chunk", chunk, 1)
+    check_finite_positive("alpha", alpha)
     os.makedirs(out, exist_ok=True)
     base = engine if engine is not None else Engine.embedded()
     eng = base.with_eos_tokens(base.token_ids_containing("\n"))  # an answer ends at its newline
     probs = arithmetic.problems(limit, seed=seed)
-    prompts = [arithmetic.prompt(p) for p in probs]
     rows: list[Row] = []
-    results: list[tuple[str, Result]] = []
+    plots: list[tuple[str, PlotData]] = []
     records_path = os.path.join(out, "results.jsonl")
     with open(records_path, "w") as f:
-        for name, sampler in methods(alpha):
-            res = sampler.run(eng, prompts, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+        for m, (name, sampler) in enumerate(methods(alpha)):
             rng = random.Random(seed)
-            correct, ll, ntok = 0, 0.0, 0
-            for prob, per in zip(probs, res.samples):
-                s = per[choose(per, [], "sample", rng)]  # drawn by weight (uniform for one sample)
-                ok = arithmetic.grade(prob, s.text)
-                correct += ok
-                ll += s.log_p
-                ntok += len(s.tokens)
-                rec: dict[str, Any] = {
-                    "uid": prob.uid,
-                    "kind": prob.kind,
-                    "method": name,
-                    "spec": res.method,
-                    "answer": prob.answer,
-                    "prediction": arithmetic.extract(s.text),
-                    "correct": ok,
-                    "text": s.text,
-                    "log_p": s.log_p,
-                    "tokens": len(s.tokens),
-                    "seed": seed,
-                }
-                f.write(json.dumps(rec) + "\n")
+            data = PlotData()
+            correct, ll, ntok, decode_tokens, wall = 0, 0.0, 0, 0, 0.0
+            for k, start in enumerate(range(0, len(probs), chunk)):
+                part = probs[start : start + chunk]
+                prompts = [arithmetic.prompt(p) for p in part]
+                res = sampler.run(eng, prompts, max_new_tokens=max_new_tokens, seed=seed + k, progress=progress)
+                for prob, per in zip(part, res.samples):
+                    s = per[choose(per, [], "sample", rng)]  # drawn by weight (uniform for one sample)
+                    ok = arithmetic.grade(prob, s.text)
+                    correct += ok
+                    ll += s.log_p
+                    ntok += len(s.tokens)
+                    rec: dict[str, Any] = {
+                        "uid": prob.uid,
+                        "kind": prob.kind,
+                        "method": name,
+                        "spec": res.method,
+                        "answer": prob.answer,
+                        "prediction": arithmetic.extract(s.text),
+                        "correct": ok,
+                        "text": s.text,
+                        "log_p": s.log_p,
+                        "tokens": len(s.tokens),
+                        "seed": seed,
+                    }
+                    f.write(json.dumps(rec) + "\n")
                 f.flush()
-            res.save(os.path.join(out, f"result_{len(rows)}.json"))
-            rows.append(Row(name, correct, len(probs), ll / max(1, ntok), res.counters["decode_tokens"], res.wall_time))
-            results.append((name, res))
-    plot_all(results, out)
+                res.save(os.path.join(out, f"result_{m}_{k:03d}.json"))
+                data.merge(PlotData.of(res))
+                decode_tokens += res.counters["decode_tokens"]
+                wall += res.wall_time
+                del res
+            rows.append(Row(name, correct, len(probs), ll / max(1, ntok), decode_tokens, wall))
+            plots.append((name, data))
+    plot_all(plots, out)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(format_table([r.cells() for r in rows]) + "\n")
     return rows

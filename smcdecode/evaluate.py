@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from smcdecode.backends import Backend
-from smcdecode.errors import ArgumentError, RewardError
+from smcdecode.errors import ArgumentError, RewardError, check_int
 from smcdecode.records import RecordWriter, read_jsonl
 from smcdecode.samplers.base import Sampler
 from smcdecode.samplers.result import Sample
@@ -124,6 +124,7 @@ def run_eval(
     executor: Executor | None = None,
     stop: Sequence[str | Sequence[int]] | None = None,
     continuous: bool = True,
+    definition: dict[str, Any] | None = None,
 ) -> str:
     """Evaluate and append records to ``out_dir/results.jsonl``; returns that path.
 
@@ -148,24 +149,34 @@ def run_eval(
         seed: The run's seed; each problem draws from its own stream seeded by (seed, problem id).
         max_new_tokens: Tokens generated per sample at most.
         select: The graded answer: ``"sample"`` (one drawn by weight), ``"majority"`` (weighted
-            vote over extracted answers) or ``"weight"`` (the highest weight).
+            vote over extracted answers), ``"weight"`` (the highest weight) or ``"target"`` (the
+            highest log target: best-of-n under a reward-only target, the first of equals).
         batch_size: Problems in one batch.
         progress: Show a progress bar (None: only on a terminal).
         executor: Where the sampler calls run (default: this process).
         stop: Stop patterns of every sample (default: the task's own).
         continuous: Keep the batch full (continuous batching) for the samplers that stream.
+        definition: What else defines the run (model identity, backend, dtype, prompt style,
+            data), stored with task, method, seed, max_new_tokens, select and stop in
+            ``out_dir/run.json``; a directory holding another definition is refused, naming the
+            differing fields (:mod:`smcdecode.runs`), and every record carries the definition's
+            ``run`` id.
 
     Returns:
         The path of ``out_dir/results.jsonl``.
 
     Raises:
-        ArgumentError: an argument is invalid, or the directory holds records of this method and
-            seed with other stop patterns.
+        ArgumentError: an argument is invalid, the directory holds records of this method and
+            seed with other stop patterns, or it holds another run definition.
     """
     if select not in SELECTIONS:
         raise ArgumentError("select", f"unknown selection {select!r}; use one of {SELECTIONS}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ArgumentError("batch_size", f"must be an int >= 1, got {batch_size!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("seed", seed, 0)
+    if not isinstance(method, str) or not method:
+        raise ArgumentError("method", f"must be a non-empty name, got {method!r}")
     path = os.path.join(out_dir, "results.jsonl")
     stops = _stop_key(stop)
     previous = list(read_jsonl(path))
@@ -176,16 +187,18 @@ def run_eval(
                 f"{path} holds records of {method!r} (seed {seed}) made with stop={r.get('stop')!r}, not "
                 f"{stop!r}: resuming would mix two sequence spaces; use another output directory",
             )
+    full = definition_of(task.name, method, seed, max_new_tokens, select, stop, definition)
+    stamp = {"run": _claim(out_dir, previous, full)}
     done = {(r.get("uid"), r.get("method"), r.get("seed")) for r in previous}
     todo = [p for p in task.problems if (p["unique_id"], method, seed) not in done]
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
     job = BatchJob(task.name, method, seed, max_new_tokens, select, stops)
     if continuous and executor is None and engine is not None and sampler is not None and _streams(sampler, engine):
-        _run_streaming(task, engine, sampler, job, todo, path, batch_size, progress)
+        _run_streaming(task, engine, sampler, job, todo, path, batch_size, progress, stamp)
         return path
     if continuous and executor is not None and hasattr(executor, "stream"):  # workers stream (Ray)
         with (
-            RecordWriter(path) as writer,
+            RecordWriter(path, stamp) as writer,
             tqdm(total=len(todo), desc=f"{task.name} {method}", disable=_quiet(progress), leave=False) as bar,
             closing(executor.stream(job, todo, batch_size)) as streamed,
         ):
@@ -202,7 +215,7 @@ def run_eval(
     local = (task, engine, sampler) if engine is not None and sampler is not None else None
     show = progress if progress is not None else None
     with (
-        RecordWriter(path) as writer,
+        RecordWriter(path, stamp) as writer,
         tqdm(total=len(todo), desc=f"{task.name} {method}", disable=_quiet(show), leave=False) as bar,
         closing(executor.map(job, batches, local)) as results,
     ):
@@ -211,6 +224,46 @@ def run_eval(
                 writer.append(rec)
                 bar.update(1)
     return path
+
+
+def definition_of(
+    task: str,
+    method: str,
+    seed: int,
+    max_new_tokens: int,
+    select: str,
+    stop: Any,
+    definition: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full definition of a run (``smcdecode.runs``): run_eval's own fields and the caller's."""
+    stops = _stop_key(stop)
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "select": select,
+        "stop": None if stops is None else [s if isinstance(s, str) else list(s) for s in stops],
+        **(definition or {}),
+    }
+
+
+def _claim(out_dir: str, previous: list[dict[str, Any]], full: dict[str, Any]) -> str:
+    """Claim ``out_dir`` for the run ``full`` (:func:`smcdecode.runs.claim`); its id. A directory
+    of records written before run definitions existed is adopted only when every record is of
+    this method, seed and max_new_tokens."""
+    from smcdecode import runs
+
+    if previous and not os.path.exists(os.path.join(out_dir, runs.FILE)):
+        ours = {k: full[k] for k in ("method", "seed", "max_new_tokens")}
+        for r in previous:
+            diff = runs.differences({k: r.get(k) for k in ours}, ours)
+            if diff:
+                raise ArgumentError(
+                    "out",
+                    f"{out_dir} holds records of another run ({'; '.join(diff)}); use another --out for this run",
+                )
+    return runs.claim(out_dir, full)
 
 
 def _quiet(progress: bool | None) -> bool:
@@ -232,6 +285,7 @@ def _run_streaming(
     path: str,
     in_flight: int,
     progress: bool | None,
+    stamp: dict[str, Any] | None = None,
 ) -> None:
     """Continuous batching in this process: ``in_flight`` problems share the batch, each graded
     and recorded the moment its samples are done, a waiting problem admitted into its rows. Each
@@ -243,7 +297,7 @@ def _run_streaming(
     written: set[Any] = set()
     t0, tokens = time.perf_counter(), 0
     with (
-        RecordWriter(path) as writer,
+        RecordWriter(path, stamp) as writer,
         tqdm(total=len(todo), desc=f"{task.name} {job.method}", disable=_quiet(progress), leave=False) as bar,
     ):
         try:

@@ -66,16 +66,18 @@ def repair_tail(path: str) -> None:
 
 
 class RecordWriter:
-    """Appends one JSON object per line; each append is durable when it returns."""
+    """Appends one JSON object per line; each append is durable when it returns. ``stamp``: fields
+    added to every record (e.g. the run's id)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, stamp: dict[str, Any] | None = None):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         repair_tail(path)
         self.path = path
+        self.stamp = dict(stamp or {})
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def append(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8")
+        line = (json.dumps({**record, **self.stamp}, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8")
         written = 0
         while written < len(line):
             written += os.write(self._fd, line[written:])

@@ -55,13 +55,13 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict[str, f
 
 
 def load_records(dirs: Sequence[str]) -> list[dict[str, Any]]:
-    """Records of every DIR/results.jsonl (shards merge here); a (task, uid, method, seed)
+    """Records of every DIR/results.jsonl (shards merge here); a (task, uid, method, seed, run)
     seen twice is counted once."""
     seen, out = set(), []
     for d in dirs:
         path = os.path.join(d, "results.jsonl") if os.path.isdir(d) else d
         for r in read_jsonl(path):
-            key = (r.get("task"), r.get("uid"), r.get("method"), r.get("seed"))
+            key = (r.get("task"), r.get("uid"), r.get("method"), r.get("seed"), r.get("run"))
             if key not in seen:
                 seen.add(key)
                 out.append(r)
@@ -69,8 +69,10 @@ def load_records(dirs: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, method): accuracy with its Wilson interval, tokens, decode and rollout tokens
-    and busy wall time per problem, errors, and pass@k when every record was graded per sample.
+    """One row per run: accuracy with its Wilson interval, tokens, decode and rollout tokens and
+    busy wall time per problem, errors, and pass@k when every record was graded per sample.
+    Records of one (task, method) with different seeds or run definitions (``run``, see
+    ``smcdecode.runs``) are kept apart, the method named with the seed and run id.
 
     Args:
         records: Evaluation records (``load_records``).
@@ -80,11 +82,16 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     from smcdecode.tasks.humaneval import pass_at_k
 
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str, Any, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[(r.get("task", "?"), r.get("method", "?"))].append(r)
+        groups[(r.get("task", "?"), r.get("method", "?"), r.get("seed"), r.get("run") or "")].append(r)
+    runs_of: dict[tuple[str, str], int] = defaultdict(int)
+    for task, method, _, _ in groups:
+        runs_of[(task, method)] += 1
     rows = []
-    for (task, method), rs in sorted(groups.items()):
+    for (task, method, seed, run), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if runs_of[(task, method)] > 1:
+            method = f"{method} [seed {seed}" + (f", run {run[:8]}]" if run else "]")
         n, k = len(rs), sum(bool(r.get("correct")) for r in rs)
         lo, hi = wilson(k, n)
         row: dict[str, Any] = {

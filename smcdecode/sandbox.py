@@ -33,8 +33,9 @@ With namespaces, new mount, network and IPC namespaces give:
   nothing outside its view (``/var/tmp``, ``$HOME``, the project) can be written. It keeps no
   capabilities, and a user namespace of its own only gets a copy of the view whose mounts the
   kernel locks: it cannot unmount, uncover or remount anything.
-* ``hidden:PATH``: PATH, the caller's home or temporary directory, is covered by an empty
-  read-only tmpfs (not when the interpreter lives under it: then it is only read-only);
+* ``hidden:PATH``: PATH, the caller's home or temporary directory or a directory the caller
+  asks to hide (``running(hide=...)``, e.g. where a benchmark's tests are stored), is covered by
+  an empty read-only tmpfs (not when the interpreter lives under it: then it is only read-only);
 * ``no-network``: no interfaces up, not even loopback;
 * ``private-ipc``: its own System V IPC objects and POSIX message queues, destroyed at the end.
 
@@ -79,7 +80,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from smcdecode.errors import ArgumentError, SmcdecodeError
@@ -242,8 +244,12 @@ def hidden_paths(python: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _view(user_ns: bool, program: str, memory_mb: int, owner: int, python: str) -> View:
-    return View(user_ns, tuple(writable_mounts()), hidden_paths(python), memory_mb, program.encode(), owner)
+def _view(user_ns: bool, program: str, memory_mb: int, owner: int, python: str, hide: Sequence[str] = ()) -> View:
+    hidden = list(hidden_paths(python))
+    for path in map(os.path.realpath, hide):
+        if os.path.isdir(path) and path not in hidden and not _within(os.path.realpath(python), path):
+            hidden.append(path)
+    return View(user_ns, tuple(writable_mounts()), tuple(hidden), memory_mb, program.encode(), owner)
 
 
 def _mount(source: bytes | None, target: bytes | str, fstype: bytes | None, flags: int, data: bytes | None) -> None:
@@ -411,10 +417,46 @@ def _in_namespace(uid: int, namespace: str) -> list[int]:
 
 
 def execute(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_processes: int = 16) -> Execution:
-    """Run ``program`` (Python source) in the sandbox described in the module docstring.
+    """Run ``program`` (Python source) in the sandbox described in the module docstring, until it
+    ends or ``timeout`` seconds pass.
 
     Raises ArgumentError for a bad argument and SandboxError when the sandbox that was found
     available could not be set up for this call (the program did not run)."""
+    with running(program, timeout, memory_mb, max_processes) as run:
+        try:
+            run.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            run.timed_out = True
+    assert run.execution is not None
+    return run.execution
+
+
+@dataclass
+class Running:
+    """A sandboxed program while it runs (see :func:`running`)."""
+
+    proc: subprocess.Popen[bytes]
+    started: float  # time.perf_counter() at the start
+    protections: tuple[str, ...]
+    timed_out: bool = False  # set by the caller when it gave up waiting
+    execution: Execution | None = None  # filled in when the program has been cleaned up
+
+
+@contextmanager
+def running(
+    program: str,
+    timeout: float = 10.0,
+    memory_mb: int = 1024,
+    max_processes: int = 16,
+    pass_fds: Sequence[int] = (),
+    hide: Sequence[str] = (),
+) -> Iterator[Running]:
+    """Start ``program`` in the sandbox and yield it running; on leaving, kill it and every process
+    it left (whether or not it ended), and set ``execution`` (status "timeout" when the caller set
+    ``timed_out``). ``pass_fds``: descriptors of the caller the program inherits, at the same
+    numbers (e.g. pipes to talk to it). ``hide``: directories to cover like the caller's home
+    (``hidden:PATH``; only with ``private-fs``). ``timeout`` sets the CPU-time limit; waiting is
+    the caller's business."""
     if not isinstance(program, str):
         raise ArgumentError("program", "must be Python source text")
     if not timeout > 0:
@@ -428,7 +470,8 @@ def execute(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_proc
     uid = _fresh_uid() if switch_uid else os.getuid()
     # root that keeps its uid would keep its capabilities, and could undo the view
     mode = namespace_mode() if switch_uid or not is_root else ""
-    view = _view(mode == "user", program, memory_mb, uid if mode == "direct" else -1, python) if mode else None
+    owner = uid if mode == "direct" else -1
+    view = _view(mode == "user", program, memory_mb, owner, python, hide) if mode else None
     net = bool(mode) or _can_unshare_net()
     protections = ["session", "rlimits", "clean-env", "tempdir", "no-new-privs"]
     if view is not None:
@@ -490,7 +533,6 @@ def execute(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_proc
             _check(_libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
 
         t0 = time.perf_counter()
-        status, code = "error", None
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
                 proc = subprocess.Popen(
@@ -502,17 +544,18 @@ def execute(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_proc
                     stderr=err,
                     preexec_fn=limit,
                     close_fds=True,
+                    pass_fds=tuple(pass_fds),
                 )
             except subprocess.SubprocessError as e:
                 why = _read(err_path) or str(e)
                 raise SandboxError(f"could not set up the sandbox ({', '.join(protections)}): {why}") from e
             # a program in a user namespace may leave processes outside its group: find them later
             namespace = mount_namespace(proc.pid) if mode == "user" and not switch_uid else ""
+            run = Running(proc, t0, tuple(protections))
             try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                status = "timeout"
+                yield run
             finally:
+                code = proc.poll()
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
@@ -522,11 +565,11 @@ def execute(program: str, timeout: float = 10.0, memory_mb: int = 1024, max_proc
                 elif namespace:
                     _kill_all(lambda: _in_namespace(uid, namespace))
                 proc.wait()
-        wall = time.perf_counter() - t0
-        stdout, stderr = _read(out_path), _read(err_path)
-        if status != "timeout":
-            status = _classify(code, stderr)
-        return Execution(status, code, stdout, stderr, wall, tuple(protections))
+                code = proc.returncode if code is None and not run.timed_out else code
+                wall = time.perf_counter() - t0
+                stdout, stderr = _read(out_path), _read(err_path)
+                status = "timeout" if run.timed_out else _classify(code, stderr)
+                run.execution = Execution(status, code, stdout, stderr, wall, run.protections)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

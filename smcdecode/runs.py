@@ -1,0 +1,149 @@
+"""What defines an evaluation run, stored beside its records so a resume cannot mix two runs.
+
+A run directory holds one run: ``DIR/run.json`` is its definition (task, method, seed, every
+sampling and task argument, and whatever identifies the model: for a file, its path, size and
+sha256, the path only informative (the same content elsewhere, e.g. another machine's shard, is
+the same run); for a hub model, its id and revision; the backend and dtype), written by the first
+``run_eval`` into DIR. A later ``run_eval`` into DIR resumes only when its definition is the
+same, field for field; otherwise it raises :class:`~smcdecode.errors.ArgumentError` naming
+every differing field. Each record carries the definition's :func:`run_id`, so ``report``
+keeps records of different definitions in different rows.
+
+Not part of a definition (they do not change what a problem's samples are drawn from): which
+problems are taken (``--limit``, ``--skip``, ``--shard``, ``--levels``, ``--subjects``),
+``batch_size`` and the executor (a streamed problem's samples depend only on seed, problem id
+and method; batch-at-a-time SMC above one problem per call also on its batch), the device and
+``n_ctx``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from smcdecode.errors import ArgumentError
+
+FILE = "run.json"
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+
+
+def comparable(definition: Any) -> Any:
+    """``definition`` without the paths of files identified by their sha256: the same model or
+    data at another path (another machine's shard, a moved file) is the same run."""
+    if isinstance(definition, dict):
+        return {k: comparable(v) for k, v in definition.items() if not (k == "path" and "sha256" in definition)}
+    return definition
+
+
+def run_id(definition: dict[str, Any]) -> str:
+    """A short fingerprint of a definition (sha256 of its :func:`comparable` canonical JSON, 16
+    hex digits)."""
+    text = json.dumps(comparable(definition), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_identity(path: str) -> dict[str, Any]:
+    """A file: {path, bytes, sha256}; a directory: the same over its files (names and contents)."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        return {"path": path, "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    if os.path.isdir(path):
+        total, digest = 0, hashlib.sha256()
+        for d, dirs, files in sorted(os.walk(path)):
+            dirs.sort()
+            for f in sorted(files):
+                p = os.path.join(d, f)
+                total += os.path.getsize(p)
+                digest.update(f"{os.path.relpath(p, path)}\0{_sha256(p)}\n".encode())
+        return {"path": path, "bytes": total, "sha256": digest.hexdigest()}
+    raise ArgumentError("path", f"no such file or directory: {path}")
+
+
+def _sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``field: stored -> wanted`` for every field whose value differs (nested fields dotted)."""
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key, "(absent)"), wanted.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{d}" for d in differences(a, b)]
+        elif a != b:
+            out.append(f"{key}: {json.dumps(a)[:120]} -> {json.dumps(b)[:120]}")
+    return out
+
+
+def check(out_dir: str, definition: dict[str, Any], unknown: tuple[str, ...] = ()) -> None:
+    """Raise as :func:`claim` would when ``out_dir`` holds another run, without writing anything:
+    a check before the costly part (loading a model). ``unknown``: dotted fields not known yet
+    (e.g. ``model.revision`` before the model is loaded), left out of the comparison."""
+    path = os.path.join(out_dir, FILE)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return  # claim() says what is wrong with it
+    wanted = json.loads(json.dumps(definition))
+    for field in unknown:
+        *parents, last = field.split(".")
+        for d in (stored, wanted):
+            for key in parents:
+                d = d.get(key) if isinstance(d, dict) else None
+            if isinstance(d, dict):
+                d.pop(last, None)
+    _refuse(out_dir, differences(comparable(stored), comparable(wanted)))
+
+
+def _refuse(out_dir: str, diff: list[str]) -> None:
+    if diff:
+        raise ArgumentError(
+            "out",
+            f"{out_dir} holds another run; resuming would mix two runs. Differing: "
+            + "; ".join(diff)
+            + ". Use another --out for this run.",
+        )
+
+
+def claim(out_dir: str, definition: dict[str, Any]) -> str:
+    """Make ``out_dir`` the directory of the run ``definition`` (writing ``run.json``), or check
+    that it already is; returns :func:`run_id`. Raises ArgumentError("out", ...) naming every
+    field that differs from the stored definition."""
+    if not isinstance(definition, dict):
+        from smcdecode.errors import ArgumentTypeError
+
+        raise ArgumentTypeError("definition", f"expected a dict, got {type(definition).__name__}")
+    try:
+        definition = json.loads(json.dumps(definition))  # as stored: tuples become lists
+    except (TypeError, ValueError) as e:
+        raise ArgumentError("definition", f"must be JSON data ({e})") from e
+    path = os.path.join(out_dir, FILE)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ArgumentError("out", f"{path} is not a run definition ({e}); use another directory") from e
+        _refuse(out_dir, differences(comparable(stored), comparable(definition)))
+        return run_id(definition)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(definition, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return run_id(definition)

@@ -72,6 +72,9 @@ class TaskAdapter:
 def parse_shard(text: str | None) -> tuple[int, int]:
     """Parse ``--shard I/N`` into (I, N); None or empty is (0, 1), the whole run.
 
+    Args:
+        text: The ``--shard`` value, ``"I/N"``.
+
     Raises:
         ArgumentError: the text is not ``I/N`` with 0 ≤ I < N.
     """

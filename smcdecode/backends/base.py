@@ -153,7 +153,20 @@ class Batch:
 
     ``tokens`` [B, C] long: row b's context (prompt + generated) token at position p, for
     p < ``lengths[b]`` (C grows by doubling); ``pending`` [B]: a token the next decode re-feeds
-    (−1: none); ``saved_tokens`` / ``saved_lengths``: the last :meth:`Backend.save_rows` copy."""
+    (−1: none); ``saved_tokens`` / ``saved_lengths``: the last :meth:`Backend.save_rows` copy.
+
+    Args:
+        state: The backend's own state of the batch (its cache).
+        tokens: Long [B, C], the rows' contexts.
+        lengths: Long [B], the rows' context lengths.
+        pending: Long [B], the token the next decode re-feeds per row (−1: none).
+        readouts: The keys every forward on the batch computes (``Layer``, ``HIDDEN``).
+        counter: What decode/score on the batch count (``"rollout_tokens"`` on a fork).
+        saved_tokens: [B, C] the last snapshot's contexts (None before any save).
+        saved_lengths: [B] the last snapshot's lengths (None before any save).
+        bound: An upper bound of max(lengths), known on the host.
+        released: Whether the batch was released.
+    """
 
     state: Any
     tokens: Tensor

@@ -54,7 +54,7 @@ class TaskAdapter:
 
     Args:
         name: The task's name in the records.
-        problems: The problems, each a dict with a ``uid``.
+        problems: The problems, each a dict with a ``unique_id`` (recorded as ``uid``).
         prompt: A problem's prompt text.
         answer: The answer extracted from a sample's text (None: a sample without text).
         grade: Whether an answer to a problem is correct.

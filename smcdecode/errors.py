@@ -8,7 +8,12 @@ class SmcdecodeError(Exception):
 
 
 class ArgumentError(SmcdecodeError, ValueError):
-    """A bad value for a named argument: ``err.argument`` is its name."""
+    """A bad value for a named argument: ``err.argument`` is its name.
+
+    Args:
+        argument: The argument's name (the message starts with it).
+        message: What is wrong with its value.
+    """
 
     def __init__(self, argument: str, message: str):
         self.argument = argument
@@ -16,7 +21,12 @@ class ArgumentError(SmcdecodeError, ValueError):
 
 
 class ArgumentTypeError(SmcdecodeError, TypeError):
-    """A value of the wrong kind for a named argument."""
+    """A value of the wrong kind for a named argument.
+
+    Args:
+        argument: The argument's name (``err.argument``; the message starts with it).
+        message: What kind was expected or given.
+    """
 
     def __init__(self, argument: str, message: str):
         self.argument = argument
@@ -28,6 +38,11 @@ class RewardError(SmcdecodeError, RuntimeError):
 
     ``prompt_index`` and ``sample_index`` say which prompt and which sample (row within the prompt)
     triggered it; the original exception, if any, is chained as ``__cause__``.
+
+    Args:
+        message: What went wrong.
+        prompt_index: The prompt whose row triggered it.
+        sample_index: The row within that prompt.
     """
 
     def __init__(self, message: str, prompt_index: int, sample_index: int):
@@ -38,6 +53,10 @@ class RewardError(SmcdecodeError, RuntimeError):
 
 def check_finite_positive(name: str, value: float) -> float:
     """``value`` as a float, checked finite and > 0.
+
+    Args:
+        name: The argument's name, used in the error.
+        value: The value to check.
 
     Raises:
         ArgumentTypeError: ``value`` is not a number.
@@ -55,6 +74,10 @@ def check_finite_positive(name: str, value: float) -> float:
 def check_finite(name: str, value: float) -> float:
     """``value`` as a float, checked finite.
 
+    Args:
+        name: The argument's name, used in the error.
+        value: The value to check.
+
     Raises:
         ArgumentTypeError: ``value`` is not a number.
         ArgumentError: it is not finite (the error names ``name``).
@@ -70,6 +93,11 @@ def check_finite(name: str, value: float) -> float:
 
 def check_int(name: str, value: int, minimum: int) -> int:
     """``value``, checked to be an int ≥ ``minimum``.
+
+    Args:
+        name: The argument's name, used in the error.
+        value: The value to check.
+        minimum: The least value allowed.
 
     Raises:
         ArgumentTypeError: ``value`` is not an int (a bool is not).

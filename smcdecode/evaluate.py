@@ -50,7 +50,16 @@ SELECTIONS = ("sample", "majority", "weight", "target")
 @dataclass
 class TaskAdapter:
     """What differs between tasks. ``answer`` maps a sample's text to the answer that is graded
-    and voted on; ``grade(problem, answer) -> bool``."""
+    and voted on; ``grade(problem, answer) -> bool``.
+
+    Args:
+        name: The task's name in the records.
+        problems: The problems, each a dict with a ``unique_id`` (recorded as ``uid``).
+        prompt: A problem's prompt text.
+        answer: The answer extracted from a sample's text (None: a sample without text).
+        grade: Whether an answer to a problem is correct.
+        grade_all: Grade every sample (for pass@k), not only the chosen one.
+    """
 
     name: str
     problems: list[dict[str, Any]]
@@ -62,6 +71,9 @@ class TaskAdapter:
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     """Parse ``--shard I/N`` into (I, N); None or empty is (0, 1), the whole run.
+
+    Args:
+        text: The ``--shard`` value, ``"I/N"``.
 
     Raises:
         ArgumentError: the text is not ``I/N`` with 0 ≤ I < N.
@@ -78,17 +90,44 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def shard(problems: Sequence[dict[str, Any]], index: int, count: int) -> list[dict[str, Any]]:
-    """Every ``count``-th problem starting at ``index``: the shards partition the list."""
+    """Every ``count``-th problem starting at ``index``: the shards partition the list.
+
+    Args:
+        problems: All the problems, in order.
+        index: I, this shard (0 ≤ I < N).
+        count: N, the number of shards.
+    """
     return [p for k, p in enumerate(problems) if k % count == index]
 
 
 def problem_seed(seed: int, uid: Any) -> int:
-    """The sampler seed of a problem: a function of (run seed, problem id) only."""
+    """The sampler seed of a problem: a function of (run seed, problem id) only.
+
+    Args:
+        seed: The run's seed.
+        uid: The problem's id (its ``str`` is hashed).
+
+    Returns:
+        CRC-32 of ``"sample:{seed}:{uid}"``, in [0, 2**32).
+    """
     return zlib.crc32(f"sample:{seed}:{uid}".encode())
 
 
 def choose(samples: list[Sample], answers: list[Any], how: str, rng: random.Random) -> int:
-    """Index of the chosen sample."""
+    """Index of the chosen sample.
+
+    Args:
+        samples: A problem's samples, with their log-weights (and log-targets for ``"target"``).
+        answers: The answer extracted from each sample (None or ``""``: no answer; not voted).
+        how: ``"sample"`` (drawn with probability ∝ exp(log_weight)), ``"weight"`` (the highest
+            weight), ``"target"`` (the highest log π, the first of equals) or ``"majority"``
+            (the answer with the largest total weight, then its highest-weight sample; the
+            highest weight when no sample has an answer).
+        rng: The random stream of ``"sample"``.
+
+    Raises:
+        ArgumentError: ``how`` is not one of :data:`SELECTIONS`.
+    """
     weights = [math.exp(s.log_weight) for s in samples]
     if how == "sample":
         return rng.choices(range(len(samples)), weights=weights, k=1)[0]
@@ -235,7 +274,20 @@ def definition_of(
     stop: Any,
     definition: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The full definition of a run (``smcdecode.runs``): run_eval's own fields and the caller's."""
+    """The full definition of a run (``smcdecode.runs``): run_eval's own fields and the caller's.
+
+    Args:
+        task: The task's name.
+        method: The method's name.
+        seed: The run's seed.
+        max_new_tokens: Tokens generated per sample at most.
+        select: The answer selection (see :func:`run_eval`).
+        stop: The stop patterns (strings or token-id sequences; None: none).
+        definition: The caller's other fields (model, backend, data...); they override these.
+
+    Returns:
+        The definition as a JSON-ready dict.
+    """
     stops = _stop_key(stop)
     return {
         "task": task,
@@ -351,6 +403,14 @@ class InProcess:
     ) -> Generator[list[Record], None, None]:
         """Run every batch here with ``local``'s engine and sampler, in order (see ``Executor.map``).
 
+        Args:
+            job: What to run on a batch.
+            batches: The problems, in batches.
+            local: The caller's (task, engine, sampler).
+
+        Yields:
+            The records of one batch.
+
         Raises:
             ArgumentError: ``local`` is None (no engine and sampler given).
         """
@@ -363,7 +423,16 @@ class InProcess:
 @dataclass(frozen=True)
 class BatchJob:
     """Turns a batch of problems into records given live (task, engine, sampler); the settings
-    only, so it pickles small (an executor sends it to each worker once)."""
+    only, so it pickles small (an executor sends it to each worker once).
+
+    Args:
+        task: The task's name.
+        method: The method's name in the records.
+        seed: The run's seed.
+        max_new_tokens: Tokens generated per sample at most.
+        select: The answer selection (see :func:`run_eval`).
+        stop: Stop patterns, strings or tuples of token ids (None: none).
+    """
 
     task: str
     method: str
@@ -388,7 +457,16 @@ class BatchJob:
         return None if self.stop is None else [s if isinstance(s, str) else list(s) for s in self.stop]
 
     def finished(self, task: TaskAdapter, p: dict[str, Any], fin: Finished) -> dict[str, Any]:
-        """The record of a problem that a streaming sampler finished (``Sampler.stream``)."""
+        """The record of a problem that a streaming sampler finished (``Sampler.stream``).
+
+        Args:
+            task: The live task adapter (it grades the samples).
+            p: The problem.
+            fin: What the stream yielded for it: samples, evidence, wall time and token counts.
+
+        Returns:
+            The graded record (``streamed`` True).
+        """
         rec = _grade(
             task,
             p,
@@ -410,7 +488,12 @@ class BatchJob:
         return rec
 
     def failed(self, p: dict[str, Any], message: str) -> dict[str, Any]:
-        """The record of a problem that could not be evaluated."""
+        """The record of a problem that could not be evaluated.
+
+        Args:
+            p: The problem.
+            message: The error, stored in the record's ``error``.
+        """
         return _record(self.task, p, self.method, self.seed, self.max_new_tokens, error=message)
 
 

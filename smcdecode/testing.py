@@ -135,7 +135,17 @@ def tiny_gpt2(vocab: int = 6, layers: int = 2, seed: int = 0) -> torch.nn.Module
 
 def continuations(engine: Backend, max_new_tokens: int, stop: StopSet | None = None) -> list[tuple[int, ...]]:
     """Every complete continuation: ends in an EOS id, at the token that first completes a stop
-    pattern of ``stop``, or has exactly max_new_tokens tokens."""
+    pattern of ``stop``, or has exactly max_new_tokens tokens.
+
+    Args:
+        engine: The backend whose vocabulary and EOS ids are enumerated (keep V tiny: there are
+            up to V^max_new_tokens continuations).
+        max_new_tokens: The longest continuation.
+        stop: The stop automaton (None: no stop patterns).
+
+    Returns:
+        The continuations as token-id tuples, depth-first in token-id order.
+    """
     eos = set(engine.eos_token_ids)
     out: list[tuple[int, ...]] = []
     next_state = stop.next_state.cpu().tolist() if stop is not None else None
@@ -157,7 +167,16 @@ def continuations(engine: Backend, max_new_tokens: int, stop: StopSet | None = N
 
 @dataclass
 class Exact:
-    """The enumerated sequence space of one prompt."""
+    """The enumerated sequence space of one prompt.
+
+    Args:
+        sequences: The M complete continuations.
+        log_target: [M] unnormalised log π of each.
+        log_p: [M] the model's log-probability of each.
+        log_q: [M] the proposal's sequence log-prob (None without a proposal).
+        token_log_q: Per sequence, the proposal's log q of each generated token (None without a
+            proposal).
+    """
 
     sequences: list[tuple[int, ...]]
     log_target: Tensor  # [M] unnormalised log π
@@ -640,7 +659,16 @@ def check_backend(backend: Backend, atol: float = 1e-4) -> None:
 
 def chi2_pvalue(counts: Tensor, probs: Tensor, min_expected: float = 5.0) -> float:
     """χ² goodness-of-fit p-value of ``counts`` against ``probs``, pooling cells whose expected
-    count is below ``min_expected`` into one cell (a cell with expected 0 and a count fails)."""
+    count is below ``min_expected`` into one cell (a cell with expected 0 and a count fails).
+
+    Args:
+        counts: Observed counts [M].
+        probs: The cells' probabilities [M] (summing to 1).
+        min_expected: Cells with a smaller expected count are pooled.
+
+    Returns:
+        The p-value (0.0 when a count falls in a cell of expected 0; 1.0 with fewer than two cells).
+    """
     from scipy.stats import chisquare
 
     n = float(counts.sum())
@@ -661,7 +689,16 @@ def chi2_pvalue(counts: Tensor, probs: Tensor, min_expected: float = 5.0) -> flo
 
 
 def weighted_histogram(samples: Sequence[Any], where: dict[tuple[int, ...], int], size: int) -> Tensor:
-    """Σ of normalised weights per enumerated sequence."""
+    """Σ of normalised weights per enumerated sequence.
+
+    Args:
+        samples: Samples with ``tokens`` and ``log_weight`` (normalised within the prompt).
+        where: The index of each enumerated sequence (``Exact.index()``).
+        size: M, the number of enumerated sequences.
+
+    Returns:
+        Float64 [M]: the summed weights of each sequence.
+    """
     h = torch.zeros(size, dtype=torch.float64)
     for s in samples:
         h[where[tuple(s.tokens)]] += math.exp(s.log_weight)
@@ -669,7 +706,11 @@ def weighted_histogram(samples: Sequence[Any], where: dict[tuple[int, ...], int]
 
 
 class CharTokenizer:
-    """A tokenizer for tiny models: id 0 is EOS, ids 1.. are the characters of ``alphabet``."""
+    """A tokenizer for tiny models: id 0 is EOS, ids 1.. are the characters of ``alphabet``.
+
+    Args:
+        alphabet: The characters, id i + 1 for ``alphabet[i]``.
+    """
 
     def __init__(self, alphabet: str = "abcd"):
         self.alphabet = alphabet
@@ -678,11 +719,20 @@ class CharTokenizer:
         self.chat_template = None
 
     def encode(self, text: str) -> list[int]:
-        """The ids of the characters of ``text`` that are in the alphabet."""
+        """The ids of the characters of ``text`` that are in the alphabet.
+
+        Args:
+            text: The text (characters outside the alphabet are dropped).
+        """
         return [self.alphabet.index(c) + 1 for c in text if c in self.alphabet]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """The text of ``ids`` (EOS and unknown ids dropped)."""
+        """The text of ``ids`` (EOS and unknown ids dropped).
+
+        Args:
+            ids: Token ids.
+            skip_special_tokens: Accepted for compatibility with HF tokenizers; EOS is always dropped.
+        """
         return "".join(self.alphabet[i - 1] for i in ids if 0 < i <= len(self.alphabet))
 
 
@@ -696,6 +746,13 @@ def toy_eval(device: str = "cpu", *, problems: int = 12, delay: float = 0.0, poi
     Problems ``toy-0 ..`` have two-character prompts; the sampler is SMC on p^2 with 4 particles.
     ``delay`` seconds of sleep per prompt make a run last long enough to kill a worker mid-run;
     the ``poison`` problem's prompt kills the process that evaluates it (for fault tests).
+
+    Args:
+        device: Where the tiny model lives.
+        problems: The number of problems.
+        delay: Seconds of sleep per prompt.
+        poison: The ``unique_id`` of a problem whose prompt exits the process with status 13
+            (None: none).
     """
     import os
     import time

@@ -81,3 +81,32 @@ def test_every_rendered_public_object_has_a_docstring():
             if not (inspect.getdoc(obj) or "").strip():  # inherited from a base's method as help() does
                 missing.append(path)
     assert not missing, "no docstring: " + ", ".join(sorted(set(missing)))
+
+
+def _parameters(fn) -> list[str]:
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def test_every_rendered_function_with_parameters_documents_them():
+    # The API reference renders an ``Args:`` section from the docstring (Google style); a function
+    # or method of the rendered modules that takes parameters must have one. Classes are not
+    # checked here: their constructor arguments may be documented as ``Args:`` or ``Attributes:``.
+    from smcdecode.backends.llamacpp import LlamaCppBackend  # rendered on the backends page
+
+    members = [(f"{LlamaCppBackend.__module__}.LlamaCppBackend", LlamaCppBackend)]
+    members += [(f"{LlamaCppBackend.__module__}.LlamaCppBackend.{a}", m) for a, m in vars(LlamaCppBackend).items()]
+    for modname in RENDERED:
+        members += list(_public(importlib.import_module(modname)))
+    missing = []
+    for path, obj in members:
+        if path.rsplit(".", 1)[-1].startswith("_"):
+            continue
+        if isinstance(obj, (classmethod, staticmethod)):
+            obj = obj.__func__
+        if inspect.isfunction(obj) and _parameters(obj) and "Args:" not in (inspect.getdoc(obj) or ""):
+            missing.append(path)
+    assert not missing, "no Args: section: " + ", ".join(sorted(set(missing)))

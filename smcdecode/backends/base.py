@@ -79,7 +79,13 @@ OPERATIONS = (
 
 
 class CapabilityError(SmcdecodeError, TypeError):
-    """A target or proposal needs something this backend cannot provide."""
+    """A target or proposal needs something this backend cannot provide.
+
+    Args:
+        backend: The backend's class name.
+        capability: The missing capability (one of ``"layers"``, ``"hidden"``, ``"reapply"``).
+        who: What needs it (a target, a proposal or a readout), named in the message.
+    """
 
     def __init__(self, backend: str, capability: str, who: str):
         self.backend, self.capability, self.who = backend, capability, who
@@ -88,7 +94,14 @@ class CapabilityError(SmcdecodeError, TypeError):
 
 class CapacityError(SmcdecodeError, RuntimeError):
     """A backend ran out of a fixed resource (sequence ids, KV cells); names the limit and a value
-    that would fit."""
+    that would fit.
+
+    Args:
+        limit: The name of the setting that is too small (e.g. a constructor argument).
+        value: Its current value.
+        needed: The least value that would fit.
+        hint: Extra advice appended to the message (empty: none).
+    """
 
     def __init__(self, limit: str, value: int, needed: int, hint: str = ""):
         self.limit, self.value, self.needed = limit, value, needed
@@ -98,7 +111,15 @@ class CapacityError(SmcdecodeError, RuntimeError):
 
 def left_padded(ids: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
     """Token-id lists as one [B, Q] tensor, row b's ids in its last len(ids[b]) columns (left
-    padding with 0), and their counts [B]: the ragged layout of ``_append``."""
+    padding with 0), and their counts [B]: the ragged layout of ``_append``.
+
+    Args:
+        ids: B non-empty token-id lists; Q is the longest one's length.
+        device: Where the returned tensors live.
+
+    Returns:
+        ``(tokens, n_real)``: long [B, Q] left-padded ids and long [B] real-token counts.
+    """
     q = max(len(p) for p in ids)
     tokens = torch.zeros(len(ids), q, dtype=torch.long)
     for b, p in enumerate(ids):
@@ -109,7 +130,16 @@ def left_padded(ids: Sequence[Sequence[int]], device: torch.device) -> tuple[Ten
 def appended_positions(lengths: Tensor, n_real: Tensor, q: int) -> tuple[Tensor, Tensor]:
     """For Q appended columns whose row b's real tokens are its last ``n_real[b]``, written at
     positions ``lengths[b]``..: which columns are real, [B, Q] bool, and each column's position,
-    [B, Q] long (padding columns get the positions before, clamped at 0)."""
+    [B, Q] long (padding columns get the positions before, clamped at 0).
+
+    Args:
+        lengths: Long [B], each row's context length before the append.
+        n_real: Long [B], each row's real tokens among the Q columns (0 ≤ n_real[b] ≤ Q).
+        q: Q, the number of appended columns.
+
+    Returns:
+        ``(real, pos)``: bool [B, Q] and long [B, Q].
+    """
     j = torch.arange(q, device=lengths.device)
     offset = q - n_real  # [B]
     real = j[None, :] >= offset[:, None]  # [B, Q]
@@ -123,7 +153,20 @@ class Batch:
 
     ``tokens`` [B, C] long: row b's context (prompt + generated) token at position p, for
     p < ``lengths[b]`` (C grows by doubling); ``pending`` [B]: a token the next decode re-feeds
-    (−1: none); ``saved_tokens`` / ``saved_lengths``: the last :meth:`Backend.save_rows` copy."""
+    (−1: none); ``saved_tokens`` / ``saved_lengths``: the last :meth:`Backend.save_rows` copy.
+
+    Args:
+        state: The backend's own state of the batch (its cache).
+        tokens: Long [B, C], the rows' contexts.
+        lengths: Long [B], the rows' context lengths.
+        pending: Long [B], the token the next decode re-feeds per row (−1: none).
+        readouts: The keys every forward on the batch computes (``Layer``, ``HIDDEN``).
+        counter: What decode/score on the batch count (``"rollout_tokens"`` on a fork).
+        saved_tokens: [B, C] the last snapshot's contexts (None before any save).
+        saved_lengths: [B] the last snapshot's lengths (None before any save).
+        bound: An upper bound of max(lengths), known on the host.
+        released: Whether the batch was released.
+    """
 
     state: Any
     tokens: Tensor
@@ -271,14 +314,35 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------ capabilities
     def require(self, needs: Iterable[str], who: str) -> None:
-        """Raise :class:`CapabilityError` naming the first capability in ``needs`` we lack."""
+        """Raise :class:`CapabilityError` naming the first capability in ``needs`` we lack.
+
+        Args:
+            needs: Capability names (``"layers"``, ``"hidden"``, ``"reapply"``).
+            who: What needs them, named in the error.
+
+        Raises:
+            CapabilityError: a capability in ``needs`` is not in :attr:`capabilities`.
+        """
         for cap in needs:
             if cap not in self.capabilities:
                 raise CapabilityError(type(self).__name__, cap, who)
 
     # ------------------------------------------------------------------ vocabulary
     def encode(self, prompts: Prompts) -> list[list[int]]:
-        """Token ids of each prompt; strings need a tokenizer."""
+        """Token ids of each prompt; strings need a tokenizer.
+
+        Args:
+            prompts: A list of strings, or of token-id sequences (lists or 1-D tensors).
+
+        Returns:
+            One token-id list per prompt.
+
+        Raises:
+            ArgumentTypeError: ``prompts`` is not a list, a prompt has an unsupported type, or
+                a string prompt is given to a backend without a tokenizer.
+            ArgumentError: no prompts, an empty prompt, a token id outside [0, V) or a prompt
+                longer than :attr:`max_positions`.
+        """
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise ArgumentTypeError("prompts", "expected a list of strings or of token-id lists")
         if len(prompts) == 0:
@@ -307,25 +371,50 @@ class Backend(ABC):
         return out
 
     def decode_text(self, tokens: Sequence[int]) -> str | None:
-        """The text of ``tokens`` without EOS ids and special tokens; None without a tokenizer."""
+        """The text of ``tokens`` without EOS ids and special tokens; None without a tokenizer.
+
+        Args:
+            tokens: Token ids (e.g. a sample's generated tokens).
+        """
         if self.tokenizer is None:
             return None
         ids = [t for t in tokens if t not in self.eos_token_ids]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def token_ids_containing(self, text: str) -> list[int]:
-        """Ids whose decoded piece contains ``text`` (needs a tokenizer)."""
+        """Ids whose decoded piece contains ``text`` (needs a tokenizer).
+
+        Args:
+            text: The substring to look for in each vocabulary entry's decoded piece.
+
+        Returns:
+            The matching token ids, ascending.
+
+        Raises:
+            ArgumentTypeError: the backend has no tokenizer.
+        """
         if self.tokenizer is None:
             raise ArgumentTypeError("text", "needs an engine with a tokenizer")
         return [i for i in range(self.vocab_size) if text in self.tokenizer.decode([i])]
 
     def is_eos(self, tokens: Tensor) -> Tensor:
-        """Which of ``tokens`` (any shape) are EOS ids: a bool tensor of the same shape."""
+        """Which of ``tokens`` (any shape) are EOS ids: a bool tensor of the same shape.
+
+        Args:
+            tokens: Long token ids of any shape, on the backend's device.
+        """
         return torch.isin(tokens, self._eos)
 
     def with_eos_tokens(self, extra: Iterable[int]) -> Backend:
         """A view of this backend (same model, tokenizer and counters) in which ``extra`` ids also
-        end a sequence: e.g. a task whose answers end at a newline."""
+        end a sequence: e.g. a task whose answers end at a newline.
+
+        Args:
+            extra: Token ids to add to :attr:`eos_token_ids`.
+
+        Returns:
+            A shallow copy of this backend with the extended EOS set.
+        """
         other = copy.copy(self)
         other.eos_token_ids = sorted(set(self.eos_token_ids) | {int(i) for i in extra})
         other._eos = torch.tensor(other.eos_token_ids, device=self.device)
@@ -333,7 +422,20 @@ class Backend(ABC):
 
     def check_readouts(self, readouts: Iterable[Key]) -> tuple[Key, ...]:
         """The keys a forward of this backend will compute: ``Layer`` keys in 0..N (sorted, then
-        ``HIDDEN``); anything else, or a key whose capability is missing, raises."""
+        ``HIDDEN``); anything else, or a key whose capability is missing, raises.
+
+        Args:
+            readouts: Readout keys (``Layer(L)``, ``HIDDEN``).
+
+        Returns:
+            The deduplicated keys: ``Layer`` keys sorted by index, then ``HIDDEN`` if requested.
+
+        Raises:
+            ArgumentTypeError: a key is neither a ``Layer`` nor ``HIDDEN`` (e.g. an ``Aux`` key),
+                or a layer index is not an int.
+            ArgumentError: a layer index is outside 0..N.
+            CapabilityError: the backend lacks ``"layers"`` or ``"hidden"`` for the keys asked.
+        """
         keys = set(readouts)
         for key in keys:
             if not isinstance(key, Layer) and key is not HIDDEN:
@@ -349,6 +451,9 @@ class Backend(ABC):
 
     def check_layers(self, layers: Iterable[int]) -> tuple[int, ...]:
         """The layer indices sorted and deduplicated, each checked to lie in 0..N (0 = embeddings).
+
+        Args:
+            layers: Layer indices (N = :attr:`num_layers`).
 
         Raises:
             ArgumentTypeError: an index is not an int.
@@ -419,7 +524,20 @@ class Backend(ABC):
     def prefill(self, prompts: Prompts, readouts: Iterable[Key] = ()) -> tuple[Batch, Readouts]:
         """Run the prompts (ragged lengths) and return the batch and the readouts of the
         next-token distribution after each prompt; every forward on the batch computes the keys
-        ``readouts`` (``Layer(L)``, ``HIDDEN``)."""
+        ``readouts`` (``Layer(L)``, ``HIDDEN``).
+
+        Args:
+            prompts: B prompts, strings or token-id lists (see :meth:`encode`).
+            readouts: Keys every forward on the batch computes besides ``log_p``.
+
+        Returns:
+            ``(batch, readouts)``: the new batch of B rows and the next-token readouts [B, V].
+
+        Raises:
+            ArgumentError: see :meth:`encode` and :meth:`check_readouts`.
+            ArgumentTypeError: see :meth:`encode` and :meth:`check_readouts`.
+            CapabilityError: a key needs a capability the backend lacks.
+        """
         ids = self.encode(prompts)
         batch = self._new_batch(len(ids), self.check_readouts(readouts))
         idx = torch.arange(len(ids), device=self.device)
@@ -433,7 +551,17 @@ class Backend(ABC):
     ) -> tuple[Batch, Readouts]:
         """Prefill each prompt once and repeat it into ``rows_per_prompt`` rows (prompt-major);
         the rows of a prompt share its context, so resampling within a prompt can copy only what
-        follows it."""
+        follows it.
+
+        Args:
+            prompt_ids: P prompts as token-id lists.
+            rows_per_prompt: R, the rows (chains or particles) per prompt.
+            readouts: Keys every forward on the batch computes besides ``log_p``.
+
+        Returns:
+            ``(batch, readouts)``: a batch of B = P·R rows (row b runs prompt b // R) and its
+            next-token readouts [B, V].
+        """
         batch, readout = self.prefill(prompt_ids, readouts)
         rep = torch.arange(len(prompt_ids), device=self.device).repeat_interleave(rows_per_prompt)
         self.select(batch, rep)
@@ -443,14 +571,31 @@ class Backend(ABC):
     @torch.no_grad()
     def forward(self, sequences: Prompts, readouts: Iterable[Key] = ()) -> Readouts:
         """One forward over whole sequences (left-padded to Q): readouts at every position,
-        [B, Q, V]. Row b's sequence occupies its last len(sequences[b]) positions."""
+        [B, Q, V]. Row b's sequence occupies its last len(sequences[b]) positions.
+
+        Args:
+            sequences: B sequences, strings or token-id lists (see :meth:`encode`).
+            readouts: Keys to compute besides ``log_p``.
+
+        Returns:
+            Readouts [B, Q, V]; the batch used is released. Counted as ``prefill_tokens``.
+        """
         batch, out = self.forward_batch(sequences, readouts)
         self.release(batch)
         return out
 
     @torch.no_grad()
     def forward_batch(self, sequences: Prompts, readouts: Iterable[Key] = ()) -> tuple[Batch, Readouts]:
-        """:meth:`forward`, also returning the batch whose cache holds the sequences."""
+        """:meth:`forward`, also returning the batch whose cache holds the sequences.
+
+        Args:
+            sequences: B sequences, strings or token-id lists (see :meth:`encode`).
+            readouts: Keys every forward on the batch computes besides ``log_p``.
+
+        Returns:
+            ``(batch, readouts)``: the batch (row b's context is sequences[b]; :meth:`release`
+            it when done) and the readouts [B, Q, V].
+        """
         ids = self.encode(sequences)
         batch = self._new_batch(len(ids), self.check_readouts(readouts))
         tokens, n_real = left_padded(ids, self.device)
@@ -463,7 +608,19 @@ class Backend(ABC):
         """Append one token per row (``tokens``: [B]) and return the next-token readout [B, V].
 
         Rows with ``active`` False append nothing (their readout is a placeholder). Rows left
-        pending by :meth:`truncate` feed their pending token instead (and are active)."""
+        pending by :meth:`truncate` feed their pending token instead (and are active).
+
+        Args:
+            batch: A live batch of B rows.
+            tokens: Long [B], the token each row appends.
+            active: Bool [B], the rows that append (None: all).
+
+        Returns:
+            The next-token readouts [B, V] with the batch's keys.
+
+        Raises:
+            ArgumentError: ``batch`` was released.
+        """
         self._live(batch)
         tok = tokens.to(self.device)
         act = torch.ones_like(batch.lengths, dtype=torch.bool) if active is None else active.to(self.device)
@@ -481,7 +638,21 @@ class Backend(ABC):
         their old context, snapshot and pending re-feed are dropped and the prompts are prefilled
         (no forward over the batch's other rows). Returns the admitted rows' next-token readouts
         ([k], with the batch's keys). The other rows are unchanged. Used to keep a batch full: a
-        finished problem's rows take the next problem."""
+        finished problem's rows take the next problem.
+
+        Args:
+            batch: A live batch of B rows.
+            rows: Long [k], distinct row indices in [0, B).
+            prompt_ids: k token-id lists, prompt i for row ``rows[i]``.
+
+        Returns:
+            The admitted rows' next-token readouts [k, V].
+
+        Raises:
+            ArgumentError: ``batch`` was released, ``rows`` is empty, out of range or repeats an
+                index, ``prompt_ids`` is not a list of k prompts, or a prompt is empty or longer
+                than :attr:`max_positions`.
+        """
         self._live(batch)
         idx = rows.to(self.device).long().view(-1)
         k = int(idx.shape[0])
@@ -508,7 +679,20 @@ class Backend(ABC):
         context (a placeholder for rows with n = 0, whose context is unchanged). Counted as
         decode tokens (rollout tokens on a :meth:`fork`). Rows left pending by :meth:`truncate`
         must be re-read with :meth:`decode` first (their pending token would otherwise be lost):
-        that is refused."""
+        that is refused.
+
+        Args:
+            batch: A live batch of B rows.
+            tokens: Long [B, Q], the tokens to append (left-padded when ragged).
+            n_tokens: Long [B], each row's real tokens (its last n_tokens[b] columns; None: all Q).
+
+        Returns:
+            Readouts [B, Q, V] with the batch's keys.
+
+        Raises:
+            ArgumentError: ``batch`` was released, or a row is pending a re-feed from
+                :meth:`truncate`.
+        """
         self._live(batch)
         if bool((batch.pending >= 0).any()):  # one host sync per call
             raise ArgumentError("batch", "rows truncated by truncate() must be re-read with decode() before score()")
@@ -521,7 +705,16 @@ class Backend(ABC):
     def select(self, batch: Batch, indices: Tensor, within_groups: bool = False) -> None:
         """Row b becomes old row ``indices[b]``; repeats allowed (SMC resampling), and the number
         of rows may change (finished rows leave). ``within_groups``: every index stays inside its
-        row's prompt group (a backend may then copy only what follows the shared prompt)."""
+        row's prompt group (a backend may then copy only what follows the shared prompt).
+
+        Args:
+            batch: A live batch of B rows.
+            indices: Long [B'], old row indices in [0, B); B' becomes the batch's size.
+            within_groups: The caller promises every index stays in its row's prompt group.
+
+        Raises:
+            ArgumentError: ``batch`` was released.
+        """
         self._live(batch)
         idx = indices.to(self.device).long().view(-1)
         self._select(batch, idx, within_groups)
@@ -537,7 +730,20 @@ class Backend(ABC):
         no snapshot, computes no readouts beyond ``log_p``, and counts its forwards as
         ``rollout_tokens`` / ``rollout_forwards`` (lookahead work, reported apart from the
         sampler's own decode work). ``reserve``: positions the fork is expected to grow by.
-        :meth:`release` it when done."""
+        :meth:`release` it when done.
+
+        Args:
+            batch: A live batch of B rows.
+            rows: Long [R], row indices in [0, B) (repeats allowed).
+            reserve: Positions each forked row is expected to grow by (≥ 0; a capacity hint).
+
+        Returns:
+            The new batch of R rows.
+
+        Raises:
+            ArgumentError: ``batch`` was released, ``rows`` is empty or out of range, or
+                ``reserve`` is not an int ≥ 0.
+        """
         self._live(batch)
         idx = rows.to(self.device).long().view(-1)
         if idx.numel() == 0 or bool(((idx < 0) | (idx >= batch.size)).any()):
@@ -551,7 +757,11 @@ class Backend(ABC):
 
     def release(self, batch: Batch) -> None:
         """Free what ``batch`` holds in the backend (a fork after its rollouts, a finished run's
-        batch); using it afterwards raises. Releasing twice does nothing."""
+        batch); using it afterwards raises. Releasing twice does nothing.
+
+        Args:
+            batch: The batch to free.
+        """
         if not batch.released:
             self._release(batch)
             batch.released = True
@@ -559,7 +769,17 @@ class Backend(ABC):
     def truncate(self, batch: Batch, rows: Tensor, lengths: Tensor) -> None:
         """For ``rows`` (bool [B]): keep the first ``lengths[b]`` ≥ 1 tokens of the context. The
         next :meth:`decode` returns the distribution after them for these rows (whatever token
-        is passed for them), re-feeding the last kept token."""
+        is passed for them), re-feeding the last kept token.
+
+        Args:
+            batch: A live batch of B rows.
+            rows: Bool [B], the rows to truncate.
+            lengths: Long [B], the tokens to keep per row (≥ 1 and ≤ the row's length where
+                ``rows`` is True; ignored elsewhere).
+
+        Raises:
+            ArgumentError: ``batch`` was released.
+        """
         self._live(batch)
         rows, lengths = rows.to(self.device), lengths.to(self.device)
         last = batch.tokens.gather(1, (lengths - 1).clamp_min(0)[:, None])[:, 0]
@@ -570,7 +790,15 @@ class Backend(ABC):
 
     def rollback(self, batch: Batch, lengths: Tensor) -> None:
         """Truncate row b's context to its first ``lengths[b]`` tokens (values above the current
-        length change nothing)."""
+        length change nothing).
+
+        Args:
+            batch: A live batch of B rows.
+            lengths: Long [B], the tokens to keep per row.
+
+        Raises:
+            ArgumentError: ``batch`` was released.
+        """
         self._live(batch)
         kept = torch.minimum(batch.lengths, lengths.to(self.device))
         self._rollback(batch, kept)
@@ -578,7 +806,15 @@ class Backend(ABC):
 
     def save_rows(self, batch: Batch, rows: Tensor) -> None:
         """Snapshot the context of ``rows`` (bool [B]) so :meth:`restore_rows` can return to it
-        later, whatever is appended or rolled back in between."""
+        later, whatever is appended or rolled back in between.
+
+        Args:
+            batch: A live batch of B rows.
+            rows: Bool [B], the rows whose snapshot is replaced.
+
+        Raises:
+            ArgumentError: ``batch`` was released.
+        """
         self._live(batch)
         rows = rows.to(self.device)
         self._checkpoint(batch, rows)
@@ -589,7 +825,15 @@ class Backend(ABC):
             batch.saved_lengths = torch.where(rows, batch.lengths, batch.saved_lengths)
 
     def restore_rows(self, batch: Batch, rows: Tensor) -> None:
-        """Return ``rows`` to their last :meth:`save_rows` snapshot (a pending re-feed is dropped)."""
+        """Return ``rows`` to their last :meth:`save_rows` snapshot (a pending re-feed is dropped).
+
+        Args:
+            batch: A live batch of B rows.
+            rows: Bool [B], the rows to restore (each must have been saved).
+
+        Raises:
+            ArgumentError: ``batch`` was released.
+        """
         self._live(batch)
         if batch.saved_tokens is None or batch.saved_lengths is None:
             return  # nothing was ever saved: callers only restore rows they saved
@@ -600,7 +844,18 @@ class Backend(ABC):
         batch.pending = torch.where(rows, -1, batch.pending)
 
     def compact(self, batch: Batch, force: bool = False) -> bool:
-        """Reclaim dead cache space when the backend finds it worth it (always with ``force``)."""
+        """Reclaim dead cache space when the backend finds it worth it (always with ``force``).
+
+        Args:
+            batch: A live batch.
+            force: Compact even when the backend would not find it worth it.
+
+        Returns:
+            True if the cache was compacted.
+
+        Raises:
+            ArgumentError: ``batch`` was released.
+        """
         self._live(batch)
         done = self._compact(batch, force)
         if done:
@@ -610,5 +865,19 @@ class Backend(ABC):
     def reapply(
         self, batch: Batch, hidden: Tensor, span: int, positions: Tensor, rows: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Run the top ``span`` decoder layers again on a latent (capability ``"reapply"``)."""
+        """Run the top ``span`` decoder layers again on a latent (capability ``"reapply"``).
+
+        Args:
+            batch: A live batch of B rows whose cache holds the rows' contexts.
+            hidden: [R, D], the last layer's output at one position per row.
+            span: The number of top decoder layers to run again (1..N).
+            positions: Long [R], the position id of each row's latent.
+            rows: Long [R], the batch rows the latents belong to (None: all, R = B).
+
+        Returns:
+            ``(hidden, log_p)``: the new hidden state [R, D] and its log-probs [R, V].
+
+        Raises:
+            CapabilityError: the backend lacks ``"reapply"`` (this base implementation always raises).
+        """
         raise CapabilityError(type(self).__name__, "reapply", "latent re-application")

@@ -608,7 +608,23 @@ class HFBackend(Backend):
         position id; the query attends to the row's cached tokens *before* that position and to
         its own new key. The re-applied layers write their keys into a temporary view of the
         cache, so ``batch`` keeps exactly the first pass's entries. ``rows`` picks rows of the
-        batch (default: all, R = B). Returns (new hidden [R, D], its log-probs [R, V])."""
+        batch (default: all, R = B). Returns (new hidden [R, D], its log-probs [R, V]).
+
+        Args:
+            batch: A batch whose cache holds the rows' contexts (computed with ``HIDDEN``).
+            hidden: [R, D], the last layer's output at one position per row.
+            span: The number of top decoder layers to run again (1..N).
+            positions: Long [R], the position id of each row's latent.
+            rows: Long [R], the batch rows the latents belong to (None: all, R = B).
+
+        Returns:
+            ``(hidden, log_p)``: the new hidden state [R, D] and its log-probs [R, V].
+
+        Raises:
+            ArgumentTypeError: the model is not a Llama-style decoder with rotary embeddings and
+                full attention.
+            ArgumentError: ``span`` is outside 1..N.
+        """
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 

@@ -404,7 +404,12 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], **kwargs: Any) -> LlamaCppBackend:
-        """``LlamaCppBackend(path, **kwargs)``; ``path`` may be ``"embedded"`` (SmolLM2-135M)."""
+        """``LlamaCppBackend(path, **kwargs)``; ``path`` may be ``"embedded"`` (SmolLM2-135M).
+
+        Args:
+            path: A ``.gguf`` file, or ``"embedded"``.
+            **kwargs: The constructor's other arguments (``n_ctx``, ``n_seq_max``, ...).
+        """
         if str(path) == "embedded":
             from smcdecode.backends.hf import embedded_model_path
 

@@ -64,7 +64,12 @@ class Rows:
     # ------------------------------------------------------------------ growth
     def append(self, real: Tensor, pos: Tensor) -> None:
         """Columns for a forward of Q tokens; ``real`` [B, Q] marks the real (not padding) tokens
-        and ``pos`` [B, Q] their position ids."""
+        and ``pos`` [B, Q] their position ids.
+
+        Args:
+            real: Bool [B, Q], the real tokens (they become valid columns).
+            pos: Long [B, Q], their position ids.
+        """
         q = real.shape[1]
         w = self.width
         self._grow(w + q)
@@ -87,7 +92,12 @@ class Rows:
     def admit(self, rows: Tensor, part: Rows) -> None:
         """Rows ``rows`` (long [k]) drop their columns and snapshot and take ``part``'s k rows,
         written into Q = ``part.width`` new columns; the other rows get Q dead columns. No prefix
-        is shared across rows afterwards."""
+        is shared across rows afterwards.
+
+        Args:
+            rows: Long [k], distinct row indices in [0, B).
+            part: The k admitted rows' bookkeeping (their prefilled prompts).
+        """
         q, w = part.width, self.width
         self._grow(w + q)
         for name in _FIELDS:
@@ -102,7 +112,14 @@ class Rows:
 
     @staticmethod
     def stack(parts: list[Rows]) -> Rows:
-        """Rows of several batches on top of each other, shorter ones left-padded with dead columns."""
+        """Rows of several batches on top of each other, shorter ones left-padded with dead columns.
+
+        Args:
+            parts: Non-empty list of bookkeepings of B_1, B_2, .. rows on one device.
+
+        Returns:
+            Bookkeeping of B_1 + B_2 + .. rows over max S columns, with no snapshot.
+        """
         s = max(p.width for p in parts)
         out = Rows(sum(p.size for p in parts), parts[0]._valid.device)
         pad = lambda t: torch.nn.functional.pad(t, (s - t.shape[1], 0))  # noqa: E731
@@ -114,12 +131,20 @@ class Rows:
 
     # ------------------------------------------------------------------ row operations
     def rollback(self, lengths: Tensor) -> None:
-        """Row b keeps the columns of its first ``lengths[b]`` positions."""
+        """Row b keeps the columns of its first ``lengths[b]`` positions.
+
+        Args:
+            lengths: Long [B], positions to keep per row (``valid &= pos < lengths[b]``).
+        """
         w = self.width
         self._valid[:, :w] &= self._pos[:, :w] < lengths[:, None]
 
     def save(self, rows: Tensor) -> None:
-        """Snapshot the columns of ``rows`` (bool [B]) for :meth:`restore`."""
+        """Snapshot the columns of ``rows`` (bool [B]) for :meth:`restore`.
+
+        Args:
+            rows: Bool [B], the rows whose snapshot is replaced by their current ``valid``.
+        """
         w = self.width
         if not self.has_saved:
             self._saved.zero_()
@@ -127,7 +152,11 @@ class Rows:
         self._saved[:, :w] = torch.where(rows[:, None], self._valid[:, :w], self._saved[:, :w])
 
     def restore(self, rows: Tensor) -> None:
-        """``rows`` return to their last snapshot."""
+        """``rows`` return to their last snapshot.
+
+        Args:
+            rows: Bool [B], the rows to restore (nothing happens if no row was ever saved).
+        """
         if not self.has_saved:
             return  # nothing was ever saved: callers only restore rows they saved
         w = self.width
@@ -137,7 +166,11 @@ class Rows:
         """Row b becomes old row ``idx[b]``. The flags of every column move with its row, even
         when the backend copies only the KV after the shared prefix: a row that re-fed the
         prompt's last token (a move from i = 0) has that prefix column dead and the token again
-        after the prefix, so its ``valid`` flags must travel together."""
+        after the prefix, so its ``valid`` flags must travel together.
+
+        Args:
+            idx: Long [B'], old row indices (repeats allowed); B' ≠ B resets the shared prefix.
+        """
         w = self.width
         if idx.numel() == self.size:
             for name in _FIELDS:
@@ -150,7 +183,14 @@ class Rows:
             self.size = int(idx.numel())
 
     def fork(self, idx: Tensor) -> Rows:
-        """New rows: row r copies row ``idx[r]``'s columns; no snapshot, no shared prefix."""
+        """New rows: row r copies row ``idx[r]``'s columns; no snapshot, no shared prefix.
+
+        Args:
+            idx: Long [R], row indices (repeats allowed).
+
+        Returns:
+            A new bookkeeping of R rows over the same S columns.
+        """
         w = self.width
         out = Rows(int(idx.shape[0]), self._valid.device)
         out._valid = self._valid[idx, :w].clone()
@@ -162,7 +202,17 @@ class Rows:
     def compact_order(self, ratio: float, force: bool) -> Tensor | None:
         """When live columns (valid or saved) are fewer than ``ratio`` · S (or ``force``), gather
         them and return the column order [B, S'] the backend applies to its cache; else None.
-        After the shared prefix: dead columns first (stable), then live ones in their order."""
+        After the shared prefix: dead columns first (stable), then live ones in their order.
+
+        Args:
+            ratio: Compact when the live columns after the shared prefix plus the prefix are
+                fewer than ``ratio`` · S.
+            force: Compact whatever the ratio.
+
+        Returns:
+            Long [B, S'] column indices (S' = shared prefix + the most live columns of a row), or
+            None when nothing was done.
+        """
         s, sh = self.width, self.shared
         if s == 0:
             return None

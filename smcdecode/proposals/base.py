@@ -109,7 +109,17 @@ def sample(
     probability 0 has an empty interval and is never drawn) and ~4x cheaper than
     ``torch.multinomial``, whose exponential draws over the whole vocabulary dominate a small
     model's decode step. ``u``: the uniforms to use ([B, 1] float64) instead of drawing them from
-    ``generator``."""
+    ``generator``.
+
+    Args:
+        log_q: Normalised log q [B, V].
+        generator: The random generator of the uniforms (None: torch's global one; unused with ``u``).
+        exclude: Long [B], a token each row must not draw (−1: none); None: no exclusion.
+        u: Float64 [B, 1] uniforms in [0, 1) to use instead of drawing them.
+
+    Returns:
+        ``(tokens, log_q)``: long [B] and the unconditioned log q of each drawn token, [B].
+    """
     prob = log_q.double().exp()  # [B, V]; exp in float64: float32 underflows to slow denormals
     if exclude is not None:
         drop = torch.zeros_like(prob, dtype=torch.bool).scatter_(1, exclude.clamp_min(0)[:, None], True)

@@ -60,6 +60,9 @@ class EGLR(Proposal):
     def requirements(self, engine: Backend) -> Requirements:
         """``HIDDEN`` when the proposal recurses.
 
+        Args:
+            engine: The backend the proposal will run on (its depth bounds ``span``).
+
         Raises:
             ArgumentError: ``span`` exceeds the model's depth.
         """
@@ -68,7 +71,18 @@ class EGLR(Proposal):
         return Requirements([HIDDEN] if self.max_iters > 0 else [])
 
     def recursed_log_p(self, view: Readouts) -> tuple[Tensor, Tensor, Tensor]:
-        """(log p_K [B, V], iterations run per row [B], gated rows [B] bool)."""
+        """(log p_K [B, V], iterations run per row [B], gated rows [B] bool).
+
+        Args:
+            view: The step's readouts: ``log_p`` [B, V], and ``HIDDEN`` [B, D] with ``recur``
+                bound when a row is gated and ``max_iters`` > 0.
+
+        Returns:
+            ``(log_p_K, iterations, gated)``: float [B, V], long [B], bool [B].
+
+        Raises:
+            ArgumentError: a row is gated but ``view`` lacks ``HIDDEN`` or ``recur``.
+        """
         log_p = view.log_p
         gated = entropy(log_p) > self.entropy_threshold  # [B]
         iters = torch.zeros_like(gated, dtype=torch.long)

@@ -118,6 +118,10 @@ class Lookahead(Proposal):
     def log_q(self, view: Readouts, target_factor: TargetFactor) -> Tensor:
         """Not available: q depends on rollouts drawn by a sampler (``propose``).
 
+        Args:
+            view: The step's readouts (unused).
+            target_factor: The target's token factor (unused).
+
         Raises:
             ArgumentTypeError: always.
         """
@@ -126,7 +130,12 @@ class Lookahead(Proposal):
         )
 
     def gate(self, log_p: Tensor, ctx: Context) -> Tensor:
-        """[B] bool: rows that run rollouts at this step."""
+        """[B] bool: rows that run rollouts at this step.
+
+        Args:
+            log_p: The next-token log-probs [B, V] (their entropy is gated).
+            ctx: The live rows: ``active`` [B] and ``length`` [B] (tokens generated so far).
+        """
         roll = ctx.active.clone()
         if self.every > 1:
             roll &= ctx.length % self.every == 0
@@ -137,8 +146,17 @@ class Lookahead(Proposal):
     def propose(self, view: Readouts, target_factor: TargetFactor, ctx: Context | None = None) -> tuple[Tensor, Tensor]:
         """Run the rollouts of the gated rows and return (log q [B, V], log Ẑ [B, V]).
 
+        Args:
+            view: The step's readouts (``view.log_p`` [B, V]).
+            target_factor: The target's token factor (unused: the estimate targets p^α).
+            ctx: The live rows, the backend and the random stream (required).
+
+        Returns:
+            ``(log_q, log_twist)``: the mixture's log q [B, V] and the twist table [B, V] (see the
+            module docstring).
+
         Raises:
-            ArgumentError: ``ctx`` is None (a sampler must provide the rows and the random stream).
+            ArgumentTypeError: ``ctx`` is None (a sampler must provide the rows and the random stream).
         """
         if ctx is None:
             self.log_q(view, target_factor)  # raises: no closed form without a sampler's rows
@@ -186,7 +204,17 @@ class Lookahead(Proposal):
         """Per-rollout log weights (α − 1)·log p(s^(m) | x_<t ⊕ v), [A, K, M], for the candidates
         ``cand`` [A, K] of batch rows ``rows`` [A]; ``u`` [A, H, K·M] are the rollouts' uniforms.
         A candidate that ends the sequence (EOS, a stop, the last position) has no completion
-        but the empty one: weight 0 (Ẑ = 1)."""
+        but the empty one: weight 0 (Ẑ = 1).
+
+        Args:
+            ctx: The live rows, the backend and the batch to fork.
+            rows: Long [A], the batch rows that run rollouts.
+            cand: Long [A, K], their candidate next tokens.
+            u: Float64 [A, H, K·M], the rollouts' uniforms.
+
+        Returns:
+            Float [A, K, M] log weights.
+        """
         eng: Backend = ctx.engine
         a, k = cand.shape
         m, h = self.rollouts, self.horizon

@@ -21,7 +21,16 @@ NORMAL_MIN_LOG = math.log(torch.finfo(torch.float32).tiny)
 
 
 def truncate(log_q: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
-    """Apply top-k then top-p to normalised log q [B, V] and renormalise."""
+    """Apply top-k then top-p to normalised log q [B, V] and renormalise.
+
+    Args:
+        log_q: Normalised log q [B, V].
+        top_k: Keep the k most probable tokens (ties with the k-th kept too); None: all.
+        top_p: Keep the smallest set of most probable tokens of mass ≥ top_p; None or ≥ 1: all.
+
+    Returns:
+        The truncated, renormalised log q [B, V] (−inf outside).
+    """
     if top_k is not None and top_k < log_q.shape[-1]:
         kth = log_q.topk(top_k, dim=-1).values[:, -1:]
         log_q = log_q.masked_fill(log_q < kth, -math.inf)

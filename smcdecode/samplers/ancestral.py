@@ -50,7 +50,11 @@ class Ancestral(Sampler):
         return collect(problem, chains, None, Trace())
 
     def rows_plan(self, max_new_tokens: int) -> RowsPlan:
-        """Continuous batching: the asynchronous schedule with one block and no moves."""
+        """Continuous batching: the asynchronous schedule with one block and no moves.
+
+        Args:
+            max_new_tokens: Tokens generated per sample at most (the block's length).
+        """
         return RowsPlan(Moves(max_new_tokens, 0), self.target, self.proposal, self.n)
 
     def __repr__(self) -> str:

@@ -94,13 +94,24 @@ class Sampler:
 
     def rows_plan(self, max_new_tokens: int) -> RowsPlan | None:
         """How this sampler runs as rows with their own schedules (continuous batching), or None
-        when its rows move in lockstep (SMC, which streams its own way: ``SMC.stream``)."""
+        when its rows move in lockstep (SMC, which streams its own way: ``SMC.stream``).
+
+        Args:
+            max_new_tokens: Tokens generated per sample at most.
+
+        Returns:
+            The schedule, target, proposal and rows per problem, or None.
+        """
         return None
 
     def streams(self, engine: Backend) -> bool:
         """Does :meth:`stream` keep problems flowing through one batch (so that an evaluation
         should run this sampler through it, whatever its batch size)? Samplers with a
-        :meth:`rows_plan`, and SMC (see ``SMC.streams``)."""
+        :meth:`rows_plan`, and SMC (see ``SMC.streams``).
+
+        Args:
+            engine: The backend the sampler would run on.
+        """
         return self.rows_plan(1) is not None
 
     def stream(

@@ -79,7 +79,11 @@ class BlockMH(Sampler):
             )
 
     def kernel(self, move: int) -> str:
-        """ "suffix" or "block": the kernel of the run's ``move``-th move (1-based)."""
+        """ "suffix" or "block": the kernel of the run's ``move``-th move (1-based).
+
+        Args:
+            move: The move's number in the run, from 1 (every ``suffix_every``-th is a suffix move).
+        """
         return "suffix" if self.suffix_every and move % self.suffix_every == 0 else "block"
 
     def _run(

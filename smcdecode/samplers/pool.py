@@ -57,7 +57,12 @@ class RolloutPool(Sampler):
         self.max_iters, self.entropy_threshold, self.tol = max_iters, entropy_threshold, tol
 
     def cell_proposal(self, span: int, temperature: float) -> Proposal:
-        """The proposal of cell (span, temperature): ``Tempered`` for span 0, else ``EGLR``."""
+        """The proposal of cell (span, temperature): ``Tempered`` for span 0, else ``EGLR``.
+
+        Args:
+            span: Top decoder layers re-applied (0: no recursion).
+            temperature: The proposal's temperature.
+        """
         if span == 0:
             return Tempered(temperature)
         return EGLR(span, self.max_iters, self.entropy_threshold, self.tol, temperature)

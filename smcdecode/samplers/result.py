@@ -108,6 +108,9 @@ class Trace:
     def log(self, info: Any) -> None:
         """Append one info (an ``ExtendTrace``, ``MoveTrace``, ``StepTrace``, ...), kept on its device.
 
+        Args:
+            info: A trace info of one of the types of :data:`KINDS`.
+
         Raises:
             TypeError: ``info`` is not one of the trace's info types.
         """
@@ -117,7 +120,11 @@ class Trace:
         self._records = None
 
     def infos(self, cls: type[T]) -> list[T]:
-        """The infos of type ``cls`` (e.g. ``MoveTrace``), in the order they were logged."""
+        """The infos of type ``cls`` (e.g. ``MoveTrace``), in the order they were logged.
+
+        Args:
+            cls: An info type of :data:`KINDS`.
+        """
         return [i for i in self._infos if isinstance(i, cls)]
 
     @property
@@ -134,14 +141,22 @@ class Trace:
         return self._records
 
     def of(self, kind: str) -> list[dict[str, Any]]:
-        """The records of one kind (``"extend"``, ``"move"``, ``"step"``, ``"shrink"``, ``"cell"``)."""
+        """The records of one kind (``"extend"``, ``"move"``, ``"step"``, ``"shrink"``, ``"cell"``).
+
+        Args:
+            kind: The record kind.
+        """
         return [r for r in self.records if r["kind"] == kind]
 
     @classmethod
     def from_records(cls, records: list[dict[str, Any]]) -> Trace:
         """The inverse of :attr:`records` (lists become CPU tensors). Move records written before
         the typed trace (``block``/``step`` and ``step``/``rejuvenation`` instead of
-        ``stage``/``sweep``) are read too; unknown kinds are skipped."""
+        ``stage``/``sweep``) are read too; unknown kinds are skipped.
+
+        Args:
+            records: JSON-ready dicts, each with its ``kind``.
+        """
         trace = cls()
         for rec in records:
             rec = dict(rec)
@@ -199,13 +214,21 @@ class Result:
         }
 
     def save(self, path: str) -> None:
-        """Write the result to ``path`` as JSON (``Result.load`` reads it back)."""
+        """Write the result to ``path`` as JSON (``Result.load`` reads it back).
+
+        Args:
+            path: The JSON file to write (overwritten).
+        """
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, allow_nan=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
-        """The inverse of ``to_dict``."""
+        """The inverse of ``to_dict``.
+
+        Args:
+            d: A dict written by ``to_dict`` (missing optional fields take their defaults).
+        """
         trace = Trace.from_records(d.get("trace", []))
         samples = [[Sample(**s) for s in per] for per in d["samples"]]
         return cls(
@@ -219,6 +242,10 @@ class Result:
 
     @classmethod
     def load(cls, path: str) -> Result:
-        """Read a result written by ``save``."""
+        """Read a result written by ``save``.
+
+        Args:
+            path: The JSON file.
+        """
         with open(path) as f:
             return cls.from_dict(json.load(f))

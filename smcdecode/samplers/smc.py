@@ -174,7 +174,12 @@ class SMC(Sampler):
         self.delimiter = delimiter
 
     def kernel(self, s: int) -> str:
-        """ "suffix" or "block": the kernel of rejuvenation move ``s`` (0-based) after a resampling."""
+        """ "suffix" or "block": the kernel of rejuvenation move ``s`` (0-based) after a resampling.
+
+        Args:
+            s: The move's index among the rejuvenation moves after one resampling, from 0
+                (``move="mix"`` alternates, starting with a suffix move).
+        """
         if self.move == "mix":
             return "suffix" if s % 2 == 0 else "block"
         return self.move
@@ -292,7 +297,11 @@ class SMC(Sampler):
         """Problems share one batch in :meth:`stream` unless the proposal has rollouts
         (``Lookahead``: each problem's rollout tokens stay its own) or the target or proposal
         needs the hidden state (EGLR's re-application binds to its own cache): those run one
-        problem at a time."""
+        problem at a time.
+
+        Args:
+            engine: The backend the sampler would run on (it resolves the requirements).
+        """
         return not self.proposal.auxiliary and not self._requirements(engine).hidden
 
     def _requirements(self, engine: Backend) -> Requirements:
@@ -315,7 +324,22 @@ class SMC(Sampler):
         waiting problem takes its rows. A problem's samples, weights and log Ẑ are those of
         ``run(engine, [prompt], seed=seed)``, whichever problems share the batch (up to
         floating-point differences of batched forwards). Proposals with rollouts and targets or
-        proposals needing the hidden state run one problem at a time (see :meth:`streams`)."""
+        proposals needing the hidden state run one problem at a time (see :meth:`streams`).
+
+        Args:
+            engine: The backend that runs the model.
+            problems: (key, prompt, seed) triples, consumed lazily.
+            in_flight: Problems in the batch at once.
+            max_new_tokens: Tokens generated per sample at most.
+            stop: Stop patterns, as in ``run``.
+
+        Yields:
+            A ``Finished`` per problem (its samples, log Ẑ and token counts), in the order they finish.
+
+        Raises:
+            ArgumentTypeError: ``engine`` is not a smcdecode backend.
+            ArgumentError: ``in_flight`` is below 1 or ``max_new_tokens`` is out of range.
+        """
         if not isinstance(engine, Backend):
             raise ArgumentTypeError("engine", f"expected a smcdecode backend, got {type(engine).__name__}")
         check_int("in_flight", in_flight, 1)

@@ -169,11 +169,25 @@ class SuffixMH(Sampler):
         return collect(problem, out, None, trace)
 
     def rows_plan(self, max_new_tokens: int) -> RowsPlan:
-        """Continuous batching: each row runs its own block and move schedule."""
+        """Continuous batching: each row runs its own block and move schedule.
+
+        Args:
+            max_new_tokens: Tokens generated per sample at most.
+        """
         return RowsPlan(Moves(self.block_size, self.steps, self.reuse_suffix), self.target, self.proposal, self.chains)
 
     def step(self, problem: Problem, decoder: Decoder, rows: Rows) -> tuple[Rows, MoveInfo, Tensor]:
-        """One forward of the run (see :func:`async_step`)."""
+        """One forward of the run (see :func:`async_step`).
+
+        Args:
+            problem: The run's fixed parts (engine, target, proposal, random streams).
+            decoder: The main backend and its auxiliary streams.
+            rows: Every row's current chain, proposal and schedule.
+
+        Returns:
+            ``(rows, info, completed)``: the new rows, the decided moves' info and which rows
+            completed a proposal (bool [B]).
+        """
         return async_step(problem, decoder, rows, self.block_size, self.steps, self.reuse_suffix)
 
     def __repr__(self) -> str:

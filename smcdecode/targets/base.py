@@ -31,7 +31,15 @@ if TYPE_CHECKING:
 @dataclass
 class Sequences:
     """Rows handed to sequence potentials: row r continues prompt ``prompt_index[r]`` with
-    ``tokens[r]`` (EOS included when produced); ``sample_index[r]`` is its row within the prompt."""
+    ``tokens[r]`` (EOS included when produced); ``sample_index[r]`` is its row within the prompt.
+
+    Args:
+        prompts: The run's prompts, as given to the sampler.
+        prompt_index: Per row, the index of its prompt.
+        sample_index: Per row, its row within its prompt.
+        tokens: Per row, the generated token ids.
+        decode: Token ids to text (None without a tokenizer).
+    """
 
     prompts: Sequence[Any]
     prompt_index: list[int]

@@ -184,7 +184,18 @@ class LayerContrast(Potential):
         return Requirements(Layer(i) for i in layers)
 
     def premature(self, view: Readouts) -> Tensor:
-        """log p_L per row: the fixed layer, or per row the candidate of largest JS divergence."""
+        """log p_L per row: the fixed layer, or per row the candidate of largest JS divergence.
+
+        Args:
+            view: The step's readouts: ``log_p`` [B, V] and the ``Layer`` readouts [B, V] of the
+                fixed layer or of every candidate (``num_layers`` set for a DoLa preset).
+
+        Returns:
+            The premature layer's log-probs [B, V].
+
+        Raises:
+            ArgumentError: a DoLa preset is used but ``view.num_layers`` is None.
+        """
         if self.layer != "dynamic":
             return view[Layer(int(self.layer))]
         if isinstance(self.candidates, str) and view.num_layers is None:

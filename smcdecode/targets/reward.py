@@ -55,6 +55,9 @@ class Reward(Potential):
     def sequence_log_potential(self, seqs: Sequences) -> Tensor:
         """λ·r of each row, [B] float64.
 
+        Args:
+            seqs: The rows: their prompts and continuations (texts when the backend has a tokenizer).
+
         Raises:
             RewardError: ``fn`` raised, or returned a value that is not a finite number (the error
                 names the prompt and sample).

@@ -68,7 +68,6 @@ def test_canonical_solutions_pass_and_the_grader_agrees_with_the_official_harnes
     assert failing == []
     answers = committed_answers()
     assert len(answers) >= 700  # every committed record's answer, duplicates counted once
-    t0 = time.perf_counter()
     disagreements = []
     for (uid, answer), committed in answers.items():
         started = time.perf_counter()
@@ -77,4 +76,4 @@ def test_canonical_solutions_pass_and_the_grader_agrees_with_the_official_harnes
         theirs = official_verdict(pid, read, started)
         if not mine == theirs == committed:
             disagreements.append((uid, answer[:60], mine, theirs, committed))
-    assert disagreements == [], f"{len(disagreements)} of {len(answers)} ({time.perf_counter() - t0:.0f} s)"
+    assert disagreements == [], f"{len(disagreements)} of {len(answers)} disagree: {disagreements[:5]}"

@@ -19,13 +19,23 @@ from smcdecode.tasks import Task
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _check_backend_flags(args: argparse.Namespace) -> None:
+    """llama.cpp-only flags on the HF backend are refused, not ignored."""
+    for flag, key in (("--kv-split", "kv_split"), ("--n-ctx", "n_ctx")):
+        if getattr(args, "backend", "hf") == "hf" and getattr(args, key, None):
+            raise SmcdecodeError(f"{flag} is a llama.cpp option: add --backend llamacpp")
+
+
 def _engine(args: argparse.Namespace):
     from smcdecode.backends import Engine
 
     dtype = DTYPES[args.dtype]
     backend = getattr(args, "backend", "hf")
+    _check_backend_flags(args)
     if backend != "hf":  # GGUF only: the embedded model, a registry name or a .gguf file
-        extra = {"n_ctx": args.n_ctx} if getattr(args, "n_ctx", None) else {}
+        extra: dict[str, Any] = {"n_ctx": args.n_ctx} if getattr(args, "n_ctx", None) else {}
+        if getattr(args, "kv_split", False):
+            extra["kv_unified"] = False
         return Engine.from_gguf(
             args.model, backend=backend, device=args.device, n_threads=torch.get_num_threads(), **extra
         )
@@ -39,6 +49,10 @@ def _engine(args: argparse.Namespace):
 N_CTX_HELP = (
     "llamacpp: KV cells shared by all rows (default 32768); about rows x (prompt + new tokens) for a "
     "batch whose rows share no prompt; a run that needs more stops with an error naming the value that fits"
+)
+KV_SPLIT_HELP = (
+    "llamacpp: give each row its own KV stream of n_ctx / n_seq_max cells instead of one shared pool: "
+    "faster for long rows, slower for short ones; size --n-ctx to 256 (the sequence ids) x the longest row"
 )
 BACKEND_HELP = (
     "hf: transformers, any model, every target (default); llamacpp: llama.cpp on a GGUF file, "
@@ -73,7 +87,17 @@ def parse_stop(values: list[str] | None, default: tuple[str, ...] | None = None)
 def cmd_demo(args: argparse.Namespace) -> None:
     from smcdecode.demo import main_demo
 
-    main_demo(args.limit, args.out, args.alpha, args.seed, args.max_new_tokens, backend=args.backend, n_ctx=args.n_ctx)
+    _check_backend_flags(args)
+    main_demo(
+        args.limit,
+        args.out,
+        args.alpha,
+        args.seed,
+        args.max_new_tokens,
+        backend=args.backend,
+        n_ctx=args.n_ctx,
+        kv_unified=not args.kv_split,
+    )
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -140,6 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from smcdecode.evaluate import definition_of, run_eval
     from smcdecode.spec import method_name, parse_method
 
+    _check_backend_flags(args)
     executor = _ray_executor(args)
     early = _task(args, None)  # problems and default stops; prompts need the model's tokenizer
     stop = parse_stop(args.stop, early.stop)
@@ -294,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=6, help="tokens generated per answer at most (default 6)")
     d.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help=BACKEND_HELP)
     d.add_argument("--n-ctx", type=int, default=None, help=N_CTX_HELP)
+    d.add_argument("--kv-split", action="store_true", help=KV_SPLIT_HELP)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser(
@@ -321,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="embedded", help=MODEL_HELP)
     s.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help=BACKEND_HELP)
     s.add_argument("--n-ctx", type=int, default=None, help=N_CTX_HELP)
+    s.add_argument("--kv-split", action="store_true", help=KV_SPLIT_HELP)
     s.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
     s.add_argument("--out", default=None, help="save the Result as JSON (for smcdecode plot)")
@@ -397,13 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--batch-size",
             type=int,
             default=1,
-            help="problems in the batch (default 1). Ancestral and mh keep it full, admitting a waiting problem as "
-            "one finishes, and a problem's samples depend only on seed, problem id and method; smc takes problems "
-            "this many at a time, and above 1 its samples also depend on which problems share the call",
+            help="problems in the batch (default 1). Ancestral, mh and smc keep it full, admitting a waiting problem "
+            "as one finishes, and a problem's samples depend only on seed, problem id and method; samplers with "
+            "rollout proposals (lookahead, EGLR) run one problem at a time",
         )
         t.add_argument("--model", default="embedded", help=MODEL_HELP)
         t.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help=BACKEND_HELP)
         t.add_argument("--n-ctx", type=int, default=None, help=N_CTX_HELP)
+        t.add_argument("--kv-split", action="store_true", help=KV_SPLIT_HELP)
         t.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default cpu)")
         t.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
         r = t.add_argument_group("distributed (Ray; pip install 'smcdecode[ray]')")

@@ -10,6 +10,9 @@ engine computed, and the wall time.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import math
 import os
@@ -79,6 +82,17 @@ def format_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
 CHUNK = 16  # problems per sampler call: the rows in flight (SMC: CHUNK x particles)
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's ``malloc_trim``; a no-op
+    elsewhere). Between chunks, so the resident set is what the next chunk needs, not the high
+    water mark of the fragmented heap the previous ones left."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def run_demo(
     engine: Backend | None = None,
     *,
@@ -146,6 +160,7 @@ def run_demo(
                 decode_tokens += res.counters["decode_tokens"]
                 wall += res.wall_time
                 del res
+                release_memory()
             rows.append(Row(name, correct, len(probs), ll / max(1, ntok), decode_tokens, wall))
             plots.append((name, data))
     plot_all(plots, out)
@@ -155,10 +170,19 @@ def run_demo(
 
 
 def main_demo(
-    limit: int, out: str, alpha: float, seed: int, max_new_tokens: int, backend: str = "hf", n_ctx: int | None = None
+    limit: int,
+    out: str,
+    alpha: float,
+    seed: int,
+    max_new_tokens: int,
+    backend: str = "hf",
+    n_ctx: int | None = None,
+    kv_unified: bool = True,
 ) -> None:
     t0 = time.perf_counter()
     extra: dict[str, Any] = {"n_ctx": n_ctx} if n_ctx else {}
+    if not kv_unified:
+        extra["kv_unified"] = False
     engine = Engine.from_gguf("embedded", backend=backend, **extra) if backend != "hf" else None
     rows = run_demo(engine, limit=limit, out=out, alpha=alpha, seed=seed, max_new_tokens=max_new_tokens)
     print(format_table([r.cells() for r in rows]))

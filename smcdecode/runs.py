@@ -12,8 +12,8 @@ keeps records of different definitions in different rows.
 Not part of a definition (they do not change what a problem's samples are drawn from): which
 problems are taken (``--limit``, ``--skip``, ``--shard``, ``--levels``, ``--subjects``),
 ``batch_size`` and the executor (a streamed problem's samples depend only on seed, problem id
-and method; batch-at-a-time SMC above one problem per call also on its batch), the device and
-``n_ctx``.
+and method; batch-at-a-time SMC above one problem per call also on its batch), the device,
+``n_ctx`` and the KV layout (``--kv-split``).
 """
 
 from __future__ import annotations

@@ -195,3 +195,33 @@ def test_math500_answers_built_to_fool_math_verify_are_wrong():
         assert math500.grade(answer, "5") is False, answer
     assert math500.grade("x=5", "5") is True and math500.grade(None, "5") is False
     assert math500.boxed_parses("", "\\boxed{") == 0.0 and math500.boxed_parses("", None) == 0.0
+
+
+def test_math500_grading_is_the_same_from_any_thread_and_bounded_in_time():
+    """math-verify's own timeouts need the main thread; grading runs in SMC problem threads and
+    Ray workers' evaluation threads too, so it must give the main thread's verdicts there, and an
+    answer that keeps sympy busy without end is cut off (not verified) by the hard timeout."""
+    pytest.importorskip("math_verify")
+    import threading
+
+    from smcdecode.tasks import math500
+    from smcdecode.tasks.mathverify import Verifier
+
+    cases = [("\\frac12", "\\frac{1}{2}", True), ("0.5", "\\frac{1}{2}", True), ("3", "\\frac{1}{2}", False)]
+    got: dict[str, list[object]] = {}
+
+    def run(where: str) -> None:
+        got[where] = [math500.grade(a, g) for a, g, _ in cases] + [math500.boxed_parses("", "so \\boxed{3}")]
+
+    run("main")
+    t = threading.Thread(target=run, args=("thread",))
+    t.start()
+    t.join()
+    assert got["main"] == got["thread"] == [ok for _, _, ok in cases] + [1.0]
+
+    v = Verifier(timeout=1.0)
+    try:
+        assert v.grade("9^{9^{9^{9}}}", "5") is False and v.timeouts == 1  # killed after 1 s
+        assert v.grade("5", "5") is True  # a fresh child takes the next request
+    finally:
+        v.close()

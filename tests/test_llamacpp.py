@@ -191,3 +191,9 @@ def test_from_gguf_chooses_the_backend_and_the_cli_takes_it(capsys, tmp_path):
     assert len(lines) == 4 and abs(sum(x["weight"] for x in lines) - 1) < 1e-3
     assert main([*argv, "--target", "contrast:layer=10,beta=-0.5"]) == 2  # no layers on llama.cpp
     assert "LlamaCppBackend" in capsys.readouterr().err
+    split = ["sample", "Q: 2+2?\nA:", "--backend", "llamacpp", "--kv-split", "--n-ctx", str(256 * 32)]
+    assert main([*split, "--max-new-tokens", "3", "--sampler", "smc:particles=4", "--target", "power:alpha=2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4  # one stream of 32 cells per row
+    assert main(["sample", "Q: 2+2?\nA:", "--kv-split", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-split" in err and "--backend llamacpp" in err  # an HF run refuses it by name

@@ -84,15 +84,15 @@ def last_boxed(text: str | None) -> str | None:
 
 
 def grade(answer: str | None, gold: str) -> bool:
-    """True when ``answer`` (boxed content) is mathematically equal to ``gold`` (math-verify)."""
+    """True when ``answer`` (boxed content) is mathematically equal to ``gold`` (math-verify, in a
+    child process bounded by a timeout: see :mod:`smcdecode.tasks.mathverify`); string equality
+    when math-verify fails on them, False when it overruns."""
     if answer is None:
         return False
-    from math_verify import parse, verify
+    from smcdecode.tasks.mathverify import verifier
 
-    try:
-        return bool(verify(parse(f"${gold}$"), parse(f"$\\boxed{{{answer}}}$")))
-    except Exception:
-        return answer.strip() == gold.strip()
+    ok = verifier().grade(answer, gold)
+    return answer.strip() == gold.strip() if ok is None else ok
 
 
 def boxed_parses(prompt_text: Any, continuation: Any) -> float:
@@ -100,9 +100,6 @@ def boxed_parses(prompt_text: Any, continuation: Any) -> float:
     ans = last_boxed(continuation if isinstance(continuation, str) else None)
     if ans is None:
         return 0.0
-    from math_verify import parse
+    from smcdecode.tasks.mathverify import verifier
 
-    try:
-        return 1.0 if parse(f"$\\boxed{{{ans}}}$") else 0.0
-    except Exception:
-        return 0.0
+    return 1.0 if verifier().parses(ans) else 0.0

@@ -101,11 +101,16 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=98304, help="llamacpp: KV cells (default 98304)")
     ap.add_argument("--plain-rows", type=int, default=None, help="rows of the plain decode rate (default batch size)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
+    ap.add_argument("--kv-split", action="store_true", help="llamacpp: a KV stream per sequence (kv_unified=False)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.backend == "llamacpp":
         engine = sd.Engine.from_gguf(
-            args.model, backend="llamacpp", n_ctx=args.n_ctx, n_threads=torch.get_num_threads()
+            args.model,
+            backend="llamacpp",
+            n_ctx=args.n_ctx,
+            n_threads=torch.get_num_threads(),
+            kv_unified=not args.kv_split,
         )
     else:
         engine = sd.Engine.embedded() if args.model == "embedded" else sd.Engine.from_pretrained(resolve(args.model))
@@ -122,7 +127,8 @@ def main() -> None:
         sampler = parse_method(spec, {}).sampler
         for label, stops_label, continuous in (c for c in CONFIGS if c[0] in wanted):
             stop = parse_stop(None, humaneval.stop) if stops_label == "harness" else None
-            out = os.path.join(args.out, f"{args.model}-{args.backend}-{name}-{label}")
+            layout = "-split" if args.kv_split else ""
+            out = os.path.join(args.out, f"{args.model}-{args.backend}{layout}-{name}-{label}")
             os.makedirs(out, exist_ok=True)
             path, total = run_wall(
                 out,
@@ -196,7 +202,8 @@ def main() -> None:
         "pass@1",
     ]
     print_table(header, rows)
-    config = {k: getattr(args, k) for k in ("model", "backend", "limit", "max_new_tokens", "batch_size")}
+    keys = ("model", "backend", "limit", "max_new_tokens", "batch_size", "n_ctx", "kv_split")
+    config = {k: getattr(args, k) for k in keys}
     config["plain_decode_tok_per_s"], config["plain_rows"] = plain, plain_rows
     print(write_results(f"bench_eval{args.tag}", {"config": config, "methods": METHODS, "rows": payload}))
 

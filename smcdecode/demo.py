@@ -10,9 +10,6 @@ engine computed, and the wall time.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import json
 import math
 import os
@@ -21,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from smcdecode import proposals, samplers, targets
+from smcdecode import heap, proposals, samplers, targets
 from smcdecode.backends import Backend, Engine
 from smcdecode.errors import check_finite_positive, check_int
 from smcdecode.evaluate import choose
@@ -80,17 +77,6 @@ def format_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
 
 
 CHUNK = 16  # problems per sampler call: the rows in flight (SMC: CHUNK x particles)
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc's ``malloc_trim``; a no-op
-    elsewhere). Between chunks, so the resident set is what the next chunk needs, not the high
-    water mark of the fragmented heap the previous ones left."""
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def run_demo(
@@ -160,7 +146,7 @@ def run_demo(
                 decode_tokens += res.counters["decode_tokens"]
                 wall += res.wall_time
                 del res
-                release_memory()
+                heap.trim(collect=True)  # the next chunk starts from what it needs
             rows.append(Row(name, correct, len(probs), ll / max(1, ntok), decode_tokens, wall))
             plots.append((name, data))
     plot_all(plots, out)

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from smcdecode import heap
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentError, RewardError, check_int
 from smcdecode.records import RecordWriter, read_jsonl
@@ -245,6 +246,7 @@ def run_eval(
             for records in streamed:
                 for rec in records:
                     writer.append(rec)
+                    heap.trim()  # freed KV and activations back to the OS: flat memory over a run
                     tokens += rec.get("decode_tokens", 0)
                     bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
                     bar.update(1)
@@ -261,6 +263,7 @@ def run_eval(
         for records in results:
             for rec in records:
                 writer.append(rec)
+                heap.trim()  # freed KV and activations back to the OS: flat memory over a run
                 bar.update(1)
     return path
 
@@ -358,6 +361,7 @@ def _run_streaming(
             for fin in finished:
                 rec = job.finished(task, by_uid[fin.key], fin)
                 writer.append(rec)
+                heap.trim()  # freed KV and activations back to the OS: flat memory over a run
                 written.add(fin.key)
                 tokens += fin.decode_tokens
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
@@ -367,6 +371,7 @@ def _run_streaming(
                 if p["unique_id"] not in written:
                     for rec in job((task, engine, sampler), [p]):
                         writer.append(rec)
+                        heap.trim()  # freed KV and activations back to the OS: flat memory over a run
                     bar.update(1)
 
 

@@ -55,7 +55,10 @@ def measure(limit: int, max_new_tokens: int, work: str) -> dict[str, Any]:
     trace: list[dict[str, Any]] = []  # one entry per chunk: method, chunk, peak RSS while it ran
     seen: set[str] = set()
     peak = 0
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps the child with its rusage
+        if pid:
+            break
         peak = max(peak, rss_kib(proc.pid))
         names = os.listdir(out) if os.path.isdir(out) else []
         done = sorted(f for f in names if f.startswith("result_") and f not in seen)
@@ -65,7 +68,6 @@ def measure(limit: int, max_new_tokens: int, work: str) -> dict[str, Any]:
             trace.append({"method": int(m), "chunk": int(k), "peak_rss_gb": round(peak / 2**20, 3)})
             peak = 0
         time.sleep(0.1)
-    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     stderr = b"".join(stderr_chunks).decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:

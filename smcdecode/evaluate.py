@@ -246,7 +246,6 @@ def run_eval(
             for records in streamed:
                 for rec in records:
                     writer.append(rec)
-                    heap.trim()  # freed KV and activations back to the OS: flat memory over a run
                     tokens += rec.get("decode_tokens", 0)
                     bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
                     bar.update(1)
@@ -263,7 +262,6 @@ def run_eval(
         for records in results:
             for rec in records:
                 writer.append(rec)
-                heap.trim()  # freed KV and activations back to the OS: flat memory over a run
                 bar.update(1)
     return path
 
@@ -361,7 +359,6 @@ def _run_streaming(
             for fin in finished:
                 rec = job.finished(task, by_uid[fin.key], fin)
                 writer.append(rec)
-                heap.trim()  # freed KV and activations back to the OS: flat memory over a run
                 written.add(fin.key)
                 tokens += fin.decode_tokens
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
@@ -371,7 +368,6 @@ def _run_streaming(
                 if p["unique_id"] not in written:
                     for rec in job((task, engine, sampler), [p]):
                         writer.append(rec)
-                        heap.trim()  # freed KV and activations back to the OS: flat memory over a run
                     bar.update(1)
 
 
@@ -454,7 +450,8 @@ class BatchJob:
             task, engine, sampler, self.method, batch, self.seed, self.max_new_tokens, self.select, self.stop
         )
         for r in records:
-            r["stop"] = None if self.stop is None else [s if isinstance(s, str) else list(s) for s in self.stop]
+            r["stop"] = self.stops()
+        heap.trim()  # in the process that sampled: its freed KV and activations back to the OS
         return records
 
     def stops(self) -> list[Any] | None:
@@ -490,6 +487,7 @@ class BatchJob:
             rec["forwards"] = fin.forwards  # the problem ran alone: its sequential depth
         rec["stop"] = self.stops()
         rec["streamed"] = True  # wall_time is this problem's admission-to-grading span
+        heap.trim()  # in the process that sampled: its freed KV and activations back to the OS
         return rec
 
     def failed(self, p: dict[str, Any], message: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ caches growing, compacted and resampled; problems of different lengths admitted 
 SMC problems running in their own threads) holds its high-water mark per arena, fragmented, and
 its resident set creeps up with the number of problems. :func:`trim` calls ``malloc_trim(0)``,
 which releases the free pages of every arena; evaluation calls it as each problem's record is
-written, the demo between chunks. A no-op where the C library is not glibc.
+made, in the process that sampled it (this one, or a Ray worker), the demo between chunks. A
+no-op where the C library is not glibc.
 """
 
 from __future__ import annotations

@@ -13,6 +13,20 @@ rejected proposals included). Families, all with proposal T = 1/4 and the same s
 * ``mh_K``: suffix MH on p^4, K moves per 64-token block (128 for MATH);
 * ``lookahead``: block-lookahead SMC at one CPU-sized setting.
 
+The baselines are read off a pool: the largest ``vote_N`` run that graded every problem holds N
+independent T = 1/4 samples per problem, and its first M are M independent T = 1/4 samples, so
+``low_temp`` (the first sample), ``vote_M`` (the majority over the first M) and ``bestof_M`` (the
+first of the best by the ``public-tests`` reward over the first M) for every M ≤ N follow from it
+with the law of their own runs, at their own budget (a sample of T tokens costs T − 1 decode
+steps: its first token comes from the prompt's prefill). One pool run therefore gives every
+baseline row up to its size, and the rows are nested (each doubling adds samples to the same
+ones), which is what the doubling tests compare. Baseline rows that were also run on their own
+are compared with the ones read off the pool (``pool_check``: the accuracy of each and the problems
+on which they differ): the same law, so they differ by sampling noise, and by llama.cpp's
+batch-dependent rounding alone where the run drew the same samples (``bestof_N`` against a
+``vote_N`` pool: same sampler, same seeds). By default only the pools (``vote_N``) and the power
+methods run; ``--methods`` may still name ``low_temp`` or ``bestof_N`` to run one on its own.
+
 Every method runs through ``run_eval`` (``results.py``: resumable records, one directory per
 method under ``experiments/records/frontier/TASK``), cheapest first, so a stopped run has the
 small budgets complete. Then, from the records of the problems every finished method has graded:
@@ -25,7 +39,7 @@ small budgets complete. Then, from the records of the problems every finished me
 * per family, where doubling the budget stops paying: the first point whose next, larger budget
   is not significantly better (McNemar p ≥ 0.05, or worse);
 * the fraction of problems only power methods solve at the largest budget (solved by the largest
-  power SMC or MH run, by no baseline run at any budget).
+  power SMC or MH run, by no baseline row at any budget).
 
     python experiments/frontier.py humaneval --model qwen2.5-coder-0.5b-instruct --backend llamacpp --n-ctx 98304
     python experiments/frontier.py math500 --data PATH/math500.jsonl --model qwen2.5-coder-0.5b-instruct \\
@@ -45,12 +59,16 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from results import run  # type: ignore[import-not-found]
 
 from smcdecode.demo import wilson
+from smcdecode.evaluate import choose
 from smcdecode.report import mcnemar
+from smcdecode.tasks import Task, load_task
 
 from common import RECORDS, write_results  # type: ignore[import-not-found]
 from common import RESULTS as RESULTS_DIR
@@ -98,9 +116,72 @@ def _size(label: str) -> int:
     return int(tail) if tail.isdigit() else 1
 
 
-def analyse(task: str, out: str, labels: list[str], results_dir: str) -> dict[str, Any]:
+class Judge:
+    """The task's grade and reward of a pool's samples, each (problem, answer) computed once; a
+    pool record's own verdicts are reused (its chosen answer, and every sample when all or none
+    of them were correct)."""
+
+    def __init__(self, task: Task, pool: dict[str, dict[str, Any]]) -> None:
+        self.task = task
+        self.problem = {str(p["unique_id"]): p for p in task.adapter.problems}
+        self.known: dict[tuple[str, Any], bool] = {}
+        self.rewards: dict[tuple[str, str], float] = {}
+        for uid, r in pool.items():
+            self.known[(uid, r["answer"])] = bool(r["correct"])
+            if r.get("n_correct") in (0, r["n_samples"]):
+                for s in r["samples"]:
+                    self.known[(uid, task.adapter.answer(s["text"]))] = r["n_correct"] > 0
+
+    def grade(self, uid: str, answer: Any) -> bool:
+        if (uid, answer) not in self.known:
+            self.known[(uid, answer)] = bool(self.task.adapter.grade(self.problem[uid], answer))
+        return self.known[(uid, answer)]
+
+    def reward(self, uid: str, text: str) -> float:
+        """The ``public-tests`` reward, as the ``bestof_N`` runs' target computes it."""
+        if (uid, text) not in self.rewards:
+            p = self.problem[uid]
+            self.rewards[(uid, text)] = float(self.task.rewards["public-tests"](self.task.adapter.prompt(p), text))
+        return self.rewards[(uid, text)]
+
+
+def read_off_pool(
+    pool: dict[str, dict[str, Any]], size: int, answer: Callable[[str | None], Any], judge: Judge, best_of: bool
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Baseline records (label -> uid -> ``correct``, ``decode_tokens``) from a pool run of
+    ``size`` independent samples per problem: ``low_temp`` is its first sample, ``vote_M`` the
+    majority (``choose(..., "majority")``, as ``run_eval`` grades it) over the first M, ``bestof_M``
+    the first of the highest rewards over the first M, for M = 2, 4, 8, 16 up to ``size``. A sample
+    of T tokens costs T − 1 decode steps (the first comes from the prompt's prefill)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in [1] + [m for m in (2, 4, 8, 16) if m <= size]:
+        for kind in ["low_temp"] if m == 1 else ["vote", "bestof"] if best_of else ["vote"]:
+            label = kind if m == 1 else f"{kind}_{m}"
+            out[label] = {}
+            for uid, rec in pool.items():
+                first = rec["samples"][:m]
+                answers = [answer(s["text"]) for s in first]
+                if kind == "vote":  # equal weights: the most frequent answer, the first of equals
+                    samples = [SimpleNamespace(log_weight=s["log_weight"], log_target=None) for s in first]
+                    i = choose(samples, answers, "majority", None)  # type: ignore[arg-type]
+                elif kind == "bestof":
+                    scores = [judge.reward(uid, s["text"]) for s in first]
+                    i = scores.index(max(scores))
+                else:
+                    i = 0
+                out[label][uid] = {
+                    "correct": judge.grade(uid, answers[i]),
+                    "decode_tokens": sum(s["tokens"] - 1 for s in first),
+                }
+    return out
+
+
+def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -> dict[str, Any]:
+    """The summary of the records under ``out``: every method of the task's table that has graded
+    every problem graded so far. ``judged``: the task, to grade and reward the samples of the
+    baseline pool (None: baselines only as run on their own)."""
     recs: dict[str, dict[str, dict[str, Any]]] = {}
-    for label in labels:
+    for label in methods(task):
         path = os.path.join(out, label, "results.jsonl")
         if os.path.exists(path):
             recs[label] = {r["uid"]: r for r in map(json.loads, open(path))}
@@ -108,6 +189,26 @@ def analyse(task: str, out: str, labels: list[str], results_dir: str) -> dict[st
         return {}
     complete = max(len(v) for v in recs.values())
     done = {k: v for k, v in recs.items() if len(v) == complete}  # methods that graded every problem so far
+    pools = [k for k in done if family(k) == "vote"]
+    pool_label, pool_check = None, []
+    if pools and judged is not None:
+        pool_label = max(pools, key=_size)
+        pool = done[pool_label]
+        judge = Judge(judged, pool)
+        derived = read_off_pool(pool, _size(pool_label), judged.adapter.answer, judge, task == "humaneval")
+        for label, by_uid in derived.items():
+            if label in done and label != pool_label:
+                own = [u for u in by_uid if u in done[label]]
+                pool_check.append(
+                    {
+                        "method": label,
+                        "problems": len(own),
+                        "run_accuracy": sum(bool(done[label][u]["correct"]) for u in own) / len(own),
+                        "pool_accuracy": sum(by_uid[u]["correct"] for u in own) / len(own),
+                        "differ": sum(bool(done[label][u]["correct"]) != by_uid[u]["correct"] for u in own),
+                    }
+                )
+            done[label] = by_uid
     shared = sorted(set.intersection(*(set(v) for v in done.values())))
     rows = []
     for label, by_uid in done.items():
@@ -165,6 +266,8 @@ def analyse(task: str, out: str, labels: list[str], results_dir: str) -> dict[st
         "bends": bends,
         "only_power_fraction": only_power,
         "power_top": [p["method"] for p in power_top],
+        "pool": pool_label,
+        "pool_check": pool_check,
         "incomplete": sorted(set(recs) - set(done)),
     }
     _print(summary)
@@ -189,6 +292,13 @@ def _print(s: dict[str, Any]) -> None:
         print(f"{fam}: doubling stops paying after {b['method']} (accuracy {b['accuracy']:.3f})")
     if s["only_power_fraction"] is not None:
         print(f"solved only by power methods ({', '.join(s['power_top'])}): {s['only_power_fraction']:.3f}")
+    if s["pool"]:
+        print(f"baselines read off {s['pool']}; against their own runs:")
+        for c in s["pool_check"]:
+            print(
+                f"  {c['method']}: run {c['run_accuracy']:.3f}, pool {c['pool_accuracy']:.3f}, "
+                f"{c['differ']} of {c['problems']} problems differ"
+            )
     if s["incomplete"]:
         print(f"not yet complete (left out): {', '.join(s['incomplete'])}")
 
@@ -214,7 +324,8 @@ if __name__ == "__main__":
     task, argv = sys.argv[1], sys.argv[2:]
     table = methods(task)
     ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--methods", default=",".join(table))
+    pools_and_power = [x for x in table if x != "low_temp" and family(x) != "bestof"]  # the rest is read off pools
+    ap.add_argument("--methods", default=",".join(pools_and_power))
     ap.add_argument("--out", default=os.path.join(RECORDS, "frontier", task))
     ap.add_argument("--results-dir", default=RESULTS_DIR)
     ap.add_argument("--summary-only", action="store_true")
@@ -228,4 +339,10 @@ if __name__ == "__main__":
         for label in labels:  # one at a time, cheapest first: a stopped run keeps the small budgets
             fit = [] if "--batch-size" in rest or _size(label) < 16 else ["--batch-size", "8"]  # ≤ 128 rows + snapshots
             run(task, {label: table[label]}, DEFAULTS[task], ["--methods", label, *scratch, *fit, *rest])
-    analyse(task, ours.out, labels, ours.results_dir)
+    given = argparse.ArgumentParser(add_help=False)
+    given.add_argument("--data")
+    given.add_argument("--levels", type=lambda x: [int(v) for v in x.split(",")])
+    given.add_argument("--prompt")
+    known, _ = given.parse_known_args([*DEFAULTS[task], *rest])
+    judged = load_task(task, data=known.data, prompt=known.prompt, levels=known.levels)
+    analyse(task, ours.out, ours.results_dir, judged)

@@ -37,7 +37,9 @@ small budgets complete. Then, from the records of the problems every finished me
 * paired exact McNemar tests of each power method against the vote at the nearest budget (log
   scale);
 * per family, where doubling the budget stops paying: the first point whose next, larger budget
-  is not significantly better (McNemar p ≥ 0.05, or worse);
+  is not significantly better (McNemar p ≥ 0.05, or worse); each budget family (vote, best-of,
+  SMC, MH) starts at ``low_temp``, which is what it is with one sample, one particle or no move;
+  and the family's most accurate point against its start (every doubling at once);
 * the fraction of problems only power methods solve at the largest budget (solved by the largest
   power SMC or MH run, by no baseline row at any budget).
 
@@ -238,15 +240,22 @@ def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -
         test = mcnemar(ok_of[r["method"]], ok_of[near["method"]])
         paired.append({"method": r["method"], "against": near["method"], **test})
     bends = {}
-    for fam in sorted({r["family"] for r in rows}):
-        pts = [r for r in rows if r["family"] == fam]
+    for fam in sorted({r["family"] for r in rows} - {"low_temp"}):
+        pts = _curve(rows, fam)
         bend = pts[-1]["method"]
         for a, b in zip(pts, pts[1:]):
             test = mcnemar(ok_of[b["method"]], ok_of[a["method"]])
             if not (test["b"] > test["c"] and test["p"] < 0.05):
                 bend = a["method"]
                 break
-        bends[fam] = {"method": bend, "accuracy": next(r["accuracy"] for r in pts if r["method"] == bend)}
+        top = max(pts, key=lambda r: (r["accuracy"], -r["decode_tokens"]))
+        against = mcnemar(ok_of[top["method"]], ok_of[pts[0]["method"]])
+        bends[fam] = {
+            "method": bend,
+            "accuracy": next(r["accuracy"] for r in pts if r["method"] == bend),
+            "best": top["method"],  # the family's most accurate point (the cheaper of equals)
+            "best_vs_start": {"against": pts[0]["method"], **against},  # all doublings at once
+        }
     power_top = [
         max((r for r in rows if r["family"] == f), key=lambda r: r["decode_tokens"])
         for f in ("smc", "mh")
@@ -289,7 +298,11 @@ def _print(s: dict[str, Any]) -> None:
             f"{p['against']}, p = {p['p']:.3f}"
         )
     for fam, b in s["bends"].items():
-        print(f"{fam}: doubling stops paying after {b['method']} (accuracy {b['accuracy']:.3f})")
+        t = b["best_vs_start"]
+        print(
+            f"{fam}: doubling stops paying after {b['method']} (accuracy {b['accuracy']:.3f}); its best, "
+            f"{b['best']}, against {t['against']}: {t['b']} vs {t['c']} discordant, p = {t['p']:.3f}"
+        )
     if s["only_power_fraction"] is not None:
         print(f"solved only by power methods ({', '.join(s['power_top'])}): {s['only_power_fraction']:.3f}")
     if s["pool"]:
@@ -303,12 +316,20 @@ def _print(s: dict[str, Any]) -> None:
         print(f"not yet complete (left out): {', '.join(s['incomplete'])}")
 
 
+def _curve(rows: list[dict[str, Any]], fam: str) -> list[dict[str, Any]]:
+    """A family's points by budget. The budget families start at one T = 1/4 sample, which is what
+    each of them is with one sample, particle or no move (``low_temp``)."""
+    pts = [r for r in rows if r["family"] == fam]
+    start = [r for r in rows if r["family"] == "low_temp"] if fam in ("vote", "bestof", "smc", "mh") else []
+    return start + pts
+
+
 def _plot(rows: list[dict[str, Any]], task: str, path: str) -> None:
     from smcdecode.plots import figure, finish
 
     fig, ax = figure((6.5, 4.2))
     for fam in sorted({r["family"] for r in rows}):
-        pts = [r for r in rows if r["family"] == fam]
+        pts = _curve(rows, fam)
         x = [r["decode_tokens"] for r in pts]
         y = [r["accuracy"] for r in pts]
         err = [[r["accuracy"] - r["wilson95"][0] for r in pts], [r["wilson95"][1] - r["accuracy"] for r in pts]]

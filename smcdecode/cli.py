@@ -26,6 +26,16 @@ def _check_backend_flags(args: argparse.Namespace) -> None:
             raise SmcdecodeError(f"{flag} is a llama.cpp option: add --backend llamacpp")
 
 
+def _llamacpp(args: argparse.Namespace, model: str, **kw: Any):
+    """The llama.cpp engine of ``model`` with the command line's llama.cpp options."""
+    from smcdecode.backends import Engine
+
+    extra: dict[str, Any] = {"n_ctx": args.n_ctx} if getattr(args, "n_ctx", None) else {}
+    if getattr(args, "kv_split", False):
+        extra["kv_unified"] = False
+    return Engine.from_gguf(model, backend=args.backend, n_threads=torch.get_num_threads(), **kw, **extra)
+
+
 def _engine(args: argparse.Namespace):
     from smcdecode.backends import Engine
 
@@ -33,12 +43,7 @@ def _engine(args: argparse.Namespace):
     backend = getattr(args, "backend", "hf")
     _check_backend_flags(args)
     if backend != "hf":  # GGUF only: the embedded model, a registry name or a .gguf file
-        extra: dict[str, Any] = {"n_ctx": args.n_ctx} if getattr(args, "n_ctx", None) else {}
-        if getattr(args, "kv_split", False):
-            extra["kv_unified"] = False
-        return Engine.from_gguf(
-            args.model, backend=backend, device=args.device, n_threads=torch.get_num_threads(), **extra
-        )
+        return _llamacpp(args, args.model, device=args.device)
     if args.model == "embedded":
         return Engine.embedded(device=args.device, dtype=dtype)
     from smcdecode.models import resolve
@@ -88,16 +93,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from smcdecode.demo import main_demo
 
     _check_backend_flags(args)
-    main_demo(
-        args.limit,
-        args.out,
-        args.alpha,
-        args.seed,
-        args.max_new_tokens,
-        backend=args.backend,
-        n_ctx=args.n_ctx,
-        kv_unified=not args.kv_split,
-    )
+    engine = _llamacpp(args, "embedded") if args.backend != "hf" else None
+    main_demo(args.limit, args.out, args.alpha, args.seed, args.max_new_tokens, engine=engine)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

@@ -161,15 +161,9 @@ def main_demo(
     alpha: float,
     seed: int,
     max_new_tokens: int,
-    backend: str = "hf",
-    n_ctx: int | None = None,
-    kv_unified: bool = True,
+    engine: Backend | None = None,
 ) -> None:
     t0 = time.perf_counter()
-    extra: dict[str, Any] = {"n_ctx": n_ctx} if n_ctx else {}
-    if not kv_unified:
-        extra["kv_unified"] = False
-    engine = Engine.from_gguf("embedded", backend=backend, **extra) if backend != "hf" else None
     rows = run_demo(engine, limit=limit, out=out, alpha=alpha, seed=seed, max_new_tokens=max_new_tokens)
     print(format_table([r.cells() for r in rows]))
     print(

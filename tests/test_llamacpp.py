@@ -170,7 +170,7 @@ def test_samplers_give_the_recorded_samples(monkeypatch, tmp_path, name, kv_unif
         assert g == pytest.approx(w, abs=1e-3)
 
 
-def test_from_gguf_chooses_the_backend_and_the_cli_takes_it(capsys, tmp_path):
+def test_from_gguf_chooses_the_backend_and_the_cli_takes_it(capsys, tmp_path, monkeypatch):
     """``Engine.from_gguf(name, backend=...)`` and ``--backend llamacpp`` load the embedded GGUF on
     llama.cpp; an unknown backend or an HF-only option is refused by name."""
     from smcdecode import ArgumentError
@@ -197,3 +197,11 @@ def test_from_gguf_chooses_the_backend_and_the_cli_takes_it(capsys, tmp_path):
     assert main(["sample", "Q: 2+2?\nA:", "--kv-split", "--max-new-tokens", "3"]) == 2
     err = capsys.readouterr().err
     assert "--kv-split" in err and "--backend llamacpp" in err  # an HF run refuses it by name
+    seen = []  # the demo builds its llama.cpp engine from the same options as the other commands
+    monkeypatch.setattr("smcdecode.demo.run_demo", lambda engine, **kw: seen.append(engine) or [])
+    monkeypatch.setattr("smcdecode.demo.format_table", lambda *a, **k: "")
+    assert main(["demo", "--backend", "llamacpp", "--kv-split", "--n-ctx", str(256 * 32), "--out", str(tmp_path)]) == 0
+    (demo_engine,) = seen
+    same = Engine.from_gguf("embedded", backend="llamacpp", n_ctx=256 * 32, kv_unified=False, n_threads=1)
+    assert isinstance(demo_engine, LlamaCppBackend) and repr(demo_engine) == repr(same)
+    assert not demo_engine.kv_unified and demo_engine.n_ctx != engine.n_ctx

@@ -56,8 +56,9 @@ N_CTX_HELP = (
     "batch whose rows share no prompt; a run that needs more stops with an error naming the value that fits"
 )
 KV_SPLIT_HELP = (
-    "llamacpp: give each row its own KV stream of n_ctx / n_seq_max cells instead of one shared pool: "
-    "faster for long rows, slower for short ones; size --n-ctx to 256 (the sequence ids) x the longest row"
+    "llamacpp: give each of the 256 sequence ids its own KV stream of n_ctx / 256 cells instead of one "
+    "shared pool; size --n-ctx to 256 x the longest row. Every stream costs, live or not: measured much "
+    "slower than the default on an evaluation run"
 )
 BACKEND_HELP = (
     "hf: transformers, any model, every target (default); llamacpp: llama.cpp on a GGUF file, "

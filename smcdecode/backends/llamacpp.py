@@ -276,7 +276,9 @@ class LlamaCppBackend(Backend):
     cells, and a copy duplicates the whole stream (deferred to the next forward). Measured on
     Qwen2.5-Coder-0.5B Q4_K_M, one thread: 128 rows of 400-token contexts decode at 11.9 tok/s
     unified and 25.4 split, 128 rows of 16 tokens at 72.7 and 30.1 (split pays a per-stream
-    cost); size ``n_ctx`` to ``n_seq_max`` times the longest sequence when splitting."""
+    cost, paid for every stream, live or not); size ``n_ctx`` to ``n_seq_max`` times the longest
+    sequence, and ``n_seq_max`` to about the rows that will be live, when splitting (with 256
+    sequence ids and 32 live rows of 400–900 tokens, split decoded several times slower)."""
 
     capabilities: frozenset[str] = frozenset()
 

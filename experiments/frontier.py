@@ -36,10 +36,10 @@ small budgets complete. Then, from the records of the problems every finished me
 * a table and ``experiments/results/frontier_TASK.json``;
 * paired exact McNemar tests of each power method against the vote at the nearest budget (log
   scale);
-* per family, where doubling the budget stops paying: the first point whose next, larger budget
-  is not significantly better (McNemar p ≥ 0.05, or worse); each budget family (vote, best-of,
-  SMC, MH) starts at ``low_temp``, which is what it is with one sample, one particle or no move;
-  and the family's most accurate point against its start (every doubling at once);
+* per family, where more budget stops paying: the first point that no larger budget of the
+  family beats significantly (McNemar p < 0.05); each budget family (vote, best-of, SMC, MH)
+  starts at ``low_temp``, which is what it is with one sample, one particle or no move; and the
+  family's largest budget against that start;
 * the fraction of problems only power methods solve at the largest budget (solved by the largest
   power SMC or MH run, by no baseline row at any budget).
 
@@ -65,9 +65,11 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 from results import run  # type: ignore[import-not-found]
 
 from smcdecode.demo import wilson
+from smcdecode.errors import SmcdecodeError
 from smcdecode.evaluate import choose
 from smcdecode.report import mcnemar
 from smcdecode.tasks import Task, load_task
@@ -119,20 +121,26 @@ def _size(label: str) -> int:
 
 
 class Judge:
-    """The task's grade and reward of a pool's samples, each (problem, answer) computed once; a
-    pool record's own verdicts are reused (its chosen answer, and every sample when all or none
-    of them were correct)."""
+    """The task's grade and ``public-tests`` reward of a pool's samples, each (problem, answer)
+    computed once and kept in ``cache`` (a JSON file beside the records, so a summary grades and
+    runs nothing twice, and machine load on a later summary cannot flip a sandbox timeout). A
+    pool record's own verdicts come first: its chosen answer's, and every sample's when all or
+    none of them were correct (``n_correct``, where every sample was graded)."""
 
-    def __init__(self, task: Task, pool: dict[str, dict[str, Any]]) -> None:
-        self.task = task
+    def __init__(self, task: Task, pool: dict[str, dict[str, Any]], cache: str | None = None) -> None:
+        self.task, self.cache = task, cache
         self.problem = {str(p["unique_id"]): p for p in task.adapter.problems}
         self.known: dict[tuple[str, Any], bool] = {}
         self.rewards: dict[tuple[str, str], float] = {}
+        if cache and os.path.exists(cache):
+            saved = json.load(open(cache))
+            self.known.update({(u, a): bool(v) for u, a, v in saved["grades"]})
+            self.rewards.update({(u, c): float(v) for u, c, v in saved["rewards"]})
         for uid, r in pool.items():
-            self.known[(uid, r["answer"])] = bool(r["correct"])
             if r.get("n_correct") in (0, r["n_samples"]):
                 for s in r["samples"]:
                     self.known[(uid, task.adapter.answer(s["text"]))] = r["n_correct"] > 0
+            self.known[(uid, r["answer"])] = bool(r["correct"])
 
     def grade(self, uid: str, answer: Any) -> bool:
         if (uid, answer) not in self.known:
@@ -140,17 +148,26 @@ class Judge:
         return self.known[(uid, answer)]
 
     def reward(self, uid: str, text: str) -> float:
-        """The ``public-tests`` reward, as the ``bestof_N`` runs' target computes it."""
-        if (uid, text) not in self.rewards:
-            p = self.problem[uid]
-            self.rewards[(uid, text)] = float(self.task.rewards["public-tests"](self.task.adapter.prompt(p), text))
-        return self.rewards[(uid, text)]
+        """The ``public-tests`` reward as a ``bestof_N`` run's target holds it (a float32 log π)."""
+        code = self.task.adapter.answer(text)  # the reward sees the extracted completion only
+        if (uid, code) not in self.rewards:
+            r = self.task.rewards["public-tests"](self.task.adapter.prompt(self.problem[uid]), text)
+            self.rewards[(uid, code)] = float(np.float32(r))
+        return self.rewards[(uid, code)]
+
+    def save(self) -> None:
+        if self.cache:
+            grades = [[u, a, v] for (u, a), v in self.known.items()]
+            rewards = [[u, c, v] for (u, c), v in self.rewards.items()]
+            with open(self.cache + ".tmp", "w") as f:
+                json.dump({"grades": grades, "rewards": rewards}, f)
+            os.replace(self.cache + ".tmp", self.cache)
 
 
 def read_off_pool(
     pool: dict[str, dict[str, Any]], size: int, answer: Callable[[str | None], Any], judge: Judge, best_of: bool
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Baseline records (label -> uid -> ``correct``, ``decode_tokens``) from a pool run of
+    """Baseline records (label -> uid -> ``answer``, ``correct``, ``decode_tokens``) from a pool run of
     ``size`` independent samples per problem: ``low_temp`` is its first sample, ``vote_M`` the
     majority (``choose(..., "majority")``, as ``run_eval`` grades it) over the first M, ``bestof_M``
     the first of the highest rewards over the first M, for M = 2, 4, 8, 16 up to ``size``. A sample
@@ -172,6 +189,7 @@ def read_off_pool(
                 else:
                     i = 0
                 out[label][uid] = {
+                    "answer": answers[i],
                     "correct": judge.grade(uid, answers[i]),
                     "decode_tokens": sum(s["tokens"] - 1 for s in first),
                 }
@@ -196,18 +214,21 @@ def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -
     if pools and judged is not None:
         pool_label = max(pools, key=_size)
         pool = done[pool_label]
-        judge = Judge(judged, pool)
+        judge = Judge(judged, pool, os.path.join(out, "judged.json"))
         derived = read_off_pool(pool, _size(pool_label), judged.adapter.answer, judge, task == "humaneval")
+        judge.save()
         for label, by_uid in derived.items():
-            if label in done and label != pool_label:
-                own = [u for u in by_uid if u in done[label]]
+            mine = recs.get(label, {})
+            own = [u for u in by_uid if u in mine]
+            if own and label != pool_label:
                 pool_check.append(
                     {
                         "method": label,
                         "problems": len(own),
-                        "run_accuracy": sum(bool(done[label][u]["correct"]) for u in own) / len(own),
+                        "run_accuracy": sum(bool(mine[u]["correct"]) for u in own) / len(own),
                         "pool_accuracy": sum(by_uid[u]["correct"] for u in own) / len(own),
-                        "differ": sum(bool(done[label][u]["correct"]) != by_uid[u]["correct"] for u in own),
+                        "differ": sum(bool(mine[u]["correct"]) != by_uid[u]["correct"] for u in own),
+                        "answers_differ": sum(mine[u]["answer"] != by_uid[u]["answer"] for u in own),
                     }
                 )
             done[label] = by_uid
@@ -242,19 +263,20 @@ def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -
     bends = {}
     for fam in sorted({r["family"] for r in rows} - {"low_temp"}):
         pts = _curve(rows, fam)
-        bend = pts[-1]["method"]
-        for a, b in zip(pts, pts[1:]):
-            test = mcnemar(ok_of[b["method"]], ok_of[a["method"]])
-            if not (test["b"] > test["c"] and test["p"] < 0.05):
-                bend = a["method"]
-                break
-        top = max(pts, key=lambda r: (r["accuracy"], -r["decode_tokens"]))
-        against = mcnemar(ok_of[top["method"]], ok_of[pts[0]["method"]])
+        # the first point that no larger budget of the family beats significantly (one step at a
+        # time would stop at any step that changes nothing, e.g. vote_2, which keeps the first
+        # sample's answer on a 1-1 tie, so it is low_temp on every problem where that has one)
+        bend = next(
+            a
+            for k, a in enumerate(pts)
+            if not any(_better(ok_of[b["method"]], ok_of[a["method"]]) for b in pts[k + 1 :])
+        )
+        largest = mcnemar(ok_of[pts[-1]["method"]], ok_of[pts[0]["method"]])
         bends[fam] = {
-            "method": bend,
-            "accuracy": next(r["accuracy"] for r in pts if r["method"] == bend),
-            "best": top["method"],  # the family's most accurate point (the cheaper of equals)
-            "best_vs_start": {"against": pts[0]["method"], **against},  # all doublings at once
+            "method": bend["method"],
+            "accuracy": bend["accuracy"],
+            # the largest budget against the start (fixed in advance, not the best-looking point)
+            "largest_vs_start": {"method": pts[-1]["method"], "against": pts[0]["method"], **largest},
         }
     power_top = [
         max((r for r in rows if r["family"] == f), key=lambda r: r["decode_tokens"])
@@ -298,10 +320,10 @@ def _print(s: dict[str, Any]) -> None:
             f"{p['against']}, p = {p['p']:.3f}"
         )
     for fam, b in s["bends"].items():
-        t = b["best_vs_start"]
+        t = b["largest_vs_start"]
         print(
-            f"{fam}: doubling stops paying after {b['method']} (accuracy {b['accuracy']:.3f}); its best, "
-            f"{b['best']}, against {t['against']}: {t['b']} vs {t['c']} discordant, p = {t['p']:.3f}"
+            f"{fam}: more budget stops paying after {b['method']} (accuracy {b['accuracy']:.3f}); "
+            f"{t['method']} against {t['against']}: {t['b']} vs {t['c']} discordant, p = {t['p']:.3f}"
         )
     if s["only_power_fraction"] is not None:
         print(f"solved only by power methods ({', '.join(s['power_top'])}): {s['only_power_fraction']:.3f}")
@@ -310,10 +332,16 @@ def _print(s: dict[str, Any]) -> None:
         for c in s["pool_check"]:
             print(
                 f"  {c['method']}: run {c['run_accuracy']:.3f}, pool {c['pool_accuracy']:.3f}, "
-                f"{c['differ']} of {c['problems']} problems differ"
+                f"verdicts differ on {c['differ']} of {c['problems']} problems, answers on {c['answers_differ']}"
             )
     if s["incomplete"]:
         print(f"not yet complete (left out): {', '.join(s['incomplete'])}")
+
+
+def _better(ok_b: list[bool], ok_a: list[bool]) -> bool:
+    """b solves significantly more than a (exact McNemar, p < 0.05)."""
+    test = mcnemar(ok_b, ok_a)
+    return bool(test["b"] > test["c"] and test["p"] < 0.05)
 
 
 def _curve(rows: list[dict[str, Any]], fam: str) -> list[dict[str, Any]]:
@@ -365,5 +393,9 @@ if __name__ == "__main__":
     given.add_argument("--levels", type=lambda x: [int(v) for v in x.split(",")])
     given.add_argument("--prompt")
     known, _ = given.parse_known_args([*DEFAULTS[task], *rest])
-    judged = load_task(task, data=known.data, prompt=known.prompt, levels=known.levels)
+    try:
+        judged: Task | None = load_task(task, data=known.data, prompt=known.prompt, levels=known.levels)
+    except SmcdecodeError as e:
+        print(f"baselines only as run on their own (no pool read): {e}", file=sys.stderr)
+        judged = None
     analyse(task, ours.out, ours.results_dir, judged)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import smcdecode
+from smcdecode.backends.base import Backend
 from smcdecode.errors import SmcdecodeError
 from smcdecode.evaluate import TaskAdapter
 from smcdecode.tasks import Task
@@ -26,7 +27,7 @@ def _check_backend_flags(args: argparse.Namespace) -> None:
             raise SmcdecodeError(f"{flag} is a llama.cpp option: add --backend llamacpp")
 
 
-def _llamacpp(args: argparse.Namespace, model: str, **kw: Any):
+def _llamacpp(args: argparse.Namespace, model: str, **kw: Any) -> Backend:
     """The llama.cpp engine of ``model`` with the command line's llama.cpp options."""
     from smcdecode.backends import Engine
 

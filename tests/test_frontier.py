@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +33,48 @@ class Marks:
 
     def reward(self, uid, text):
         return float(text.count("!"))
+
+
+def test_judge_reuses_verdicts_and_keeps_them(frontier, tmp_path):
+    from smcdecode.evaluate import TaskAdapter
+    from smcdecode.tasks import Task
+
+    calls = []
+
+    def grade(problem, answer):
+        calls.append(("grade", answer))
+        return answer == "a"
+
+    def reward(prompt, text):
+        calls.append(("reward", text))
+        return 1 / 3 if "a" in text else 0.0
+
+    adapter = TaskAdapter(
+        "toy", [{"unique_id": "p"}, {"unique_id": "q"}], lambda p: "Q", lambda t: (t or "")[:1], grade
+    )
+    task = Task(adapter, {"public-tests": reward}, None)
+
+    def record(answer, correct, n_correct, *texts):
+        samples = [{"text": t, "tokens": 2, "log_weight": 0.0} for t in texts]
+        return {
+            "answer": answer,
+            "correct": correct,
+            "n_correct": n_correct,
+            "n_samples": len(texts),
+            "samples": samples,
+        }
+
+    # p: mixed verdicts, only the chosen answer's is known; q: none correct, every answer is known
+    pool = {"p": record("b", False, 1, "b1", "a1", "c1"), "q": record("x", False, 0, "x1", "y1")}
+    cache = str(tmp_path / "judged.json")
+    judge = frontier.Judge(task, pool, cache)
+    assert not judge.grade("p", "b") and not judge.grade("q", "y") and calls == []  # read off the records
+    assert judge.grade("p", "a") and judge.grade("p", "a") and calls == [("grade", "a")]  # graded once
+    assert judge.reward("p", "a1") == judge.reward("p", "a2")  # the reward sees the extracted answer only
+    assert judge.reward("p", "a1") == float(np.float32(1 / 3)) and calls[1:] == [("reward", "a1")]
+    judge.save()
+    again = frontier.Judge(task, pool, cache)
+    assert again.grade("p", "a") and again.reward("p", "a9") == float(np.float32(1 / 3)) and len(calls) == 2
 
 
 def test_baselines_read_off_a_pool(frontier):
@@ -76,7 +119,8 @@ def test_frontier_smoke(tmp_path):
     # bestof_2 run on its own draws vote_2's samples (same sampler and seeds; the HF backend is
     # deterministic), so reading it off the pool must reproduce its verdicts
     (check,) = summary["pool_check"]
-    assert check["method"] == "bestof_2" and check["problems"] == 2 and check["differ"] == 0
+    assert check["method"] == "bestof_2" and check["problems"] == 2
+    assert check["differ"] == 0 and check["answers_differ"] == 0  # the same choice, not only the same verdict
     assert [p["method"] for p in summary["paired"]] == ["smc_2"]  # the power method, against a baseline
     assert (res / "frontier_humaneval.png").stat().st_size > 0
     for label in ("vote_2", "bestof_2", "smc_2"):

@@ -278,7 +278,7 @@ class LlamaCppBackend(Backend):
     unified and 25.4 split, 128 rows of 16 tokens at 72.7 and 30.1 (split pays a per-stream
     cost, paid for every stream, live or not); size ``n_ctx`` to ``n_seq_max`` times the longest
     sequence, and ``n_seq_max`` to about the rows that will be live, when splitting (with 256
-    sequence ids and 32 live rows of 400–900 tokens, split decoded several times slower)."""
+    sequence ids and 32 live rows of 400–900 tokens, an evaluation ran much slower split)."""
 
     capabilities: frozenset[str] = frozenset()
 

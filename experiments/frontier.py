@@ -35,7 +35,7 @@ small budgets complete. Then, from the records of the problems every finished me
   ``experiments/results/frontier_TASK.png``;
 * a table and ``experiments/results/frontier_TASK.json``;
 * paired exact McNemar tests of each power method against the vote at the nearest budget (log
-  scale);
+  scale), and (HumanEval) against best-of-N at the nearest budget;
 * per family, where more budget stops paying: the first point that no larger budget of the
   family beats significantly (McNemar p < 0.05); each budget family (vote, best-of, SMC, MH)
   starts at ``low_temp``, which is what it is with one sample, one particle or no move; and the
@@ -252,14 +252,17 @@ def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -
         )
     rows.sort(key=lambda r: (r["family"], r["decode_tokens"]))
     ok_of = {label: [bool(done[label][u]["correct"]) for u in shared] for label in done}
-    votes = [r for r in rows if r["family"] in ("vote", "low_temp")]
     paired = []
-    for r in rows:
-        if r["family"] not in POWER or not votes:
+    for fams in (("vote", "low_temp"), ("bestof", "low_temp")):  # the vote, then the verifier
+        base = [r for r in rows if r["family"] in fams]
+        if not any(r["family"] == fams[0] for r in base):
             continue
-        near = min(votes, key=lambda v: abs(math.log(v["decode_tokens"] + 1) - math.log(r["decode_tokens"] + 1)))
-        test = mcnemar(ok_of[r["method"]], ok_of[near["method"]])
-        paired.append({"method": r["method"], "against": near["method"], **test})
+        for r in rows:
+            if r["family"] not in POWER:
+                continue
+            near = min(base, key=lambda v: abs(math.log(v["decode_tokens"] + 1) - math.log(r["decode_tokens"] + 1)))
+            test = mcnemar(ok_of[r["method"]], ok_of[near["method"]])
+            paired.append({"method": r["method"], "against": near["method"], **test})
     bends = {}
     for fam in sorted({r["family"] for r in rows} - {"low_temp"}):
         pts = _curve(rows, fam)
@@ -310,10 +313,11 @@ def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -
 
 def _print(s: dict[str, Any]) -> None:
     print(f"\n{s['task']}: {s['problems']} problems graded by every finished method")
-    print(f"{'method':<12} {'decode tok':>10} {'accuracy':>9}  95% Wilson")
-    for r in s["rows"]:
+    print("| method | decode tok/problem | solved | accuracy [95% Wilson] |\n|---|---|---|---|")
+    for r in sorted(s["rows"], key=lambda r: (r["decode_tokens"], r["method"])):  # a Markdown table, by budget
         lo, hi = r["wilson95"]
-        print(f"{r['method']:<12} {r['decode_tokens']:>10.0f} {r['accuracy']:>9.3f}  [{lo:.3f}, {hi:.3f}]")
+        solved = f"{r['correct']}/{r['problems']}"
+        print(f"| {r['method']} | {r['decode_tokens']:.0f} | {solved} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] |")
     for p in s["paired"]:
         print(
             f"McNemar {p['method']} vs {p['against']}: {p['b']} only {p['method']}, {p['c']} only "

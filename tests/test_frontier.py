@@ -121,7 +121,9 @@ def test_frontier_smoke(tmp_path):
     (check,) = summary["pool_check"]
     assert check["method"] == "bestof_2" and check["problems"] == 2
     assert check["differ"] == 0 and check["answers_differ"] == 0  # the same choice, not only the same verdict
-    assert [p["method"] for p in summary["paired"]] == ["smc_2"]  # the power method, against a baseline
+    # the power method against the vote, then against best-of, each at the nearest budget
+    assert [p["method"] for p in summary["paired"]] == ["smc_2", "smc_2"]
+    assert [p["against"].split("_")[0] for p in summary["paired"]] in (["vote", "bestof"], ["low", "low"])
     assert (res / "frontier_humaneval.png").stat().st_size > 0
     for label in ("vote_2", "bestof_2", "smc_2"):
         recs = [json.loads(x) for x in open(out / label / "results.jsonl")]

@@ -133,7 +133,8 @@ class Judge:
         self.known: dict[tuple[str, Any], bool] = {}
         self.rewards: dict[tuple[str, str], float] = {}
         if cache and os.path.exists(cache):
-            saved = json.load(open(cache))
+            with open(cache) as f:
+                saved = json.load(f)
             self.known.update({(u, a): bool(v) for u, a, v in saved["grades"]})
             self.rewards.update({(u, c): float(v) for u, c, v in saved["rewards"]})
         for uid, r in pool.items():
@@ -173,13 +174,13 @@ def read_off_pool(
     the first of the highest rewards over the first M, for M = 2, 4, 8, 16 up to ``size``. A sample
     of T tokens costs T − 1 decode steps (the first comes from the prompt's prefill)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
+    answers_of = {uid: [answer(s["text"]) for s in rec["samples"][:size]] for uid, rec in pool.items()}
     for m in [1] + [m for m in (2, 4, 8, 16) if m <= size]:
         for kind in ["low_temp"] if m == 1 else ["vote", "bestof"] if best_of else ["vote"]:
             label = kind if m == 1 else f"{kind}_{m}"
             out[label] = {}
             for uid, rec in pool.items():
-                first = rec["samples"][:m]
-                answers = [answer(s["text"]) for s in first]
+                first, answers = rec["samples"][:m], answers_of[uid][:m]
                 if kind == "vote":  # equal weights: the most frequent answer, the first of equals
                     samples = [SimpleNamespace(log_weight=s["log_weight"], log_target=None) for s in first]
                     i = choose(samples, answers, "majority", None)  # type: ignore[arg-type]

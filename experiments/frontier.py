@@ -48,10 +48,10 @@ small budgets complete. Then, from the records of the problems every finished me
         --backend llamacpp --n-ctx 98304
     python experiments/frontier.py humaneval --model embedded --limit 2 --methods low_temp,vote_2 --out DIR  # smoke
 
-Rerun the same command to resume; ``--summary-only`` analyses what is recorded. 16 problems are in
-flight (8 for the 16-particle / 16-sample methods, so that rows and their snapshots fit llama.cpp's
-256 sequence ids); every sampler here but the lookahead streams, so a problem's samples do not
-depend on this.
+Rerun the same command to resume; ``--summary-only`` analyses what is recorded. About 32 rows are
+in flight (``in_flight``: 32 problems of one sample, 4 of 8 particles): on one CPU core llama.cpp's
+unified KV cache decodes 32 rows of 200 tokens at 2.4x the rate of 128 (``bench_kv_layout.py``).
+Every sampler here but the lookahead streams, so a problem's samples do not depend on this.
 """
 
 from __future__ import annotations
@@ -68,11 +68,13 @@ from typing import Any
 import numpy as np
 from results import run  # type: ignore[import-not-found]
 
+from smcdecode.cli import _task as cli_task
+from smcdecode.cli import build_parser
 from smcdecode.demo import wilson
 from smcdecode.errors import SmcdecodeError
 from smcdecode.evaluate import choose
 from smcdecode.report import mcnemar
-from smcdecode.tasks import Task, load_task
+from smcdecode.tasks import Task
 
 from common import RECORDS, write_results  # type: ignore[import-not-found]
 from common import RESULTS as RESULTS_DIR
@@ -81,8 +83,8 @@ T, LA = "proposal=tempered:temperature=0.25", "block-lookahead:alpha=4,particles
 BASELINES = ("low_temp", "vote", "bestof")
 POWER = ("smc", "smc8_a", "mh", "lookahead")
 DEFAULTS = {
-    "humaneval": ["--prompt", "raw", "--max-new-tokens", "384", "--batch-size", "16"],
-    "math500": ["--prompt", "chat", "--levels", "1,2", "--max-new-tokens", "512", "--batch-size", "16"],
+    "humaneval": ["--prompt", "raw", "--max-new-tokens", "384"],
+    "math500": ["--prompt", "chat", "--levels", "1,2", "--max-new-tokens", "512"],
 }
 
 
@@ -101,6 +103,16 @@ def methods(task: str) -> dict[str, tuple[str, str]]:
         out[f"smc8_a{a}"] = (f"smc:particles=8;target=power:alpha={a};{T}", "sample")
     out["lookahead"] = (f"{LA},rollouts=2,horizon=16;{T}", "sample")
     return dict(sorted(out.items(), key=lambda kv: _rank(kv[0])))
+
+
+ROWS = 32  # rows in flight: llama.cpp's unified KV decodes 32 rows 2.4x faster than 128 on a CPU core
+
+
+def in_flight(label: str) -> int:
+    """Problems in flight, so that about ``ROWS`` rows decode at once (a row per sample, particle or
+    chain; the lookahead, which does not stream, a batch of its 4 particles)."""
+    rows = {"low_temp": 1, "mh": 1, "smc8_a": 8, "lookahead": 4}.get(family(label), _size(label))
+    return max(1, ROWS // rows)
 
 
 def _rank(label: str) -> float:
@@ -375,6 +387,23 @@ def _plot(rows: list[dict[str, Any]], task: str, path: str) -> None:
     print(finish(fig, ax, path, "decode tokens per problem (log; families offset slightly)", "accuracy", ylim, 7))
 
 
+def judged_task(task: str, rest: list[str]) -> Task | None:
+    """Every problem of the task as the runs were given it, parsed by the CLI's own ``eval`` parser
+    (``--limit``, ``--skip`` and ``--shard`` dropped: a pool holds every problem), for grading and
+    rewards; None, with a note, when the task cannot be loaded (MATH-500 without ``--data``)."""
+    if task == "math500" and not any(a == "--data" or a.startswith("--data=") for a in rest):
+        print("baselines only as run on their own (no pool read): MATH-500 needs --data", file=sys.stderr)
+        return None
+    argv = ["eval", task, "--method", "-", "--out", "-", *DEFAULTS[task], *rest]
+    args, _ = build_parser().parse_known_args(argv)
+    args.limit, args.skip, args.shard = None, 0, None
+    try:
+        return cli_task(args, None)
+    except SmcdecodeError as e:
+        print(f"baselines only as run on their own (no pool read): {e}", file=sys.stderr)
+        return None
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in DEFAULTS:
         sys.exit(f"usage: frontier.py {{{'|'.join(DEFAULTS)}}} [--methods a,b] [--out DIR] [smcdecode eval options]")
@@ -394,16 +423,6 @@ if __name__ == "__main__":
     if not ours.summary_only:
         scratch = ["--out", ours.out, "--results-dir", os.path.join("runs", "frontier_scratch"), "--tag", f"_{task}"]
         for label in labels:  # one at a time, cheapest first: a stopped run keeps the small budgets
-            fit = [] if "--batch-size" in rest or _size(label) < 16 else ["--batch-size", "8"]  # ≤ 128 rows + snapshots
+            fit = [] if "--batch-size" in rest else ["--batch-size", str(in_flight(label))]
             run(task, {label: table[label]}, DEFAULTS[task], ["--methods", label, *scratch, *fit, *rest])
-    given = argparse.ArgumentParser(add_help=False)
-    given.add_argument("--data")
-    given.add_argument("--levels", type=lambda x: [int(v) for v in x.split(",")])
-    given.add_argument("--prompt")
-    known, _ = given.parse_known_args([*DEFAULTS[task], *rest])
-    try:
-        judged: Task | None = load_task(task, data=known.data, prompt=known.prompt, levels=known.levels)
-    except SmcdecodeError as e:
-        print(f"baselines only as run on their own (no pool read): {e}", file=sys.stderr)
-        judged = None
-    analyse(task, ours.out, ours.results_dir, judged)
+    analyse(task, ours.out, ours.results_dir, judged_task(task, rest))

@@ -103,6 +103,22 @@ def test_baselines_read_off_a_pool(frontier):
 
 
 @pytest.mark.integration
+def test_judged_task_holds_every_problem_the_runs_were_given(frontier, capsys):
+    """The summary grades with the task the runs had (the CLI's parser: prompt, levels, data),
+    over every problem whatever ``--limit`` / ``--shard`` the runs took; MATH-500 without its data
+    falls back to the rows as run, saying why."""
+    task = frontier.judged_task("humaneval", ["--limit", "2", "--shard", "1/2", "--model", "embedded"])
+    assert task.adapter.name == "humaneval" and len(task.adapter.problems) == 164
+    assert "public-tests" in task.rewards
+    assert frontier.judged_task("math500", ["--levels", "1,2"]) is None
+    assert "MATH-500 needs --data" in capsys.readouterr().err
+    data = os.path.join(ROOT, "..", "shared", "data", "math500.jsonl")
+    if os.path.exists(data):
+        task = frontier.judged_task("math500", ["--data", data, "--limit", "3"])
+        levels = {p["level"] for p in task.adapter.problems}
+        assert len(task.adapter.problems) == 133 and levels == {1, 2}  # the frontier's levels 1,2
+
+
 def test_frontier_smoke(tmp_path):
     out, res = tmp_path / "records", tmp_path / "results"
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "frontier.py"), "humaneval", "--model", "embedded"]

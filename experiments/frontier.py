@@ -40,6 +40,7 @@ small budgets complete. Then, from the records of the problems every finished me
   family beats significantly (McNemar p < 0.05); each budget family (vote, best-of, SMC, MH)
   starts at ``low_temp``, which is what it is with one sample, one particle or no move; and the
   family's largest budget against that start;
+* at 8 particles, power SMC with alpha = 2 and 8 against alpha = 4 (paired, the same budget);
 * the fraction of problems only power methods solve at the largest budget (solved by the largest
   power SMC or MH run, by no baseline row at any budget).
 
@@ -82,6 +83,7 @@ from common import RESULTS as RESULTS_DIR
 T, LA = "proposal=tempered:temperature=0.25", "block-lookahead:alpha=4,particles=4,block_size=16,candidates=2"
 BASELINES = ("low_temp", "vote", "bestof")
 POWER = ("smc", "smc8_a", "mh", "lookahead")
+LEGEND = {"smc8_a": "smc, 8 particles, other α"}
 DEFAULTS = {
     "humaneval": ["--prompt", "raw", "--max-new-tokens", "384"],
     "math500": ["--prompt", "chat", "--levels", "1,2", "--max-new-tokens", "512"],
@@ -277,7 +279,7 @@ def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -
             test = mcnemar(ok_of[r["method"]], ok_of[near["method"]])
             paired.append({"method": r["method"], "against": near["method"], **test})
     bends = {}
-    for fam in sorted({r["family"] for r in rows} - {"low_temp"}):
+    for fam in sorted({r["family"] for r in rows} & {"vote", "bestof", "smc", "mh"}):  # the budget families
         pts = _curve(rows, fam)
         # the first point that no larger budget of the family beats significantly (one step at a
         # time would stop at any step that changes nothing, e.g. vote_2, which keeps the first
@@ -294,6 +296,12 @@ def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -
             # the largest budget against the start (fixed in advance, not the best-looking point)
             "largest_vs_start": {"method": pts[-1]["method"], "against": pts[0]["method"], **largest},
         }
+    # alpha at 8 particles: each other alpha against alpha = 4 (smc_8), the same budget
+    alpha = [
+        {"method": m, "against": "smc_8", **mcnemar(ok_of[m], ok_of["smc_8"])}
+        for m in sorted(ok_of)
+        if family(m) == "smc8_a" and "smc_8" in ok_of
+    ]
     power_top = [
         max((r for r in rows if r["family"] == f), key=lambda r: r["decode_tokens"])
         for f in ("smc", "mh")
@@ -311,6 +319,7 @@ def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -
         "rows": rows,
         "paired": paired,
         "bends": bends,
+        "alpha": alpha,
         "only_power_fraction": only_power,
         "power_top": [p["method"] for p in power_top],
         "pool": pool_label,
@@ -342,6 +351,8 @@ def _print(s: dict[str, Any]) -> None:
             f"{fam}: more budget stops paying after {b['method']} (accuracy {b['accuracy']:.3f}); "
             f"{t['method']} against {t['against']}: {t['b']} vs {t['c']} discordant, p = {t['p']:.3f}"
         )
+    for a in s.get("alpha", []):
+        print(f"alpha: {a['method']} vs {a['against']} (alpha = 4): {a['b']} vs {a['c']} discordant, p = {a['p']:.3f}")
     if s["only_power_fraction"] is not None:
         print(f"solved only by power methods ({', '.join(s['power_top'])}): {s['only_power_fraction']:.3f}")
     if s["pool"]:
@@ -378,7 +389,17 @@ def _plot(rows: list[dict[str, Any]], task: str, path: str) -> None:
         x = [r["decode_tokens"] * 1.015**k for r in pts]  # a small offset per family keeps the bars apart
         y = [r["accuracy"] for r in pts]
         err = [[r["accuracy"] - r["wilson95"][0] for r in pts], [r["wilson95"][1] - r["accuracy"] for r in pts]]
-        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=fam)
+        budget_family = fam in ("vote", "bestof", "smc", "mh")  # a line; the others are points
+        ax.errorbar(x, y, yerr=err, fmt="o-" if budget_family else "s", capsize=3, label=LEGEND.get(fam, fam))
+        if fam == "smc8_a":  # alpha at 8 particles: each point says its alpha
+            for r, xi, yi in zip(pts, x, y):
+                ax.annotate(
+                    f"α={r['method'].removeprefix('smc8_a')}",
+                    (xi, yi),
+                    fontsize=7,
+                    xytext=(4, 0),
+                    textcoords="offset points",
+                )
     ax.set_xscale("log")
     ax.set_title(f"{task}: accuracy against decode tokens")
     lo = min(r["wilson95"][0] for r in rows)

@@ -31,7 +31,7 @@ Every method runs through ``run_eval`` (``results.py``: resumable records, one d
 method under ``experiments/records/frontier/TASK``), cheapest first, so a stopped run has the
 small budgets complete. Then, from the records of the problems every finished method has graded:
 
-* the accuracy-vs-budget plot (log x, 95% Wilson intervals, a line per family):
+* the accuracy-vs-budget plot (log x, 95% Wilson intervals, a line per budget family, the α variants as points):
   ``experiments/results/frontier_TASK.png``;
 * a table and ``experiments/results/frontier_TASK.json``;
 * paired exact McNemar tests of each power method against the vote at the nearest budget (log
@@ -52,7 +52,9 @@ small budgets complete. Then, from the records of the problems every finished me
 Rerun the same command to resume; ``--summary-only`` analyses what is recorded. About 32 rows are
 in flight (``in_flight``: 32 problems of one sample, 4 of 8 particles): on one CPU core llama.cpp's
 unified KV cache decodes 32 rows of 200 tokens at 2.4x the rate of 128 (``bench_kv_layout.py``).
-Every sampler here but the lookahead streams, so a problem's samples do not depend on this.
+Every sampler here but the lookahead streams, so a problem's samples depend on this only through
+llama.cpp's batch-dependent rounding, which can flip a sample at a near-tie; the runs before this
+rule kept 16 problems in flight (8 for the 16-row methods).
 """
 
 from __future__ import annotations

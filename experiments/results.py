@@ -4,6 +4,8 @@ Each method runs through ``smcdecode.evaluate.run_eval`` (the path ``smcdecode e
 its continuous batching, stop sequences and durable records) into ``OUT/LABEL`` (default
 ``experiments/records/results_TASK/LABEL``, committed with the repository, so a run stopped on one
 machine resumes on another); rerunning the same command resumes every method where it stopped.
+A method's ``run.json`` holds its definition as ``smcdecode eval`` writes it (model identity,
+backend, dtype, prompt style, data file), so a resume with another model or backend is refused.
 Then ``smcdecode.report`` prints the table and the accuracy-vs-decode-tokens plot
 (``experiments/results/results_TASK[TAG].png``); a summary table (accuracy with its 95% Wilson
 interval, decode tokens, wall seconds per problem) is printed and written to
@@ -24,9 +26,11 @@ from typing import Any
 
 import torch
 
-from smcdecode.cli import _engine, _task, build_parser, parse_stop
+from smcdecode import runs
+from smcdecode.cli import _engine, _task, build_parser, parse_stop, run_definition
 from smcdecode.demo import wilson
-from smcdecode.evaluate import run_eval
+from smcdecode.errors import SmcdecodeError
+from smcdecode.evaluate import definition_of, run_eval
 from smcdecode.report import busy_wall, mcnemar, plot, summarise, table
 from smcdecode.spec import method_name, parse_method
 
@@ -51,14 +55,33 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
     ours, rest = ap.parse_known_args(argv)
     args = build_parser().parse_args(["eval", task, "--method", "ancestral", "--out", ours.out, *defaults, *rest])
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset)
+    unknown = [label for label in ours.methods.split(",") if label not in methods]
+    if unknown:
+        sys.exit(f"unknown method {unknown[0]!r}; choose from {', '.join(methods)}")
+    if not ours.summary_only:  # a directory holding another run is refused before the model loads
+        early = _task(args, None)
+        for label in ours.methods.split(","):
+            spec, select = methods[label]
+            stop = parse_stop(args.stop, early.stop)
+            full = definition_of(
+                early.adapter.name,
+                method_name(spec),
+                args.seed,
+                args.max_new_tokens,
+                select,
+                stop,
+                run_definition(args),
+            )
+            try:
+                runs.check(os.path.join(ours.out, label), full, unknown=("model.revision",))
+            except SmcdecodeError as e:
+                sys.exit(str(e))
     engine = None if ours.summary_only else _engine(args)
     rows: list[list[Any]] = []
     payload: list[dict[str, Any]] = []
     kept: list[dict[str, Any]] = []
     correct_of: dict[str, dict[str, bool]] = {}  # method -> uid -> correct
     for label in ours.methods.split(","):
-        if label not in methods:
-            sys.exit(f"unknown method {label!r}; choose from {', '.join(methods)}")
         spec, select = methods[label]
         built = _task(args, engine)
         adapter, rewards = built.adapter, built.rewards
@@ -78,6 +101,7 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
                 select=select,
                 batch_size=args.batch_size,
                 stop=parse_stop(args.stop, built.stop),
+                definition=run_definition(args, engine),  # model, backend, dtype, prompt, data
             )
         if not os.path.exists(path):
             continue

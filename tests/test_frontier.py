@@ -102,8 +102,7 @@ def test_baselines_read_off_a_pool(frontier):
     assert set(frontier.read_off_pool(pool, 2, lambda t: t, Marks(), best_of=False)) == {"low_temp", "vote_2"}
 
 
-@pytest.mark.integration
-def test_judged_task_holds_every_problem_the_runs_were_given(frontier, capsys):
+def test_judged_task_holds_every_problem_the_runs_were_given(frontier, tmp_path, capsys):
     """The summary grades with the task the runs had (the CLI's parser: prompt, levels, data),
     over every problem whatever ``--limit`` / ``--shard`` the runs took; MATH-500 without its data
     falls back to the rows as run, saying why."""
@@ -112,13 +111,28 @@ def test_judged_task_holds_every_problem_the_runs_were_given(frontier, capsys):
     assert "public-tests" in task.rewards
     assert frontier.judged_task("math500", ["--levels", "1,2"]) is None
     assert "MATH-500 needs --data" in capsys.readouterr().err
-    data = os.path.join(ROOT, "..", "shared", "data", "math500.jsonl")
-    if os.path.exists(data):
-        task = frontier.judged_task("math500", ["--data", data, "--limit", "3"])
-        levels = {p["level"] for p in task.adapter.problems}
-        assert len(task.adapter.problems) == 133 and levels == {1, 2}  # the frontier's levels 1,2
+    data = tmp_path / "math.jsonl"
+    rows = [{"problem": f"q{i}", "answer": str(i), "unique_id": f"u{i}", "level": 1 + i % 3} for i in range(9)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = frontier.judged_task("math500", ["--data", str(data), "--limit", "1", "--skip", "1"])
+    assert [p["unique_id"] for p in task.adapter.problems] == ["u0", "u1", "u3", "u4", "u6", "u7"]  # levels 1, 2
 
 
+def test_alpha_is_compared_with_alpha_4_not_given_a_budget_curve(frontier, tmp_path):
+    """smc8_aA (8 particles at alpha = A) is paired with smc_8 (alpha = 4); the budget families'
+    bends leave it out."""
+    correct = {"low_temp": [1, 0, 0, 0], "smc_8": [1, 1, 0, 0], "smc8_a2": [1, 0, 1, 1]}
+    for label, oks in correct.items():
+        (tmp_path / label).mkdir()
+        lines = [{"uid": f"p{i}", "correct": bool(c), "answer": "", "decode_tokens": 10} for i, c in enumerate(oks)]
+        (tmp_path / label / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    s = frontier.analyse("humaneval", str(tmp_path), str(tmp_path / "results"))
+    assert set(s["bends"]) == {"smc"} and s["bends"]["smc"]["largest_vs_start"]["method"] == "smc_8"
+    (a,) = s["alpha"]
+    assert (a["method"], a["against"], a["b"], a["c"], a["p"]) == ("smc8_a2", "smc_8", 2, 1, 1.0)
+
+
+@pytest.mark.integration
 def test_frontier_smoke(tmp_path):
     out, res = tmp_path / "records", tmp_path / "results"
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "frontier.py"), "humaneval", "--model", "embedded"]

@@ -1,5 +1,6 @@
 """Smoke test of the results scripts: two problems, a few tokens, the embedded model, every
-method; then a rerun resumes (records nothing new)."""
+method; then a rerun resumes (records nothing new), and a rerun with another model definition is
+refused."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def test_results_script_runs_every_method_and_resumes(tmp_path, task):
         lines = (tmp_path / "runs" / m / "results.jsonl").read_text().splitlines()
         assert len(lines) == 2  # not duplicated by the rerun
     assert (tmp_path / "results" / f"results_{task}.png").exists()
+    m = sorted(methods)[0]
+    stored = json.loads((tmp_path / "runs" / m / "run.json").read_text())
+    assert stored["model"]["name"] == "embedded" and stored["backend"] == "hf" and stored["dtype"] == "float32"
+    other = subprocess.run([*args, "--methods", m, "--dtype", "bfloat16"], env=env, capture_output=True, text=True)
+    assert other.returncode != 0 and "holds another run" in other.stderr and "dtype" in other.stderr
+    assert len((tmp_path / "runs" / m / "results.jsonl").read_text().splitlines()) == 2
 
 
 def test_contrast_layer_is_chosen_on_the_held_out_problems_and_then_run(tmp_path):

@@ -84,6 +84,7 @@ from common import RESULTS as RESULTS_DIR
 
 T, LA = "proposal=tempered:temperature=0.25", "block-lookahead:alpha=4,particles=4,block_size=16,candidates=2"
 BASELINES = ("low_temp", "vote", "bestof")
+BUDGET_FAMILIES = ("vote", "bestof", "smc", "mh")  # each a curve over budget, starting at low_temp
 POWER = ("smc", "smc8_a", "mh", "lookahead")
 LEGEND = {"smc8_a": "smc, 8 particles, other α"}
 DEFAULTS = {
@@ -281,7 +282,7 @@ def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -
             test = mcnemar(ok_of[r["method"]], ok_of[near["method"]])
             paired.append({"method": r["method"], "against": near["method"], **test})
     bends = {}
-    for fam in sorted({r["family"] for r in rows} & {"vote", "bestof", "smc", "mh"}):  # the budget families
+    for fam in sorted({r["family"] for r in rows} & set(BUDGET_FAMILIES)):
         pts = _curve(rows, fam)
         # the first point that no larger budget of the family beats significantly (one step at a
         # time would stop at any step that changes nothing, e.g. vote_2, which keeps the first
@@ -378,7 +379,7 @@ def _curve(rows: list[dict[str, Any]], fam: str) -> list[dict[str, Any]]:
     """A family's points by budget. The budget families start at one T = 1/4 sample, which is what
     each of them is with one sample, particle or no move (``low_temp``)."""
     pts = [r for r in rows if r["family"] == fam]
-    start = [r for r in rows if r["family"] == "low_temp"] if fam in ("vote", "bestof", "smc", "mh") else []
+    start = [r for r in rows if r["family"] == "low_temp"] if fam in BUDGET_FAMILIES else []
     return start + pts
 
 
@@ -391,8 +392,7 @@ def _plot(rows: list[dict[str, Any]], task: str, path: str) -> None:
         x = [r["decode_tokens"] * 1.015**k for r in pts]  # a small offset per family keeps the bars apart
         y = [r["accuracy"] for r in pts]
         err = [[r["accuracy"] - r["wilson95"][0] for r in pts], [r["wilson95"][1] - r["accuracy"] for r in pts]]
-        budget_family = fam in ("vote", "bestof", "smc", "mh")  # a line; the others are points
-        ax.errorbar(x, y, yerr=err, fmt="o-" if budget_family else "s", capsize=3, label=LEGEND.get(fam, fam))
+        ax.errorbar(x, y, yerr=err, fmt="o-" if fam in BUDGET_FAMILIES else "s", capsize=3, label=LEGEND.get(fam, fam))
         if fam == "smc8_a":  # alpha at 8 particles: each point says its alpha
             for r, xi, yi in zip(pts, x, y):
                 ax.annotate(

@@ -60,17 +60,11 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
         sys.exit(f"unknown method {unknown[0]!r}; choose from {', '.join(methods)}")
     if not ours.summary_only:  # a directory holding another run is refused before the model loads
         early = _task(args, None)
+        stop, caller = parse_stop(args.stop, early.stop), run_definition(args)
         for label in ours.methods.split(","):
             spec, select = methods[label]
-            stop = parse_stop(args.stop, early.stop)
             full = definition_of(
-                early.adapter.name,
-                method_name(spec),
-                args.seed,
-                args.max_new_tokens,
-                select,
-                stop,
-                run_definition(args),
+                early.adapter.name, method_name(spec), args.seed, args.max_new_tokens, select, stop, caller
             )
             try:
                 runs.check(os.path.join(ours.out, label), full, unknown=("model.revision",))

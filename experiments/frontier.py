@@ -24,12 +24,15 @@ ones), which is what the doubling tests compare. Baseline rows that were also ru
 are compared with the ones read off the pool (``pool_check``: the accuracy of each and the problems
 on which they differ): the same law, so they differ by sampling noise, and by llama.cpp's
 batch-dependent rounding alone where the run drew the same samples (``bestof_N`` against a
-``vote_N`` pool: same sampler, same seeds). By default only the pools (``vote_N``) and the power
-methods run; ``--methods`` may still name ``low_temp`` or ``bestof_N`` to run one on its own.
+``vote_N`` pool: same sampler, same seeds). By default the largest pool (``vote_16``) runs first,
+since it gives every baseline row, then the power methods, cheapest first, so a stopped run has
+every baseline and the small power budgets complete, and each power row is compared with the
+baselines the moment it lands. ``--methods`` may still name a smaller ``vote_N``, ``low_temp`` or
+``bestof_N`` to run one on its own (a pool check).
 
 Every method runs through ``run_eval`` (``results.py``: resumable records, one directory per
-method under ``experiments/records/frontier/TASK``), cheapest first, so a stopped run has the
-small budgets complete. Then, from the records of the problems every finished method has graded:
+method under ``experiments/records/frontier/TASK``). Then, from the records of the problems every
+finished method has graded:
 
 * the accuracy-vs-budget plot (log x, 95% Wilson intervals, a line per budget family, the α variants as points):
   ``experiments/results/frontier_TASK.png``;
@@ -111,6 +114,13 @@ def methods(task: str) -> dict[str, tuple[str, str]]:
 
 
 ROWS = 32  # rows in flight: llama.cpp's unified KV decodes 32 rows 2.4x faster than 128 on a CPU core
+
+
+def default_methods(table: dict[str, tuple[str, str]]) -> list[str]:
+    """The largest pool first (every baseline row is read off it), then the power methods in
+    ``table``'s order (cheapest first)."""
+    pool = max((x for x in table if family(x) == "vote"), key=_size)
+    return [pool] + [x for x in table if family(x) in POWER]
 
 
 def in_flight(label: str) -> int:
@@ -433,8 +443,7 @@ if __name__ == "__main__":
     task, argv = sys.argv[1], sys.argv[2:]
     table = methods(task)
     ap = argparse.ArgumentParser(add_help=False)
-    pools_and_power = [x for x in table if x != "low_temp" and family(x) != "bestof"]  # the rest is read off pools
-    ap.add_argument("--methods", default=",".join(pools_and_power))
+    ap.add_argument("--methods", default=",".join(default_methods(table)))
     ap.add_argument("--out", default=os.path.join(RECORDS, "frontier", task))
     ap.add_argument("--results-dir", default=RESULTS_DIR)
     ap.add_argument("--summary-only", action="store_true")

@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 
-from smcdecode import runs
-from smcdecode.cli import _engine, _task, build_parser, parse_stop, run_definition
+from smcdecode.cli import _engine, _task, build_parser, check_out, parse_stop, run_definition
 from smcdecode.demo import wilson
 from smcdecode.errors import SmcdecodeError
-from smcdecode.evaluate import definition_of, run_eval
+from smcdecode.evaluate import run_eval
 from smcdecode.report import busy_wall, mcnemar, plot, summarise, table
 from smcdecode.spec import method_name, parse_method
 
@@ -60,14 +59,9 @@ def run(task: str, methods: dict[str, tuple[str, str]], defaults: list[str], arg
         sys.exit(f"unknown method {unknown[0]!r}; choose from {', '.join(methods)}")
     if not ours.summary_only:  # a directory holding another run is refused before the model loads
         early = _task(args, None)
-        stop, caller = parse_stop(args.stop, early.stop), run_definition(args)
         for label in ours.methods.split(","):
-            spec, select = methods[label]
-            full = definition_of(
-                early.adapter.name, method_name(spec), args.seed, args.max_new_tokens, select, stop, caller
-            )
             try:
-                runs.check(os.path.join(ours.out, label), full, unknown=("model.revision",))
+                check_out(args, early, *methods[label], os.path.join(ours.out, label))
             except SmcdecodeError as e:
                 sys.exit(str(e))
     engine = None if ours.summary_only else _engine(args)

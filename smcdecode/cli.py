@@ -158,9 +158,21 @@ def _task(args: argparse.Namespace, engine: Any) -> Task:
     return task
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def check_out(args: argparse.Namespace, early: Task, spec: str, select: str, out: str) -> None:
+    """Refuse, before a model loads, an ``out`` that holds another run or that a run is writing
+    now (``smcdecode.runs.check``): the run of method ``spec`` with answer selection ``select`` and
+    the rest of ``args`` (an ``eval`` namespace); ``early``: its task built without a model."""
     from smcdecode import runs
-    from smcdecode.evaluate import definition_of, run_eval
+    from smcdecode.evaluate import definition_of
+    from smcdecode.spec import method_name
+
+    stop = parse_stop(args.stop, early.stop)
+    fields = (early.adapter.name, method_name(spec), args.seed, args.max_new_tokens, select, stop)
+    runs.check(out, definition_of(*fields, run_definition(args)), unknown=("model.revision",))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from smcdecode.evaluate import run_eval
     from smcdecode.spec import method_name, parse_method
 
     _check_backend_flags(args)
@@ -169,8 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     stop = parse_stop(args.stop, early.stop)
     parse_method(args.method, early.rewards)  # a bad spec fails before a model loads or Ray starts
     name = method_name(args.method)
-    fields = (early.adapter.name, name, args.seed, args.max_new_tokens, args.select, stop)
-    runs.check(args.out, definition_of(*fields, run_definition(args)), unknown=("model.revision",))
+    check_out(args, early, args.method, args.select, args.out)
     engine = _engine(args) if executor is None else None  # Ray workers load their own
     task = _task(args, engine)
     method = parse_method(args.method, task.rewards)

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from smcdecode import heap
+from smcdecode import heap, runs
 from smcdecode.backends import Backend
 from smcdecode.errors import ArgumentError, RewardError, check_int
 from smcdecode.records import RecordWriter, read_jsonl
@@ -200,14 +200,16 @@ def run_eval(
             data), stored with task, method, seed, max_new_tokens, select and stop in
             ``out_dir/run.json``; a directory holding another definition is refused, naming the
             differing fields (:mod:`smcdecode.runs`), and every record carries the definition's
-            ``run`` id.
+            ``run`` id. While it runs, ``out_dir`` is locked: a second ``run_eval`` into it
+            (another process, say) is refused.
 
     Returns:
         The path of ``out_dir/results.jsonl``.
 
     Raises:
         ArgumentError: an argument is invalid, the directory holds records of this method and
-            seed with other stop patterns, or it holds another run definition.
+            seed with other stop patterns, it holds another run definition, or another run
+            is writing it now.
     """
     if select not in SELECTIONS:
         raise ArgumentError("select", f"unknown selection {select!r}; use one of {SELECTIONS}")
@@ -218,52 +220,53 @@ def run_eval(
     if not isinstance(method, str) or not method:
         raise ArgumentError("method", f"must be a non-empty name, got {method!r}")
     path = os.path.join(out_dir, "results.jsonl")
-    stops = _stop_key(stop)
-    previous = list(read_jsonl(path))
-    for r in previous:
-        if (r.get("method"), r.get("seed")) == (method, seed) and _stop_key(r.get("stop")) != stops:
-            raise ArgumentError(
-                "stop",
-                f"{path} holds records of {method!r} (seed {seed}) made with stop={r.get('stop')!r}, not "
-                f"{stop!r}: resuming would mix two sequence spaces; use another output directory",
-            )
-    full = definition_of(task.name, method, seed, max_new_tokens, select, stop, definition)
-    stamp = {"run": _claim(out_dir, previous, full)}
-    done = {(r.get("uid"), r.get("method"), r.get("seed")) for r in previous}
-    todo = [p for p in task.problems if (p["unique_id"], method, seed) not in done]
-    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-    job = BatchJob(task.name, method, seed, max_new_tokens, select, stops)
-    if continuous and executor is None and engine is not None and sampler is not None and _streams(sampler, engine):
-        _run_streaming(task, engine, sampler, job, todo, path, batch_size, progress, stamp)
-        return path
-    if continuous and executor is not None and hasattr(executor, "stream"):  # workers stream (Ray)
+    with runs.lock(out_dir):  # one writer: a second run into out_dir would record its problems twice
+        stops = _stop_key(stop)
+        previous = list(read_jsonl(path))
+        for r in previous:
+            if (r.get("method"), r.get("seed")) == (method, seed) and _stop_key(r.get("stop")) != stops:
+                raise ArgumentError(
+                    "stop",
+                    f"{path} holds records of {method!r} (seed {seed}) made with stop={r.get('stop')!r}, not "
+                    f"{stop!r}: resuming would mix two sequence spaces; use another output directory",
+                )
+        full = definition_of(task.name, method, seed, max_new_tokens, select, stop, definition)
+        stamp = {"run": _claim(out_dir, previous, full)}
+        done = {(r.get("uid"), r.get("method"), r.get("seed")) for r in previous}
+        todo = [p for p in task.problems if (p["unique_id"], method, seed) not in done]
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        job = BatchJob(task.name, method, seed, max_new_tokens, select, stops)
+        if continuous and executor is None and engine is not None and sampler is not None and _streams(sampler, engine):
+            _run_streaming(task, engine, sampler, job, todo, path, batch_size, progress, stamp)
+            return path
+        if continuous and executor is not None and hasattr(executor, "stream"):  # workers stream (Ray)
+            with (
+                RecordWriter(path, stamp) as writer,
+                tqdm(total=len(todo), desc=f"{task.name} {method}", disable=_quiet(progress), leave=False) as bar,
+                closing(executor.stream(job, todo, batch_size)) as streamed,
+            ):
+                t0, tokens = time.perf_counter(), 0
+                for records in streamed:
+                    for rec in records:
+                        writer.append(rec)
+                        tokens += rec.get("decode_tokens", 0)
+                        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
+                        bar.update(1)
+            return path
+        if executor is None:
+            executor = InProcess()
+        local = (task, engine, sampler) if engine is not None and sampler is not None else None
+        show = progress if progress is not None else None
         with (
             RecordWriter(path, stamp) as writer,
-            tqdm(total=len(todo), desc=f"{task.name} {method}", disable=_quiet(progress), leave=False) as bar,
-            closing(executor.stream(job, todo, batch_size)) as streamed,
+            tqdm(total=len(todo), desc=f"{task.name} {method}", disable=_quiet(show), leave=False) as bar,
+            closing(executor.map(job, batches, local)) as results,
         ):
-            t0, tokens = time.perf_counter(), 0
-            for records in streamed:
+            for records in results:
                 for rec in records:
                     writer.append(rec)
-                    tokens += rec.get("decode_tokens", 0)
-                    bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", refresh=False)
                     bar.update(1)
         return path
-    if executor is None:
-        executor = InProcess()
-    local = (task, engine, sampler) if engine is not None and sampler is not None else None
-    show = progress if progress is not None else None
-    with (
-        RecordWriter(path, stamp) as writer,
-        tqdm(total=len(todo), desc=f"{task.name} {method}", disable=_quiet(show), leave=False) as bar,
-        closing(executor.map(job, batches, local)) as results,
-    ):
-        for records in results:
-            for rec in records:
-                writer.append(rec)
-                bar.update(1)
-    return path
 
 
 def definition_of(
@@ -305,8 +308,6 @@ def _claim(out_dir: str, previous: list[dict[str, Any]], full: dict[str, Any]) -
     """Claim ``out_dir`` for the run ``full`` (:func:`smcdecode.runs.claim`); its id. A directory
     of records written before run definitions existed is adopted only when every record is of
     this method, seed and max_new_tokens."""
-    from smcdecode import runs
-
     if previous and not os.path.exists(os.path.join(out_dir, runs.FILE)):
         ours = {k: full[k] for k in ("method", "seed", "max_new_tokens")}
         for r in previous:

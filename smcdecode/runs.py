@@ -1,13 +1,15 @@
 """What defines an evaluation run, stored beside its records so a resume cannot mix two runs.
 
 A run directory holds one run: ``DIR/run.json`` is its definition (task, method, seed, every
-sampling and task argument, and whatever identifies the model: for a file, its path, size and
-sha256, the path only informative (the same content elsewhere, e.g. another machine's shard, is
+sampling and task argument, and whatever identifies the model: for a file, its name, size and
+sha256, the name only informative (the same content elsewhere, e.g. another machine's shard, is
 the same run); for a hub model, its id and revision; the backend and dtype), written by the first
 ``run_eval`` into DIR. A later ``run_eval`` into DIR resumes only when its definition is the
 same, field for field; otherwise it raises :class:`~smcdecode.errors.ArgumentError` naming
 every differing field. Each record carries the definition's :func:`run_id`, so ``report``
-keeps records of different definitions in different rows.
+keeps records of different definitions in different rows. A run directory is written by one
+process at a time (:func:`lock`): a second ``run_eval`` into it while the first runs would
+record the same problems twice, so it is refused.
 
 Not part of a definition (they do not change what a problem's samples are drawn from): which
 problems are taken (``--limit``, ``--skip``, ``--shard``, ``--levels``, ``--subjects``),
@@ -21,7 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here; one writer per directory is then the caller's care
+    fcntl = None  # type: ignore[assignment]
 
 from smcdecode.errors import ArgumentError
 
@@ -29,11 +38,14 @@ FILE = "run.json"
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
 
 
+INFORMATIVE = ("file", "path")  # a file's name (``path`` in run.json files written before names)
+
+
 def comparable(definition: Any) -> Any:
-    """``definition`` without the paths of files identified by their sha256: the same model or
-    data at another path (another machine's shard, a moved file) is the same run."""
+    """``definition`` without the names of files identified by their sha256: the same model or
+    data under another name or path (another machine's shard, a moved file) is the same run."""
     if isinstance(definition, dict):
-        return {k: comparable(v) for k, v in definition.items() if not (k == "path" and "sha256" in definition)}
+        return {k: comparable(v) for k, v in definition.items() if not (k in INFORMATIVE and "sha256" in definition)}
     return definition
 
 
@@ -45,10 +57,13 @@ def run_id(definition: dict[str, Any]) -> str:
 
 
 def file_identity(path: str) -> dict[str, Any]:
-    """A file: {path, bytes, sha256}; a directory: the same over its files (names and contents)."""
+    """A file: {file, bytes, sha256}, ``file`` its name without the folders (where a file sits on
+    one machine says nothing about the run, and a path outside the run directory would leak into
+    shared records); a directory: the same over its files (names and contents)."""
     path = os.path.abspath(path)
+    name = os.path.basename(path.rstrip(os.sep))
     if os.path.isfile(path):
-        return {"path": path, "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        return {"file": name, "bytes": os.path.getsize(path), "sha256": _sha256(path)}
     if os.path.isdir(path):
         total, digest = 0, hashlib.sha256()
         for d, dirs, files in sorted(os.walk(path)):
@@ -57,7 +72,7 @@ def file_identity(path: str) -> dict[str, Any]:
                 p = os.path.join(d, f)
                 total += os.path.getsize(p)
                 digest.update(f"{os.path.relpath(p, path)}\0{_sha256(p)}\n".encode())
-        return {"path": path, "bytes": total, "sha256": digest.hexdigest()}
+        return {"file": name, "bytes": total, "sha256": digest.hexdigest()}
     raise ArgumentError("path", f"no such file or directory: {path}")
 
 
@@ -85,10 +100,41 @@ def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return out
 
 
+@contextmanager
+def lock(out_dir: str) -> Iterator[None]:
+    """Hold ``out_dir`` (created if need be) as its one writer until the block ends: an exclusive
+    advisory lock on the directory, released when the block ends or the process dies.
+
+    Raises:
+        ArgumentError: another process (or another block of this one) holds it.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArgumentError(
+                "out",
+                f"{out_dir} is being written by another run right now; a second writer would record its "
+                "problems twice. Wait for that run to end, or use another --out.",
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def check(out_dir: str, definition: dict[str, Any], unknown: tuple[str, ...] = ()) -> None:
-    """Raise as :func:`claim` would when ``out_dir`` holds another run, without writing anything:
-    a check before the costly part (loading a model). ``unknown``: dotted fields not known yet
-    (e.g. ``model.revision`` before the model is loaded), left out of the comparison."""
+    """Raise as :func:`claim` would when ``out_dir`` holds another run, or as :func:`lock` would
+    when a run is writing it now, without writing anything: a check before the costly part
+    (loading a model). ``unknown``: dotted fields not known yet (e.g. ``model.revision`` before
+    the model is loaded), left out of the comparison."""
+    if os.path.isdir(out_dir):
+        with lock(out_dir):
+            pass
     path = os.path.join(out_dir, FILE)
     if not os.path.exists(path):
         return

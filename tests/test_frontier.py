@@ -132,6 +132,14 @@ def test_alpha_is_compared_with_alpha_4_not_given_a_budget_curve(frontier, tmp_p
     assert (a["method"], a["against"], a["b"], a["c"], a["p"]) == ("smc8_a2", "smc_8", 2, 1, 1.0)
 
 
+def test_the_default_runs_the_largest_pool_first_then_power_cheapest_first(frontier):
+    """Every baseline row is read off the largest vote pool, so smaller pools would be spent twice."""
+    table = frontier.methods("math500")
+    expected = ["vote_16", "smc_2", "mh_1", "smc_4", "mh_2", "smc_8", "smc8_a2", "smc8_a8", "mh_4", "smc_16", "mh_8"]
+    assert frontier.default_methods(table) == [*expected, "lookahead"]
+    assert [frontier.in_flight(x) for x in ("vote_16", "smc_8", "mh_8", "lookahead")] == [2, 4, 32, 8]
+
+
 @pytest.mark.integration
 def test_frontier_smoke(tmp_path):
     out, res = tmp_path / "records", tmp_path / "results"

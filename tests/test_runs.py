@@ -15,7 +15,7 @@ from smcdecode.errors import ArgumentError
 from smcdecode.evaluate import TaskAdapter, run_eval
 from smcdecode.records import read_jsonl
 from smcdecode.report import load_records, summarise
-from smcdecode.runs import claim, file_identity, run_id
+from smcdecode.runs import check, claim, file_identity, lock, run_id
 from smcdecode.testing import CharTokenizer, tiny_llama
 
 
@@ -31,9 +31,9 @@ def toy_engine() -> Engine:
 MODEL_A = {"model": {"name": "a", "path": "/models/a.gguf", "bytes": 10, "sha256": "aa"}, "prompt": "raw"}
 
 
-def run(out, **kw):
+def run(out, task=None, **kw):
     args = {"max_new_tokens": 3, "progress": False, "definition": MODEL_A, **kw}
-    return run_eval(toy_task(), toy_engine(), S.Ancestral(Q.Tempered(1.0), n=2), "anc", str(out), **args)
+    return run_eval(task or toy_task(), toy_engine(), S.Ancestral(Q.Tempered(1.0), n=2), "anc", str(out), **args)
 
 
 def test_a_resume_with_another_definition_is_refused_naming_every_differing_field(tmp_path):
@@ -62,6 +62,8 @@ def test_the_same_definition_resumes_and_a_moved_model_file_is_the_same_run(tmp_
     lines = open(path).read().splitlines()
     moved = {**MODEL_A, "model": {**MODEL_A["model"], "path": "/elsewhere/a.gguf"}}
     assert run(tmp_path, definition=moved, batch_size=3) == path  # batch size does not define a run
+    renamed = {**MODEL_A, "model": {"name": "a", "file": "b.gguf", "bytes": 10, "sha256": "aa"}}
+    assert run(tmp_path, definition=renamed) == path  # a run.json of paths resumes under file names
     assert open(path).read().splitlines() == lines
     assert {r["run"] for r in read_jsonl(path)} == {run_id(_full())} == {claim(str(tmp_path), _full())}
 
@@ -94,20 +96,44 @@ def test_report_keeps_runs_of_other_seeds_and_definitions_apart(tmp_path):
     assert [(r["method"], r["n"]) for r in one] == [("anc", 4)]
 
 
-def test_file_identity_is_path_size_and_content(tmp_path):
+def test_file_identity_is_name_size_and_content_without_the_folders(tmp_path):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"abc")
     ident = file_identity(str(f))
     assert ident == {
-        "path": str(f),
+        "file": "m.gguf",
         "bytes": 3,
         "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
     }
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "w").write_bytes(b"abc")
-    assert file_identity(str(tmp_path / "dir"))["bytes"] == 3
+    assert file_identity(str(tmp_path / "dir") + "/") == {"file": "dir", "bytes": 3, "sha256": ANY_HEX}
     with pytest.raises(ArgumentError, match="path"):
         file_identity(str(tmp_path / "missing"))
+
+
+class _Hex:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and len(other) == 64 and all(c in "0123456789abcdef" for c in other)
+
+
+ANY_HEX = _Hex()
+
+
+def test_a_directory_being_written_is_refused_to_a_second_writer_and_free_after(tmp_path):
+    """Two runs into one directory at once would both take its unrecorded problems: the second is
+    refused (by the directory's lock, taken here as a concurrent run would hold it), writes
+    nothing, and once the first ends the directory resumes as usual."""
+    path = run(tmp_path, task=toy_task(2))
+    with lock(str(tmp_path)):
+        with pytest.raises(ArgumentError) as err:
+            run(tmp_path)  # two problems left to do
+        assert err.value.argument == "out" and "being written by another run" in str(err.value)
+        with pytest.raises(ArgumentError, match="being written"):
+            check(str(tmp_path), _full())  # the CLI's check before a model loads says the same
+        assert len(list(read_jsonl(path))) == 2
+    run(tmp_path)
+    assert sorted(r["uid"] for r in read_jsonl(path)) == [f"toy-{i}" for i in range(4)]
 
 
 def test_the_cli_refuses_a_rerun_with_another_max_new_tokens_or_seed_before_loading_the_model(tmp_path, capsys):

@@ -454,7 +454,7 @@ if __name__ == "__main__":
         sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     if not ours.summary_only:
         scratch = ["--out", ours.out, "--results-dir", os.path.join("runs", "frontier_scratch"), "--tag", f"_{task}"]
-        for label in labels:  # one at a time, cheapest first: a stopped run keeps the small budgets
+        for label in labels:  # one at a time, in default_methods' order unless --methods names them
             fit = [] if "--batch-size" in rest else ["--batch-size", str(in_flight(label))]
             run(task, {label: table[label]}, DEFAULTS[task], ["--methods", label, *scratch, *fit, *rest])
     analyse(task, ours.out, ours.results_dir, judged_task(task, rest))

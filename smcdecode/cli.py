@@ -208,8 +208,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def model_identity(args: argparse.Namespace, engine: Any = None) -> dict[str, Any]:
     """What identifies the model of ``args``: for a file or folder (a .gguf, the embedded model,
-    a registry model, a local HF folder) its path, size and sha256; for a hub id, the id and the
-    revision the loaded model reports (None when no engine is loaded here, e.g. with Ray)."""
+    a registry model, a local HF folder) its file name, size and sha256, with the registry key or
+    ``embedded`` as its name (a path is not a name: the same bytes elsewhere are the same model);
+    for a hub id, the id and the revision the loaded model reports (None when no engine is loaded
+    here, e.g. with Ray)."""
     from smcdecode.runs import file_identity
 
     if args.model == "embedded":
@@ -218,9 +220,10 @@ def model_identity(args: argparse.Namespace, engine: Any = None) -> dict[str, An
         return {"name": "embedded", **file_identity(embedded_model_path())}
     from smcdecode.models import MODELS, resolve
 
-    path = resolve(args.model) if args.model in MODELS else args.model
-    if os.path.exists(path):
-        return {"name": args.model, **file_identity(path)}
+    if args.model in MODELS:
+        return {"name": args.model, **file_identity(resolve(args.model))}
+    if os.path.exists(args.model):
+        return file_identity(args.model)
     config = getattr(getattr(engine, "model", None), "config", None)
     return {"name": args.model, "hub_id": args.model, "revision": getattr(config, "_commit_hash", None)}
 

@@ -220,6 +220,7 @@ def run_eval(
     if not isinstance(method, str) or not method:
         raise ArgumentError("method", f"must be a non-empty name, got {method!r}")
     path = os.path.join(out_dir, "results.jsonl")
+    full = runs.as_stored(definition_of(task.name, method, seed, max_new_tokens, select, stop, definition))
     with runs.lock(out_dir):  # one writer: a second run into out_dir would record its problems twice
         stops = _stop_key(stop)
         previous = list(read_jsonl(path))
@@ -230,7 +231,6 @@ def run_eval(
                     f"{path} holds records of {method!r} (seed {seed}) made with stop={r.get('stop')!r}, not "
                     f"{stop!r}: resuming would mix two sequence spaces; use another output directory",
                 )
-        full = definition_of(task.name, method, seed, max_new_tokens, select, stop, definition)
         stamp = {"run": _claim(out_dir, previous, full)}
         done = {(r.get("uid"), r.get("method"), r.get("seed")) for r in previous}
         todo = [p for p in task.problems if (p["unique_id"], method, seed) not in done]

@@ -3,13 +3,14 @@
 A run directory holds one run: ``DIR/run.json`` is its definition (task, method, seed, every
 sampling and task argument, and whatever identifies the model: for a file, its name, size and
 sha256, the name only informative (the same content elsewhere, e.g. another machine's shard, is
-the same run); for a hub model, its id and revision; the backend and dtype), written by the first
+the same run); for a registry model or the embedded one, also its name; for a hub model, its id
+and revision; the backend and dtype), written by the first
 ``run_eval`` into DIR. A later ``run_eval`` into DIR resumes only when its definition is the
 same, field for field; otherwise it raises :class:`~smcdecode.errors.ArgumentError` naming
 every differing field. Each record carries the definition's :func:`run_id`, so ``report``
 keeps records of different definitions in different rows. A run directory is written by one
-process at a time (:func:`lock`): a second ``run_eval`` into it while the first runs would
-record the same problems twice, so it is refused.
+run at a time (:func:`lock`, on ``DIR/run.lock``): a second ``run_eval`` into it while the
+first runs would record the same problems twice, so it is refused.
 
 Not part of a definition (they do not change what a problem's samples are drawn from): which
 problems are taken (``--limit``, ``--skip``, ``--shard``, ``--levels``, ``--subjects``),
@@ -20,9 +21,12 @@ and method; batch-at-a-time SMC above one problem per call also on its batch), t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -43,10 +47,18 @@ INFORMATIVE = ("file", "path")  # a file's name (``path`` in run.json files writ
 
 def comparable(definition: Any) -> Any:
     """``definition`` without the names of files identified by their sha256: the same model or
-    data under another name or path (another machine's shard, a moved file) is the same run."""
+    data under another name or path (another machine's shard, a moved file) is the same run. (A
+    model's ``name`` is a registry key, ``embedded`` or a hub id; a ``name`` that is a path, as
+    older ``run.json`` files hold for a model given by path, is informative too.)"""
     if isinstance(definition, dict):
-        return {k: comparable(v) for k, v in definition.items() if not (k in INFORMATIVE and "sha256" in definition)}
+        return {k: comparable(v) for k, v in definition.items() if not _informative(k, v, definition)}
     return definition
+
+
+def _informative(key: str, value: Any, definition: dict[str, Any]) -> bool:
+    if "sha256" not in definition:
+        return False
+    return key in INFORMATIVE or (key == "name" and isinstance(value, str) and ("/" in value or os.sep in value))
 
 
 def run_id(definition: dict[str, Any]) -> str:
@@ -100,28 +112,46 @@ def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return out
 
 
+LOCK = "run.lock"  # the lock file inside a run directory
+_UNLOCKABLE = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF)
+
+
 @contextmanager
-def lock(out_dir: str) -> Iterator[None]:
+def lock(out_dir: str, wait: float = 1.0) -> Iterator[None]:
     """Hold ``out_dir`` (created if need be) as its one writer until the block ends: an exclusive
-    advisory lock on the directory, released when the block ends or the process dies.
+    advisory lock on ``out_dir/run.lock``, released when the block ends or the process dies.
+    A holder is waited for up to ``wait`` seconds (a :func:`check` by another command holds it for
+    an instant). Where the filesystem has no locks (some network filesystems; Windows), a warning
+    says so and the block runs unlocked: one writer per directory is then the caller's care.
 
     Raises:
-        ArgumentError: another process (or another block of this one) holds it.
+        ArgumentError: another run (another process, or another block of this one) holds it.
     """
     os.makedirs(out_dir, exist_ok=True)
     if fcntl is None:
+        warnings.warn(f"no file locks on this system: nothing stops a second run writing {out_dir}", stacklevel=3)
         yield
         return
-    fd = os.open(out_dir, os.O_RDONLY)
+    fd = os.open(os.path.join(out_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)  # writable: NFS's emulated flock
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ArgumentError(
-                "out",
-                f"{out_dir} is being written by another run right now; a second writer would record its "
-                "problems twice. Wait for that run to end, or use another --out.",
-            ) from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ArgumentError(
+                        "out",
+                        f"{out_dir} is being written by another run right now; a second writer would record "
+                        "its problems twice. Wait for that run to end, or use another --out.",
+                    ) from None
+                time.sleep(0.05)
+            except OSError as e:
+                if e.errno not in _UNLOCKABLE:
+                    raise
+                warnings.warn(f"{out_dir}: file locks unsupported here ({e}); writing unlocked", stacklevel=3)
+                break
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -133,7 +163,7 @@ def check(out_dir: str, definition: dict[str, Any], unknown: tuple[str, ...] = (
     (loading a model). ``unknown``: dotted fields not known yet (e.g. ``model.revision`` before
     the model is loaded), left out of the comparison."""
     if os.path.isdir(out_dir):
-        with lock(out_dir):
+        with lock(out_dir, wait=0.0):
             pass
     path = os.path.join(out_dir, FILE)
     if not os.path.exists(path):
@@ -164,18 +194,24 @@ def _refuse(out_dir: str, diff: list[str]) -> None:
         )
 
 
-def claim(out_dir: str, definition: dict[str, Any]) -> str:
-    """Make ``out_dir`` the directory of the run ``definition`` (writing ``run.json``), or check
-    that it already is; returns :func:`run_id`. Raises ArgumentError("out", ...) naming every
-    field that differs from the stored definition."""
+def as_stored(definition: dict[str, Any]) -> dict[str, Any]:
+    """``definition`` as ``run.json`` stores it (tuples become lists). Raises ArgumentTypeError
+    (not a dict) or ArgumentError (not JSON data) naming ``definition``."""
     if not isinstance(definition, dict):
         from smcdecode.errors import ArgumentTypeError
 
         raise ArgumentTypeError("definition", f"expected a dict, got {type(definition).__name__}")
     try:
-        definition = json.loads(json.dumps(definition))  # as stored: tuples become lists
+        return json.loads(json.dumps(definition))
     except (TypeError, ValueError) as e:
         raise ArgumentError("definition", f"must be JSON data ({e})") from e
+
+
+def claim(out_dir: str, definition: dict[str, Any]) -> str:
+    """Make ``out_dir`` the directory of the run ``definition`` (writing ``run.json``), or check
+    that it already is; returns :func:`run_id`. Raises ArgumentError("out", ...) naming every
+    field that differs from the stored definition."""
+    definition = as_stored(definition)
     path = os.path.join(out_dir, FILE)
     if os.path.exists(path):
         try:

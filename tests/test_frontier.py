@@ -132,6 +132,23 @@ def test_alpha_is_compared_with_alpha_4_not_given_a_budget_curve(frontier, tmp_p
     assert (a["method"], a["against"], a["b"], a["c"], a["p"]) == ("smc8_a2", "smc_8", 2, 1, 1.0)
 
 
+def test_a_budget_counts_the_lookahead_s_rollouts(frontier, tmp_path):
+    """Block-lookahead SMC runs its candidate blocks and rollouts on forks (``rollout_tokens``) and
+    feeds only the chosen block to the particle (``decode_tokens``): its budget is both."""
+    spent = {"low_temp": (10, 0), "vote_2": (20, 0), "lookahead": (12, 30)}
+    for label, (decode, rollout) in spent.items():
+        (tmp_path / label).mkdir()
+        lines = [
+            {"uid": f"p{i}", "correct": i == 0, "answer": "", "decode_tokens": decode, "rollout_tokens": rollout}
+            for i in range(3)
+        ]
+        (tmp_path / label / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    s = frontier.analyse("math500", str(tmp_path), str(tmp_path / "results"))
+    assert {r["method"]: r["decode_tokens"] for r in s["rows"]} == {"low_temp": 10, "vote_2": 20, "lookahead": 42}
+    (pair,) = [p for p in s["paired"] if p["method"] == "lookahead"]
+    assert pair["against"] == "vote_2"  # the vote nearest 42 tokens, not the one nearest 12
+
+
 def test_the_default_runs_the_largest_pool_first_then_power_cheapest_first(frontier):
     """Every baseline row is read off the largest vote pool, so smaller pools would be spent twice."""
     table = frontier.methods("math500")

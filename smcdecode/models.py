@@ -266,8 +266,19 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         parser: The parser that takes the commands.
     """
     sub = parser.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
-    sub.add_parser("list", help="list the registry's models (name, bytes, description)")
-    fetch = sub.add_parser("fetch", help="download, assemble and verify a model; print its path")
+    raw = argparse.RawDescriptionHelpFormatter
+    sub.add_parser(
+        "list",
+        help="list the registry's models (name, bytes, description)",
+        epilog="example:\n  smcdecode models list",
+        formatter_class=raw,
+    )
+    fetch = sub.add_parser(
+        "fetch",
+        help="download, assemble and verify a model; print its path",
+        epilog="example:\n  smcdecode models fetch qwen2.5-coder-0.5b-instruct",
+        formatter_class=raw,
+    )
     fetch.add_argument("name", choices=sorted(MODELS), help="registry name")
 
 

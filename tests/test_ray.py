@@ -53,10 +53,17 @@ def assert_once_each(recs: list[dict], n: int = 12) -> None:
 
 
 def assert_same_as(recs: list[dict], reference: dict[str, dict]) -> None:
+    """The same samples, answers and verdicts; floats to the rounding of forwards run with another
+    thread count (a Ray worker has one thread, the driver as many as the machine)."""
     for r in recs:
         ref = reference[r["uid"]]
-        assert r["samples"] == ref["samples"], r["uid"]
-        assert (r["answer"], r["correct"], r["log_evidence"]) == (ref["answer"], ref["correct"], ref["log_evidence"])
+        assert [(s["text"], s["tokens"]) for s in r["samples"]] == [(s["text"], s["tokens"]) for s in ref["samples"]]
+        assert (r["answer"], r["correct"]) == (ref["answer"], ref["correct"]), r["uid"]
+        for a, b in zip(r["samples"], ref["samples"]):
+            assert a.keys() == b.keys(), r["uid"]
+            for key in a.keys() - {"text", "tokens"}:
+                assert a[key] == pytest.approx(b[key], abs=1e-4), (r["uid"], key)
+        assert r["log_evidence"] == pytest.approx(ref["log_evidence"], abs=1e-4), r["uid"]
 
 
 def test_two_workers_record_every_problem_once_equal_to_a_single_process_run(cluster, reference, tmp_path):

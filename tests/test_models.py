@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zipfile
 from pathlib import Path
@@ -113,7 +114,7 @@ def test_the_models_command_lists_fetches_and_reports_a_bad_file(tmp_path, monke
     (tmp_path / "bad").mkdir()
     good, index = _fake(tmp_path / "good", [b"GGUF" + b"ab" * 50, b"cd"])
     bad, bad_index = _fake(tmp_path / "bad", [b"GGUF", b"ef"], sha="0" * 64)
-    bad = models.SplitModel(**{**bad.__dict__, "name": "bad"})
+    bad = dataclasses.replace(bad, name="bad")
     monkeypatch.setitem(models.MODELS, "fake", good)
     monkeypatch.setitem(models.MODELS, "bad", bad)
     monkeypatch.setenv("SMCDECODE_CACHE", str(tmp_path / "cache"))
